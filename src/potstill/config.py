@@ -1,0 +1,60 @@
+"""Training settings shared by the Python API, the Distiller and recipes (validated by pydantic)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimizerConfig(_Strict):
+    """Optimizer: ``adamw`` (default), ``adam`` or ``sgd``."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(_Strict):
+    """Learning-rate schedule: linear warm-up for ``warmup_steps`` (or ``warmup_ratio`` of all
+    steps), then ``constant``, ``linear`` decay or ``cosine`` decay to ``min_lr_ratio``·lr."""
+
+    name: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class TrainConfig(_Strict):
+    """How long and how to train. Give ``epochs`` or ``max_steps`` (optimizer steps)."""
+
+    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(128, gt=0)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    clip_grad_norm: float | None = Field(None, gt=0)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    eval_every: int | None = Field(
+        None, gt=0, description="steps between evaluations; default once per epoch"
+    )
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="steps between checkpoints; default at each evaluation"
+    )
+    log_every: int = Field(20, gt=0)
+    seed: int = 0
+    shuffle: bool = True
+    progress: bool | None = Field(None, description="progress bar; default: when on a terminal")
+    tensorboard: bool = True
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainConfig:
+        if self.epochs is None and self.max_steps is None:
+            self.epochs = 1
+        return self

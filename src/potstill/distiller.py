@@ -1,0 +1,419 @@
+"""The one training loop. It knows nothing about particular losses or models: it feeds batches to a
+teacher source and the student, sums the objective, steps the optimizer, evaluates, checkpoints
+atomically, and resumes exactly where it stopped."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .data import epoch_order, iterate_batches
+from .io import atomic_save_module, atomic_torch_save, atomic_write_text, sha256_file
+from .losses.objective import Objective
+from .signal import StudentView
+from .teachers import ForwardFn, TeacherSource, default_forward
+
+log = logging.getLogger("potstill")
+
+EvalFn = Callable[[nn.Module], dict[str, float]]
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged or belongs to another run."""
+
+
+@dataclass
+class FitResult:
+    """What a finished run gives back: the trained student and everything measured on the way."""
+
+    student: nn.Module
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    train_time_s: float = 0.0
+    examples_seen: int = 0
+    run_dir: Path | None = None
+
+    @property
+    def final_eval(self) -> dict[str, Any] | None:
+        """The evaluation after the last step (what reports use: not the best epoch)."""
+        return self.evals[-1] if self.evals else None
+
+    @property
+    def examples_per_s(self) -> float:
+        """Training throughput, evaluation and checkpoint time excluded."""
+        return self.examples_seen / self.train_time_s if self.train_time_s else float("nan")
+
+
+def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    s = cfg.schedule
+    warmup = s.warmup_steps or int(s.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if s.name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        shape = 1.0 - progress if s.name == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return s.min_lr_ratio + (1.0 - s.min_lr_ratio) * shape
+
+    return factor
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The recipe's optimizer; weight decay applies to matrices and kernels, not biases or norms."""
+    o = cfg.optimizer
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": o.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=o.lr, betas=o.betas)
+
+
+class Distiller:
+    """Train ``student`` on ``train_data`` to minimise ``objective`` against ``teacher``.
+
+    ``teacher`` may be None when no term needs it (the labels-only baseline runs through the same
+    loop). ``evaluate(student)`` returns metrics; ``best_metric`` names the one that picks the
+    best checkpoint. With ``run_dir`` set, metrics go to ``run_dir/metrics.jsonl`` (and
+    TensorBoard when installed) and checkpoints to ``run_dir/checkpoints``.
+
+    >>> result = Distiller(student, hinton_objective(4.0, 0.5), train_set,   # doctest: +SKIP
+    ...                    teacher=LiveTeacher(teacher), config=TrainConfig(epochs=5)).fit()
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        objective: Objective,
+        train_data: Dataset,
+        *,
+        teacher: TeacherSource | None = None,
+        config: TrainConfig | None = None,
+        run_dir: str | Path | None = None,
+        evaluate: EvalFn | None = None,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+        student_forward: ForwardFn = default_forward,
+        callbacks: list[StepCallback] | None = None,
+        name: str = "student",
+    ) -> None:
+        if objective.needs_teacher and teacher is None:
+            raise ValueError(
+                "the objective has teacher terms "
+                f"{[t.name for t in objective.terms if t.needs_teacher]} "
+                "but no teacher was given"
+            )
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        self.student = student
+        self.objective = objective
+        self.train_data = train_data
+        self.teacher = teacher if objective.needs_teacher else None
+        self.cfg = config or TrainConfig()
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.evaluate = evaluate
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.student_forward = student_forward
+        self.callbacks = callbacks or []
+        self.name = name
+
+        self.n = len(train_data)  # type: ignore[arg-type]
+        if self.n == 0:
+            raise ValueError("train_data is empty")
+        self.batches_per_epoch = math.ceil(self.n / self.cfg.batch_size)
+        if self.cfg.max_steps is not None:
+            self.total_steps = self.cfg.max_steps
+        else:
+            assert self.cfg.epochs is not None
+            self.total_steps = max(
+                1, math.ceil(self.cfg.epochs * self.batches_per_epoch / self.cfg.grad_accum)
+            )
+        self.eval_every = self.cfg.eval_every or max(
+            1, self.batches_per_epoch // self.cfg.grad_accum
+        )
+        self.checkpoint_every = self.cfg.checkpoint_every or self.eval_every
+
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        params += [p for p in self.objective.parameters() if p.requires_grad]
+        self.params = params
+        self.optimizer = make_optimizer(params, self.cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(self.cfg, self.total_steps)
+        )
+        self.step = 0
+        self.best: dict[str, Any] | None = None
+        self.history: list[dict[str, Any]] = []
+        self.evals: list[dict[str, Any]] = []
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> FitResult:
+        """Train to ``total_steps``. With ``resume``, continue from the last checkpoint in
+        ``run_dir`` (a fresh start when there is none)."""
+        if resume:
+            if self.run_dir is None:
+                raise ValueError("resume needs a run_dir")
+            self._load_last_checkpoint()
+        else:
+            torch.manual_seed(self.cfg.seed)
+            random.seed(self.cfg.seed)
+            if self.run_dir and (self.run_dir / "metrics.jsonl").exists():
+                (self.run_dir / "metrics.jsonl").unlink()
+        writer = self._tensorboard()
+        cfg = self.cfg
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=self.name,
+            unit="step",
+            disable=None if cfg.progress is None else not cfg.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        self.student.train()
+        self.objective.train()
+        micro = self.step * cfg.grad_accum
+        sums: dict[str, torch.Tensor] = {}
+        n_sums = 0
+        examples = 0
+        train_time = 0.0
+        interval_examples = 0
+        interval_t = time.perf_counter()
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        while self.step < self.total_steps:
+            epoch, start = divmod(micro, self.batches_per_epoch)
+            order = epoch_order(self.n, cfg.seed, epoch, cfg.shuffle)
+            for batch in iterate_batches(self.train_data, order, cfg.batch_size, start):
+                signal = self.teacher.signal(batch) if self.teacher is not None else None
+                view = StudentView(logits=self.student_forward(self.student, batch))
+                loss, values = self.objective(view, signal, batch)
+                (loss / cfg.grad_accum).backward()
+                values["loss"] = loss.detach()
+                for k, v in values.items():
+                    sums[k] = sums[k] + v if k in sums else v
+                n_sums += 1
+                bs = len(batch["index"])
+                examples += bs
+                interval_examples += bs
+                micro += 1
+                if micro % cfg.grad_accum:
+                    continue
+                if cfg.clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                bar.update(1)
+                last = self.step >= self.total_steps
+                if self.step % cfg.log_every == 0 or last:
+                    now = time.perf_counter()
+                    row = {
+                        "step": self.step,
+                        "epoch": round(micro / self.batches_per_epoch, 4),
+                        "lr": self.scheduler.get_last_lr()[0],
+                        **{k: float(v) / n_sums for k, v in sums.items()},
+                        "examples_per_s": interval_examples / max(now - interval_t, 1e-9),
+                    }
+                    self._log(row, writer)
+                    bar.set_postfix(
+                        {k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "epoch", "lr")},
+                        refresh=False,
+                    )
+                    for cb in self.callbacks:
+                        cb(self.step, row)
+                    sums, n_sums = {}, 0
+                    interval_examples, interval_t = 0, time.perf_counter()
+                if self.step % self.eval_every == 0 or last:
+                    train_time += time.perf_counter() - t0
+                    self._evaluate(writer)
+                    t0 = time.perf_counter()
+                if self.run_dir and (self.step % self.checkpoint_every == 0 or last):
+                    train_time += time.perf_counter() - t0
+                    self.save_checkpoint()
+                    t0 = time.perf_counter()
+                if last:
+                    break
+            else:
+                continue
+            break
+        train_time += time.perf_counter() - t0
+        bar.close()
+        if writer is not None:
+            writer.close()
+        self.student.eval()
+        return FitResult(
+            self.student,
+            self.step,
+            self.history,
+            self.evals,
+            self.best,
+            train_time,
+            examples,
+            self.run_dir,
+        )
+
+    # ---- evaluation and logs ---------------------------------------------------------------
+
+    def _evaluate(self, writer: Any) -> None:
+        if self.evaluate is None:
+            return
+        self.student.eval()
+        with torch.no_grad():
+            metrics = dict(self.evaluate(self.student))
+        self.student.train()
+        row = {"step": self.step, **metrics}
+        self.evals.append(row)
+        self._log({"eval": row}, writer)
+        if self.best_metric:
+            if self.best_metric not in metrics:
+                raise KeyError(
+                    f"best_metric {self.best_metric!r} is not among the evaluation "
+                    f"metrics {sorted(metrics)}"
+                )
+            v = metrics[self.best_metric]
+            b = self.best[self.best_metric] if self.best else None
+            if b is None or (v > b if self.best_mode == "max" else v < b):
+                self.best = row
+                if self.run_dir:
+                    atomic_save_module(self.student, self.run_dir / "best" / "student.safetensors")
+                    atomic_write_text(self.run_dir / "best" / "eval.json", json.dumps(row))
+
+    def _log(self, row: dict[str, Any], writer: Any) -> None:
+        if "eval" not in row:
+            self.history.append(row)
+        if self.run_dir:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        if writer is not None:
+            data = row.get("eval", row)
+            prefix = "eval/" if "eval" in row else "train/"
+            for k, v in data.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(prefix + k, v, data["step"])
+
+    def _tensorboard(self) -> Any:
+        if not (self.cfg.tensorboard and self.run_dir):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write the whole training state for exact resume; returns the checkpoint folder.
+
+        Each file is written atomically, the folder is published by atomically rewriting
+        ``checkpoints/last.json`` last, so an interrupted save leaves the previous one in force.
+        """
+        assert self.run_dir is not None
+        root = self.run_dir / "checkpoints"
+        folder = root / f"step-{self.step:08d}"
+        if folder.exists():
+            shutil.rmtree(folder)
+        atomic_save_module(self.student, folder / "student.safetensors")
+        has_objective_params = any(True for _ in self.objective.parameters())
+        if has_objective_params:
+            atomic_save_module(self.objective, folder / "objective.safetensors")
+        state = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "best": json.dumps(self.best),
+            "evals": json.dumps(self.evals),
+        }
+        atomic_torch_save(state, folder / "trainer_state.pt")
+        files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        meta = {"step": self.step, "files": {f: sha256_file(folder / f) for f in files}}
+        atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
+        atomic_write_text(root / "last.json", json.dumps({"dir": folder.name, "step": self.step}))
+        for old in root.glob("step-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def _load_last_checkpoint(self) -> None:
+        assert self.run_dir is not None
+        pointer = self.run_dir / "checkpoints" / "last.json"
+        if not pointer.exists():
+            log.info("no checkpoint in %s: starting from scratch", self.run_dir)
+            torch.manual_seed(self.cfg.seed)
+            random.seed(self.cfg.seed)
+            return
+        folder = pointer.parent / json.loads(pointer.read_text())["dir"]
+        meta_path = folder / "meta.json"
+        if not meta_path.exists():
+            raise CheckpointError(f"{meta_path} is missing: the checkpoint is incomplete")
+        meta = json.loads(meta_path.read_text())
+        for fname, digest in meta["files"].items():
+            if not (folder / fname).exists() or sha256_file(folder / fname) != digest:
+                raise CheckpointError(
+                    f"checkpoint file {folder / fname} is missing or damaged "
+                    "(checksum differs from meta.json)"
+                )
+        state = torch.load(folder / "trainer_state.pt", weights_only=True)
+        if state["total_steps"] != self.total_steps:
+            raise CheckpointError(
+                f"checkpoint {folder} was written by a run of {state['total_steps']} steps, this "
+                f"one has {self.total_steps}: resume with the same recipe, or start a new run dir"
+            )
+        load_model(self.student, str(folder / "student.safetensors"))
+        if (folder / "objective.safetensors").exists():
+            load_model(self.objective, str(folder / "objective.safetensors"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self.step = int(state["step"])
+        self.best = json.loads(state["best"])
+        self.evals = json.loads(state["evals"])
+        self._truncate_metrics()
+        log.info("resumed %s at step %d of %d", self.name, self.step, self.total_steps)
+
+    def _truncate_metrics(self) -> None:
+        # rows logged after the checkpoint would be logged again by the resumed run
+        assert self.run_dir is not None
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("eval", row)["step"] <= self.step:
+                keep.append(line)
+                if "eval" not in row:
+                    self.history.append(row)
+        atomic_write_text(path, "".join(line + "\n" for line in keep))

@@ -1,0 +1,131 @@
+"""Objectives: a weighted sum of named loss terms, each reported on its own, because KD and CE
+terms can differ in scale by orders of magnitude and must not hide in one number."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..signal import Signal, StudentView
+from .divergences import divergence, soft_target_loss
+
+TermFn = Callable[[StudentView, "Signal | None", Mapping[str, Any]], torch.Tensor]
+
+
+@dataclass
+class Term:
+    """One loss term: a name for the logs, a weight, and a function of (student, teacher, batch).
+
+    ``needs_teacher`` is False for terms that read only the student and the labels (CE), so a
+    baseline without a teacher runs the same objective machinery.
+    """
+
+    name: str
+    fn: TermFn
+    weight: float = 1.0
+    needs_teacher: bool = True
+
+
+def kd_term(temperature: float = 2.0, weight: float = 0.5, name: str = "kd") -> Term:
+    """Hinton's soft-target term: ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, batch mean."""
+
+    def fn(view: StudentView, signal: Signal | None, batch: Mapping[str, Any]) -> torch.Tensor:
+        assert signal is not None and signal.logits is not None
+        return soft_target_loss(view.logits, signal.logits, temperature=temperature)
+
+    return Term(name, fn, weight)
+
+
+def ce_term(
+    weight: float = 0.5, ignore_index: int = -100, label_smoothing: float = 0.0, name: str = "ce"
+) -> Term:
+    """Cross-entropy with the labels, averaged over labelled examples; 0 when a batch has none."""
+
+    def fn(view: StudentView, signal: Signal | None, batch: Mapping[str, Any]) -> torch.Tensor:
+        labels = batch["label"]
+        logits = view.logits.reshape(-1, view.logits.shape[-1])
+        labels = labels.reshape(-1)
+        if not bool((labels != ignore_index).any()):
+            return logits.sum() * 0.0
+        return nn.functional.cross_entropy(
+            logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing
+        )
+
+    return Term(name, fn, weight, needs_teacher=False)
+
+
+def divergence_term(
+    kind: str,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    weight: float = 1.0,
+    name: str | None = None,
+) -> Term:
+    """A token/row-level divergence between student and teacher logits (see ``divergence``)."""
+
+    def fn(view: StudentView, signal: Signal | None, batch: Mapping[str, Any]) -> torch.Tensor:
+        assert signal is not None and signal.logits is not None
+        return divergence(
+            view.logits,
+            signal.logits,
+            kind,
+            temperature=temperature,
+            beta=beta,
+            mask=batch.get("mask"),
+        )
+
+    return Term(name or kind, fn, weight)
+
+
+class Objective(nn.Module):
+    """A weighted sum of terms. Calling it returns ``(total, {name: detached value})``.
+
+    It is an ``nn.Module`` so terms that own parameters (projectors) can register them here
+    and train with the student.
+    """
+
+    def __init__(self, terms: list[Term]) -> None:
+        super().__init__()
+        if not terms:
+            raise ValueError("an objective needs at least one term")
+        names = [t.name for t in terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objective term names must be unique, got {names}")
+        self.terms = terms
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether any weighted term reads the teacher."""
+        return any(t.needs_teacher and t.weight != 0 for t in self.terms)
+
+    def forward(
+        self, view: StudentView, signal: Signal | None, batch: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total: torch.Tensor | None = None
+        values: dict[str, torch.Tensor] = {}
+        for term in self.terms:
+            if term.weight == 0:
+                continue
+            if term.needs_teacher and signal is None:
+                raise ValueError(
+                    f"objective term {term.name!r} needs a teacher signal, but no teacher was given"
+                )
+            value = term.fn(view, signal, batch)
+            values[term.name] = value.detach()
+            total = term.weight * value if total is None else total + term.weight * value
+        assert total is not None
+        return total, values
+
+
+def hinton_objective(temperature: float = 2.0, alpha: float = 0.5) -> Objective:
+    """The classic objective ``alpha·kd + (1−alpha)·ce``: the same value as ``kd_loss``."""
+    return Objective([kd_term(temperature, alpha), ce_term(1.0 - alpha)])
+
+
+def labels_only_objective() -> Objective:
+    """Cross-entropy alone: the baseline student trained without a teacher."""
+    return Objective([ce_term(1.0)])
