@@ -144,20 +144,23 @@ def load_splits(
     raise DataError(f"unknown dataset {name!r}; built-in datasets are 'fashion-mnist' and 'digits'")
 
 
-def fingerprint(ds: Dataset) -> str:
+def fingerprint(ds: Dataset, inputs_only: bool = False) -> str:
     """SHA-256 of a dataset's content (inputs and labels, in order), as a hex string.
 
-    TensorDatasets are hashed from their tensors directly; other datasets item by item.
+    With ``inputs_only`` the labels are left out: a teacher's outputs depend on the inputs alone,
+    so one cache serves every labelling of the same inputs. TensorDatasets are hashed from their
+    tensors directly; other datasets item by item.
     """
     h = hashlib.sha256()
     if isinstance(ds, TensorDataset):
-        for t in ds.tensors:
+        for t in ds.tensors[:1] if inputs_only else ds.tensors:
             _hash_tensor(h, t)
         return h.hexdigest()
     h.update(str(len(ds)).encode())  # type: ignore[arg-type]
     for i in range(len(ds)):  # type: ignore[arg-type]
         item = ds[i]
-        for t in item if isinstance(item, (tuple, list)) else (item,):
+        parts = item if isinstance(item, (tuple, list)) else (item,)
+        for t in parts[:1] if inputs_only else parts:
             _hash_tensor(h, torch.as_tensor(t))
     return h.hexdigest()
 

@@ -110,7 +110,7 @@ def build_logit_cache(
     logits = torch.cat(parts)
     meta = {
         "format": "potstill.logit-cache.v1",
-        "dataset_sha256": fingerprint(dataset),
+        "dataset_sha256": fingerprint(dataset, inputs_only=True),
         "teacher_sha256": model_fingerprint(teacher),
         "logits_sha256": _digest(logits),
         "num_examples": str(n),
@@ -163,7 +163,7 @@ class CachedTeacher:
             )
         expected = {}
         if dataset is not None:
-            expected["dataset_sha256"] = fingerprint(dataset)
+            expected["dataset_sha256"] = fingerprint(dataset, inputs_only=True)
         if teacher is not None:
             expected["teacher_sha256"] = model_fingerprint(teacher)
         for field, value in expected.items():

@@ -1,0 +1,124 @@
+"""The ``potstill`` command: ``distill`` a recipe, ``eval`` a saved model, rebuild a ``report``,
+list built-in ``recipes``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="potstill: distill a large teacher into a small, fast student.",
+)
+
+
+def _setup(threads: int | None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _fail(e: Exception) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def distill(
+    recipe: Annotated[
+        str, typer.Argument(help="recipe YAML file, or a built-in name (see `potstill recipes`)")
+    ] = "default",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a field: key.sub=value (repeatable)")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="run folder (default runs/<recipe name>)")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue a run; finished parts are reused")] = False,
+    overwrite: Annotated[bool, typer.Option(help="delete an existing run folder first")] = False,
+    data_dir: Annotated[str | None, typer.Option(help="folder with the dataset's files")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+) -> None:
+    """Run a recipe: teacher, baseline and distilled students, evaluation, report."""
+    from .data import DataError
+    from .pipeline import run_recipe
+    from .recipe import RecipeError, load_recipe
+    from .report import summary_lines
+
+    _setup(threads)
+    overrides = list(set_ or [])
+    if data_dir:
+        overrides.append(f"data.data_dir={data_dir}")
+    try:
+        r = load_recipe(recipe, overrides)
+        run_dir = out or Path("runs") / r.name
+        results = run_recipe(r, run_dir, resume=resume, overwrite=overwrite)
+    except (RecipeError, DataError) as e:
+        _fail(e)
+        return
+    for line in summary_lines(results):
+        typer.echo(line.replace("**", ""))
+    typer.echo(f"report: {run_dir / 'report.md'}  and  {run_dir / 'report.html'}")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[Path, typer.Argument(help="a model folder written by potstill")],
+    data: Annotated[str, typer.Option(help="built-in dataset")] = "fashion-mnist",
+    data_dir: Annotated[str | None, typer.Option(help="folder with the dataset's files")] = None,
+    teacher: Annotated[Path | None, typer.Option(help="teacher folder, for agreement")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+) -> None:
+    """Evaluate a saved model on a dataset's test split; prints JSON."""
+    from .data import DataError, load_splits
+    from .evaluate import model_card_figures, predict_logits
+    from .models import load_model
+
+    _setup(threads)
+    try:
+        splits = load_splits(data, data_dir=data_dir)
+        m, _ = load_model(model)
+        t_logits = predict_logits(load_model(teacher)[0], splits.test)[0] if teacher else None
+    except (DataError, FileNotFoundError, ValueError) as e:
+        _fail(e)
+        return
+    typer.echo(json.dumps(model_card_figures(m, splits.test, teacher_logits=t_logits), indent=1))
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> None:
+    """Rebuild report.md and report.html of a finished run."""
+    from .report import write_report
+
+    try:
+        md, page = write_report(run_dir)
+    except FileNotFoundError as e:
+        _fail(e)
+        return
+    typer.echo(f"report: {md}  and  {page}")
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes."""
+    from .recipe import builtin_recipes
+
+    for name in builtin_recipes():
+        typer.echo(name)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""A recipe run end to end: train or load the teacher, cache its logits, train for each setting the
+student without a teacher (the baseline) and with distillation at the same budget, evaluate all
+of them on the test set, and write ``results.json`` and the report."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from . import __version__
+from .config import TrainConfig
+from .data import Splits, hide_labels, labelled_only, load_splits
+from .distiller import Distiller, FitResult
+from .evaluate import classification_eval, model_card_figures, predict_logits
+from .io import atomic_write_text
+from .losses.objective import Objective, labels_only_objective
+from .models import ArchSpec, build_model, load_model, save_model
+from .recipe import Recipe, RecipeError
+from .teachers import CachedTeacher, LiveTeacher, TeacherSource, cached_or_live
+
+log = logging.getLogger("potstill")
+
+DONE_FILE = "done.json"
+
+
+@dataclass
+class SubRun:
+    """One trained model of a run: where it lives and what its training measured."""
+
+    model: nn.Module
+    folder: Path
+    info: dict[str, Any]
+
+
+def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    saved = run_dir / "recipe.yaml"
+    if saved.exists() and not overwrite:
+        if not resume:
+            raise RecipeError(
+                f"{run_dir} already holds a run; pass --resume to continue it "
+                "(finished parts are reused) or --overwrite to start again"
+            )
+        before = Recipe.model_validate(yaml.safe_load(saved.read_text())).model_dump()
+        now = recipe.model_dump()
+        diff = sorted(_diff_fields(before, now))
+        if diff:
+            raise RecipeError(
+                f"{run_dir} was started with another recipe (fields that differ: "
+                f"{', '.join(diff)}); use a new --out folder or --overwrite"
+            )
+    if overwrite and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+
+
+def _diff_fields(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_fields(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [prefix.rstrip(".")] if a != b else []
+
+
+def train_classifier(
+    name: str,
+    folder: Path,
+    model: nn.Module,
+    spec: ArchSpec | None,
+    objective: Objective,
+    train: Dataset,
+    val: Dataset,
+    config: TrainConfig,
+    teacher: TeacherSource | None,
+    resume: bool,
+) -> SubRun:
+    """Train one model in ``folder`` (or load it when a finished run is there already)."""
+    done = folder / DONE_FILE
+    if resume and done.exists():
+        info = json.loads(done.read_text())
+        loaded, _ = load_model(folder / "final")
+        log.info("%s: finished earlier, reusing %s", name, folder / "final")
+        return SubRun(loaded, folder, info)
+    distiller = Distiller(
+        model,
+        objective,
+        train,
+        teacher=teacher,
+        config=config,
+        run_dir=folder,
+        evaluate=classification_eval(val),
+        best_metric="accuracy",
+        name=name,
+    )
+    result: FitResult = distiller.fit(resume=resume)
+    save_model(result.student, folder / "final", spec)
+    info = {
+        "steps": result.steps,
+        "train_time_s": result.train_time_s,
+        "examples_per_s": result.examples_per_s,
+        "val_final": result.final_eval,
+        "val_best": result.best,
+        "examples": len(train),  # type: ignore[arg-type]
+    }
+    atomic_write_text(done, json.dumps(info, indent=1))
+    return SubRun(result.student, folder, info)
+
+
+def _teacher(recipe: Recipe, splits: Splits, run_dir: Path, resume: bool) -> tuple[nn.Module, dict]:
+    spec = recipe.teacher
+    if spec.path:
+        model, _ = load_model(spec.path)
+        return model, {"source": str(spec.path)}
+    arch = spec.arch.model_copy(
+        update={"input_shape": list(splits.input_shape), "num_classes": len(splits.classes)}
+    )
+    torch.manual_seed(spec.train.seed)
+    sub = train_classifier(
+        "teacher",
+        run_dir / "teacher",
+        build_model(arch),
+        arch,
+        labels_only_objective(),
+        splits.train,
+        splits.val,
+        spec.train,
+        None,
+        resume,
+    )
+    return sub.model, {"source": "trained in this run", **sub.info}
+
+
+def measure_cache_speedup(
+    student: nn.Module,
+    objective: Objective,
+    train: Dataset,
+    live: TeacherSource,
+    cached: TeacherSource,
+    config: TrainConfig,
+    steps: int = 60,
+    rounds: int = 2,
+) -> dict[str, float]:
+    """Training throughput with the live teacher and with its cache, measured alternately on
+    fresh copies of the same student, and the epoch times they imply."""
+    cfg = config.model_copy(
+        update={
+            "max_steps": steps,
+            "epochs": None,
+            "progress": False,
+            "eval_every": 10**9,
+            "log_every": 10**9,
+        }
+    )
+    rates: dict[str, list[float]] = {"live": [], "cached": []}
+    for _ in range(rounds):
+        for name, source in (("live", live), ("cached", cached)):
+            r = Distiller(
+                copy.deepcopy(student), copy.deepcopy(objective), train, teacher=source, config=cfg
+            ).fit()
+            rates[name].append(r.examples_per_s)
+    n = len(train)  # type: ignore[arg-type]
+    live_rate, cached_rate = max(rates["live"]), max(rates["cached"])
+    return {
+        "steps_measured": steps,
+        "live_examples_per_s": live_rate,
+        "cached_examples_per_s": cached_rate,
+        "live_epoch_s": n / live_rate,
+        "cached_epoch_s": n / cached_rate,
+        "speedup": cached_rate / live_rate,
+    }
+
+
+def run_recipe(
+    recipe: Recipe, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
+    """Run a whole recipe in ``run_dir``; returns the results (also written to results.json)."""
+    from .report import write_report
+
+    run_dir = Path(run_dir)
+    _check_run_dir(run_dir, recipe, resume, overwrite)
+    t_start = time.perf_counter()
+    splits = load_splits(
+        recipe.data.name,
+        data_dir=recipe.data.data_dir,
+        val_size=recipe.data.val_size,
+        seed=recipe.seed,
+    )
+    teacher, teacher_info = _teacher(recipe, splits, run_dir, resume)
+    teacher_test_logits, _ = predict_logits(teacher, splits.test)
+    ev = recipe.evaluation
+    figures = {"latency_batch": ev.latency_batch, "throughput_batch": ev.throughput_batch}
+    teacher_row = {
+        **model_card_figures(teacher, splits.test, teacher_logits=None, **figures),
+        **teacher_info,
+    }
+
+    cache_path = run_dir / "teacher" / "logits-train.safetensors" if recipe.teacher.cache else None
+    t = time.perf_counter()
+    source = cached_or_live(teacher, splits.train, cache_path)
+    cache_info: dict[str, Any] = {"enabled": cache_path is not None}
+    if isinstance(source, CachedTeacher):
+        cache_info.update(path=str(cache_path), ready_s=time.perf_counter() - t)
+
+    student_arch = recipe.student.arch.model_copy(
+        update={"input_shape": list(splits.input_shape), "num_classes": len(splits.classes)}
+    )
+    settings_out = []
+    for setting in recipe.settings:
+        folder = run_dir / setting.name
+        train = hide_labels(splits.train, setting.labelled_fraction, recipe.seed)
+        assert isinstance(train, TensorDataset)
+        labelled = labelled_only(train)
+        runs: dict[str, Any] = {}
+        torch.manual_seed(recipe.seed)
+        init = build_model(student_arch)  # both students start from the same weights
+        distill_cfg = recipe.train.model_copy(update={"seed": recipe.seed})
+        objective = recipe.build_objective()
+        distilled = train_classifier(
+            f"{setting.name}/distilled",
+            folder / "distilled",
+            copy.deepcopy(init),
+            student_arch,
+            objective,
+            train,
+            splits.val,
+            distill_cfg,
+            source,
+            resume,
+        )
+        runs["distilled"] = distilled
+        if recipe.baseline:
+            # same budget: as many optimizer steps of the same batch size, on the labelled part
+            base_cfg = distill_cfg.model_copy(
+                update={"max_steps": distilled.info["steps"], "epochs": None}
+            )
+            runs["baseline"] = train_classifier(
+                f"{setting.name}/baseline",
+                folder / "baseline",
+                copy.deepcopy(init),
+                student_arch,
+                labels_only_objective(),
+                labelled,
+                splits.val,
+                base_cfg,
+                None,
+                resume,
+            )
+        rows = {}
+        for kind, sub in runs.items():
+            rows[kind] = {
+                **model_card_figures(
+                    sub.model, splits.test, teacher_logits=teacher_test_logits, **figures
+                ),
+                **sub.info,
+                "metrics": str(sub.folder.relative_to(run_dir) / "metrics.jsonl"),
+            }
+        settings_out.append(
+            {
+                "name": setting.name,
+                "labelled_fraction": setting.labelled_fraction,
+                "labelled_examples": len(labelled),
+                "transfer_examples": len(train),
+                "runs": rows,
+            }
+        )
+        if (
+            ev.measure_cache_speedup
+            and isinstance(source, CachedTeacher)
+            and "live_examples_per_s" not in cache_info
+        ):
+            cache_info.update(
+                measure_cache_speedup(
+                    init, objective, train, LiveTeacher(teacher), source, distill_cfg
+                )
+            )
+
+    results = {
+        "name": recipe.name,
+        "potstill_version": __version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "seed": recipe.seed,
+        "data": {
+            "name": recipe.data.name,
+            "train": len(splits.train),
+            "val": len(splits.val),
+            "test": len(splits.test),
+        },
+        "objective": [t.model_dump(exclude_none=True) for t in recipe.objective],
+        "teacher": teacher_row,
+        "student_arch": student_arch.model_dump(),
+        "teacher_cache": cache_info,
+        "settings": settings_out,
+        "wall_time_s": time.perf_counter() - t_start,
+    }
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1, default=str))
+    write_report(run_dir)
+    return results
