@@ -39,19 +39,28 @@ def hand_written(teacher, student, x, y, steps: int) -> float:
     """The loop a user would write: no objects, no logging. Returns seconds per step."""
     opt = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(x), generator=g)
     student.train()
     t0 = time.perf_counter()
     for i in range(steps):
-        idx = order[(i * BATCH) % (len(x) - BATCH):][:BATCH]
+        idx = order[(i * BATCH) % (len(x) - BATCH) :][:BATCH]
         xb, yb = x[idx], y[idx]
         with torch.no_grad():
             t_logits = teacher(xb)
         s_logits = student(xb)
-        kd = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1),
-                      reduction="batchmean", log_target=True) * T * T
+        kd = (
+            F.kl_div(
+                F.log_softmax(s_logits / T, -1),
+                F.log_softmax(t_logits / T, -1),
+                reduction="batchmean",
+                log_target=True,
+            )
+            * T
+            * T
+        )
         loss = ALPHA * kd + (1 - ALPHA) * F.cross_entropy(s_logits, yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -61,11 +70,18 @@ def hand_written(teacher, student, x, y, steps: int) -> float:
 
 
 def with_potstill(teacher, student, dataset, steps: int) -> float:
-    cfg = TrainConfig(max_steps=steps, batch_size=BATCH, progress=False, tensorboard=False,
-                      optimizer=OptimizerConfig(name="adamw", lr=LR),
-                      schedule=ScheduleConfig(name="cosine"), eval_every=10**9)
-    d = Distiller(student, hinton_objective(T, ALPHA), dataset, teacher=LiveTeacher(teacher),
-                  config=cfg)
+    cfg = TrainConfig(
+        max_steps=steps,
+        batch_size=BATCH,
+        progress=False,
+        tensorboard=False,
+        optimizer=OptimizerConfig(name="adamw", lr=LR),
+        schedule=ScheduleConfig(name="cosine"),
+        eval_every=10**9,
+    )
+    d = Distiller(
+        student, hinton_objective(T, ALPHA), dataset, teacher=LiveTeacher(teacher), config=cfg
+    )
     t0 = time.perf_counter()
     d.fit()
     return (time.perf_counter() - t0) / steps
@@ -86,22 +102,33 @@ def main() -> None:
     hand_written(teacher, copy.deepcopy(student0), x, y, 30)  # warm-up
     with_potstill(teacher, copy.deepcopy(student0), train, 30)
     for _ in range(args.rounds):
-        times["hand-written"].append(hand_written(teacher, copy.deepcopy(student0), x, y,
-                                                  args.steps))
-        times["potstill"].append(with_potstill(teacher, copy.deepcopy(student0), train,
-                                               args.steps))
+        times["hand-written"].append(
+            hand_written(teacher, copy.deepcopy(student0), x, y, args.steps)
+        )
+        times["potstill"].append(with_potstill(teacher, copy.deepcopy(student0), train, args.steps))
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["potstill"] / med["hand-written"]
-    print(f"threads={torch.get_num_threads()} batch={BATCH} steps/run={args.steps} "
-          f"rounds={args.rounds}")
+    print(
+        f"threads={torch.get_num_threads()} batch={BATCH} steps/run={args.steps} "
+        f"rounds={args.rounds}"
+    )
     for k, v in times.items():
-        print(f"{k:>13}: median {1e3 * med[k]:.3f} ms/step  (min {1e3 * min(v):.3f}, "
-              f"max {1e3 * max(v):.3f})")
+        print(
+            f"{k:>13}: median {1e3 * med[k]:.3f} ms/step  (min {1e3 * min(v):.3f}, "
+            f"max {1e3 * max(v):.3f})"
+        )
     print(f"ratio potstill / hand-written: {ratio:.3f}  (goal ≤ 1.05)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"ms_per_step": {k: [1e3 * t for t in v] for k, v in times.items()},
-                       "ratio": ratio, "threads": torch.get_num_threads()}, f, indent=1)
+            json.dump(
+                {
+                    "ms_per_step": {k: [1e3 * t for t in v] for k, v in times.items()},
+                    "ratio": ratio,
+                    "threads": torch.get_num_threads(),
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

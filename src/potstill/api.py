@@ -4,6 +4,7 @@ PyTorch classifier and any Dataset of ``(input, label)`` pairs."""
 from __future__ import annotations
 
 import copy
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from .config import OptimizerConfig, ScheduleConfig, TrainConfig
 from .distiller import Distiller, FitResult
 from .evaluate import accuracy, agreement, predict_logits
 from .losses.objective import hinton_objective, labels_only_objective
-from .teachers import cached_or_live
+from .teachers import LiveTeacher, TeacherSource, cached_or_live
 
 
 @dataclass
@@ -95,13 +96,13 @@ def distill(
         progress=progress,
     )
     init = copy.deepcopy(student) if baseline else None
-    cache_path = None
+    source: TeacherSource = LiveTeacher(teacher)
     if cache_teacher:
-        import tempfile
-
-        folder = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="potstill-cache-"))
-        cache_path = folder / "teacher-logits.safetensors"
-    source = cached_or_live(teacher, train_data, cache_path)
+        # without a run_dir the cache goes to a temporary folder, deleted once CachedTeacher
+        # holds the verified logits in memory
+        with tempfile.TemporaryDirectory(prefix="potstill-cache-") as tmp:
+            folder = Path(run_dir) if run_dir else Path(tmp)
+            source = cached_or_live(teacher, train_data, folder / "teacher-logits.safetensors")
     evaluate = None
     if eval_data is not None:
         evaluate = _eval_with_teacher(predict_logits(teacher, eval_data)[0], eval_data)

@@ -31,6 +31,14 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors caused by input (recipe, files, data, checkpoints): shown as one message, not a
+    traceback."""
+    from .distiller import CheckpointError
+
+    return (ValueError, OSError, CheckpointError)
+
+
 @app.command()
 def distill(
     recipe: Annotated[
@@ -48,9 +56,8 @@ def distill(
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
     """Run a recipe: teacher, baseline and distilled students, evaluation, report."""
-    from .data import DataError
     from .pipeline import run_recipe
-    from .recipe import RecipeError, load_recipe
+    from .recipe import load_recipe
     from .report import summary_lines
 
     _setup(threads)
@@ -61,9 +68,12 @@ def distill(
         r = load_recipe(recipe, overrides)
         run_dir = out or Path("runs") / r.name
         results = run_recipe(r, run_dir, resume=resume, overwrite=overwrite)
-    except (RecipeError, DataError) as e:
+    except _user_errors() as e:
         _fail(e)
         return
+    except KeyboardInterrupt:
+        typer.echo("interrupted: continue with the same command and --resume", err=True)
+        raise typer.Exit(130) from None
     for line in summary_lines(results):
         typer.echo(line.replace("**", ""))
     typer.echo(f"report: {run_dir / 'report.md'}  and  {run_dir / 'report.html'}")
@@ -75,19 +85,21 @@ def eval_(
     data: Annotated[str, typer.Option(help="built-in dataset")] = "fashion-mnist",
     data_dir: Annotated[str | None, typer.Option(help="folder with the dataset's files")] = None,
     teacher: Annotated[Path | None, typer.Option(help="teacher folder, for agreement")] = None,
+    seed: Annotated[int, typer.Option(help="the run's seed (it fixes the validation split)")] = 0,
+    val_size: Annotated[int, typer.Option(help="the run's data.val_size")] = 5000,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
     """Evaluate a saved model on a dataset's test split; prints JSON."""
-    from .data import DataError, load_splits
+    from .data import load_splits
     from .evaluate import model_card_figures, predict_logits
     from .models import load_model
 
     _setup(threads)
     try:
-        splits = load_splits(data, data_dir=data_dir)
+        splits = load_splits(data, data_dir=data_dir, val_size=val_size, seed=seed)
         m, _ = load_model(model)
         t_logits = predict_logits(load_model(teacher)[0], splits.test)[0] if teacher else None
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except _user_errors() as e:
         _fail(e)
         return
     typer.echo(json.dumps(model_card_figures(m, splits.test, teacher_logits=t_logits), indent=1))

@@ -32,7 +32,8 @@ class ScheduleConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """How long and how to train. Give ``epochs`` or ``max_steps`` (optimizer steps)."""
+    """How long and how to train: ``epochs``, or ``max_steps`` (optimizer steps), which wins
+    when both are given; one epoch when neither is."""
 
     epochs: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, gt=0)

@@ -55,7 +55,7 @@ def _read_idx(path: Path, header: int) -> np.ndarray:
 def load_fashion_mnist(
     data_dir: str | os.PathLike | None = None,
 ) -> tuple[TensorDataset, TensorDataset]:
-    """Fashion-MNIST as ``(train, test)`` TensorDatasets of float images in [0, 1], shape (1, 28, 28).
+    """Fashion-MNIST as ``(train, test)`` TensorDatasets of images in [0, 1] of shape (1, 28, 28).
 
     ``data_dir`` holds ``train-images-idx3-ubyte.gz`` and its three siblings; by default the
     Debian package's folder.

@@ -99,7 +99,9 @@ class Distiller:
     ``teacher`` may be None when no term needs it (the labels-only baseline runs through the same
     loop). ``evaluate(student)`` returns metrics; ``best_metric`` names the one that picks the
     best checkpoint. With ``run_dir`` set, metrics go to ``run_dir/metrics.jsonl`` (and
-    TensorBoard when installed) and checkpoints to ``run_dir/checkpoints``.
+    TensorBoard when installed) and checkpoints to ``run_dir/checkpoints``. Each callback is
+    called as ``callback(step, row)`` after every optimizer step; ``row`` is the logged row on
+    logging steps and empty otherwise.
 
     >>> result = Distiller(student, hinton_objective(4.0, 0.5), train_set,   # doctest: +SKIP
     ...                    teacher=LiveTeacher(teacher), config=TrainConfig(epochs=5)).fit()
@@ -169,6 +171,11 @@ class Distiller:
         self.best: dict[str, Any] | None = None
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
+        # running state that a checkpoint carries, so a resumed run logs and times as one run
+        self._sums: dict[str, torch.Tensor] = {}
+        self._n_sums = 0
+        self.train_time_s = 0.0
+        self.examples_seen = 0
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -180,10 +187,7 @@ class Distiller:
                 raise ValueError("resume needs a run_dir")
             self._load_last_checkpoint()
         else:
-            torch.manual_seed(self.cfg.seed)
-            random.seed(self.cfg.seed)
-            if self.run_dir and (self.run_dir / "metrics.jsonl").exists():
-                (self.run_dir / "metrics.jsonl").unlink()
+            self._start_fresh()
         writer = self._tensorboard()
         cfg = self.cfg
         bar = tqdm(
@@ -198,13 +202,8 @@ class Distiller:
         self.student.train()
         self.objective.train()
         micro = self.step * cfg.grad_accum
-        sums: dict[str, torch.Tensor] = {}
-        n_sums = 0
-        examples = 0
-        train_time = 0.0
         interval_examples = 0
-        interval_t = time.perf_counter()
-        t0 = time.perf_counter()
+        interval_t = t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         while self.step < self.total_steps:
             epoch, start = divmod(micro, self.batches_per_epoch)
@@ -215,30 +214,33 @@ class Distiller:
                 loss, values = self.objective(view, signal, batch)
                 (loss / cfg.grad_accum).backward()
                 values["loss"] = loss.detach()
+                sums = self._sums
                 for k, v in values.items():
                     sums[k] = sums[k] + v if k in sums else v
-                n_sums += 1
+                self._n_sums += 1
                 bs = len(batch["index"])
-                examples += bs
+                self.examples_seen += bs
                 interval_examples += bs
                 micro += 1
                 if micro % cfg.grad_accum:
                     continue
                 if cfg.clip_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm)
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 bar.update(1)
                 last = self.step >= self.total_steps
+                row: dict[str, float] = {}
                 if self.step % cfg.log_every == 0 or last:
                     now = time.perf_counter()
                     row = {
                         "step": self.step,
                         "epoch": round(micro / self.batches_per_epoch, 4),
-                        "lr": self.scheduler.get_last_lr()[0],
-                        **{k: float(v) / n_sums for k, v in sums.items()},
+                        "lr": lr,
+                        **{k: float(v) / self._n_sums for k, v in sums.items()},
                         "examples_per_s": interval_examples / max(now - interval_t, 1e-9),
                     }
                     self._log(row, writer)
@@ -246,16 +248,16 @@ class Distiller:
                         {k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "epoch", "lr")},
                         refresh=False,
                     )
-                    for cb in self.callbacks:
-                        cb(self.step, row)
-                    sums, n_sums = {}, 0
+                    self._sums, self._n_sums = {}, 0
                     interval_examples, interval_t = 0, time.perf_counter()
+                for cb in self.callbacks:
+                    cb(self.step, row)
                 if self.step % self.eval_every == 0 or last:
-                    train_time += time.perf_counter() - t0
+                    self.train_time_s += time.perf_counter() - t0
                     self._evaluate(writer)
                     t0 = time.perf_counter()
                 if self.run_dir and (self.step % self.checkpoint_every == 0 or last):
-                    train_time += time.perf_counter() - t0
+                    self.train_time_s += time.perf_counter() - t0
                     self.save_checkpoint()
                     t0 = time.perf_counter()
                 if last:
@@ -263,7 +265,7 @@ class Distiller:
             else:
                 continue
             break
-        train_time += time.perf_counter() - t0
+        self.train_time_s += time.perf_counter() - t0
         bar.close()
         if writer is not None:
             writer.close()
@@ -274,8 +276,8 @@ class Distiller:
             self.history,
             self.evals,
             self.best,
-            train_time,
-            examples,
+            self.train_time_s,
+            self.examples_seen,
             self.run_dir,
         )
 
@@ -354,6 +356,10 @@ class Distiller:
             "python_rng": random.getstate(),
             "best": json.dumps(self.best),
             "evals": json.dumps(self.evals),
+            "log_sums": {k: v.detach().clone() for k, v in self._sums.items()},
+            "log_count": self._n_sums,
+            "train_time_s": self.train_time_s,
+            "examples_seen": self.examples_seen,
         }
         atomic_torch_save(state, folder / "trainer_state.pt")
         files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
@@ -365,13 +371,18 @@ class Distiller:
                 shutil.rmtree(old, ignore_errors=True)
         return folder
 
+    def _start_fresh(self) -> None:
+        torch.manual_seed(self.cfg.seed)
+        random.seed(self.cfg.seed)
+        if self.run_dir and (self.run_dir / "metrics.jsonl").exists():
+            (self.run_dir / "metrics.jsonl").unlink()
+
     def _load_last_checkpoint(self) -> None:
         assert self.run_dir is not None
         pointer = self.run_dir / "checkpoints" / "last.json"
         if not pointer.exists():
             log.info("no checkpoint in %s: starting from scratch", self.run_dir)
-            torch.manual_seed(self.cfg.seed)
-            random.seed(self.cfg.seed)
+            self._start_fresh()
             return
         folder = pointer.parent / json.loads(pointer.read_text())["dir"]
         meta_path = folder / "meta.json"
@@ -400,6 +411,10 @@ class Distiller:
         self.step = int(state["step"])
         self.best = json.loads(state["best"])
         self.evals = json.loads(state["evals"])
+        self._sums = dict(state["log_sums"])
+        self._n_sums = int(state["log_count"])
+        self.train_time_s = float(state["train_time_s"])
+        self.examples_seen = int(state["examples_seen"])
         self._truncate_metrics()
         log.info("resumed %s at step %d of %d", self.name, self.step, self.total_steps)
 

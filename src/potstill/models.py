@@ -20,7 +20,8 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 class ArchSpec(BaseModel):
-    """A built-in architecture: ``mlp`` (hidden widths) or ``cnn`` (conv channels, then hidden widths)."""
+    """A built-in architecture: ``mlp`` (hidden widths) or ``cnn`` (conv channels, then hidden
+    widths)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -60,11 +60,21 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool)
                 f"{', '.join(diff)}); use a new --out folder or --overwrite"
             )
     if overwrite and run_dir.exists():
+        if not saved.exists() and any(run_dir.iterdir()):
+            raise RecipeError(
+                f"--overwrite: {run_dir} is not a potstill run folder (no recipe.yaml) and is "
+                "not empty; refusing to delete it. Choose another --out folder."
+            )
         import shutil
 
         shutil.rmtree(run_dir)
+
+
+def _start_run_dir(run_dir: Path, recipe: Recipe) -> None:
+    # written once the data has loaded, so a run that could not start does not block a retry
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    atomic_write_text(run_dir / "recipe.yaml", text)
 
 
 def _diff_fields(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -199,6 +209,7 @@ def run_recipe(
         val_size=recipe.data.val_size,
         seed=recipe.seed,
     )
+    _start_run_dir(run_dir, recipe)
     teacher, teacher_info = _teacher(recipe, splits, run_dir, resume)
     teacher_test_logits, _ = predict_logits(teacher, splits.test)
     ev = recipe.evaluation
@@ -227,7 +238,7 @@ def run_recipe(
         runs: dict[str, Any] = {}
         torch.manual_seed(recipe.seed)
         init = build_model(student_arch)  # both students start from the same weights
-        distill_cfg = recipe.train.model_copy(update={"seed": recipe.seed})
+        distill_cfg = recipe.train
         objective = recipe.build_objective()
         distilled = train_classifier(
             f"{setting.name}/distilled",

@@ -17,6 +17,8 @@ from .losses.objective import Objective, Term, ce_term, divergence_term, kd_term
 from .models import ArchSpec
 
 TERM_KINDS = ("kd", "ce", "fkl", "rkl", "jsd", "tvd", "mse")
+DEFAULT_EPOCHS = 10
+DEFAULT_TEACHER_EPOCHS = 5
 
 
 class RecipeError(ValueError):
@@ -24,7 +26,8 @@ class RecipeError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # coerce numbers: `--set name=2024` is parsed as YAML and gives an int for a text field
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
 
 class DataSpec(_Strict):
@@ -40,7 +43,7 @@ class TeacherSpec(_Strict):
 
     path: str | None = None
     arch: ArchSpec = Field(default_factory=lambda: ArchSpec(hidden=[1024, 1024], dropout=0.2))
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=5))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=DEFAULT_TEACHER_EPOCHS))
     cache: bool = Field(True, description="compute the teacher's logits once and reuse them")
 
 
@@ -93,7 +96,7 @@ class Recipe(_Strict):
     name: str = "run"
     seed: int = 0
     data: DataSpec = Field(default_factory=DataSpec)
-    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)  # type: ignore[arg-type]
     student: StudentSpec = Field(default_factory=StudentSpec)
     objective: list[TermSpec] = Field(
         default_factory=lambda: [
@@ -101,13 +104,35 @@ class Recipe(_Strict):
             TermSpec(kind="ce", weight=0.5),
         ]
     )
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=10))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=DEFAULT_EPOCHS))
     settings: list[SettingSpec] = Field(default_factory=lambda: [SettingSpec(name="main")])
     baseline: bool = Field(True, description="also train the student without a teacher")
     evaluation: EvalSpec = Field(default_factory=EvalSpec)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_budget_defaults(cls, data: Any) -> Any:
+        # a partial train section (`train: {batch_size: 64}`) keeps the default budget instead of
+        # falling back to TrainConfig's one epoch
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if isinstance(data.get("train"), dict):
+            data["train"] = {"epochs": DEFAULT_EPOCHS, **data["train"]}
+        teacher = data.get("teacher")
+        if isinstance(teacher, dict) and isinstance(teacher.get("train"), dict):
+            data["teacher"] = {
+                **teacher,
+                "train": {"epochs": DEFAULT_TEACHER_EPOCHS, **teacher["train"]},
+            }
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> Recipe:
+        # one seed for the whole run unless a section sets its own
+        for cfg in (self.train, self.teacher.train):
+            if "seed" not in cfg.model_fields_set:
+                cfg.seed = self.seed
         if not self.objective:
             raise ValueError("objective: needs at least one term, e.g. [{kind: kd}, {kind: ce}]")
         names = [t.name or t.kind for t in self.objective]

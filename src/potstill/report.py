@@ -80,7 +80,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         gain = 100 * (runs["distilled"]["accuracy"] - runs["baseline"]["accuracy"])
         verdict = "helped" if gain > 0 else "did not help"
         out.append(
-            f"**{s['name']}** ({100 * s['labelled_fraction']:g}% of labels, "
+            f"- **{s['name']}** ({100 * s['labelled_fraction']:g}% of labels, "
             f"{s['labelled_examples']:,} labelled of {s['transfer_examples']:,}): "
             f"distillation {verdict}: {gain:+.2f} points of test accuracy "
             f"({100 * runs['baseline']['accuracy']:.2f}% → "

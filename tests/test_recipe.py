@@ -1,0 +1,184 @@
+"""Tests for recipes: the built-in default, ``--set`` overrides, and error messages that name the
+field, the bad value and what is accepted."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from potstill.losses.objective import Objective
+from potstill.recipe import (
+    Recipe,
+    RecipeError,
+    apply_overrides,
+    builtin_recipes,
+    load_recipe,
+)
+
+
+def test_builtin_default_recipe_validates():
+    assert "default" in builtin_recipes()
+    r = load_recipe("default")
+    assert isinstance(r, Recipe)
+    assert r.name == "fashion-mnist-default"
+    assert r.data.name == "fashion-mnist"
+    assert r.teacher.arch.hidden == [1024, 1024]
+    assert r.teacher.train.schedule.warmup_steps == 100
+    assert r.student.arch.hidden == [32]
+    assert [(t.kind, t.weight, t.temperature) for t in r.objective] == [
+        ("kd", 0.7, 4.0),
+        ("ce", 0.3, 1.0),
+    ]
+    assert [(s.name, s.labelled_fraction) for s in r.settings] == [
+        ("few-labels", 0.05),
+        ("same-data", 1.0),
+    ]
+    objective = r.build_objective()
+    assert isinstance(objective, Objective)
+    assert [(t.name, t.weight, t.needs_teacher) for t in objective.terms] == [
+        ("kd", 0.7, True),
+        ("ce", 0.3, False),
+    ]
+
+
+def test_overrides_take_effect():
+    r = load_recipe(
+        "default",
+        [
+            "train.epochs=2",
+            "objective.0.temperature=8",
+            "train.optimizer.name=sgd",
+            "teacher.arch.hidden=[64, 32]",
+            "data.name=digits",
+            "settings.1.labelled_fraction=0.5",
+            "baseline=false",
+        ],
+    )
+    assert r.train.epochs == 2
+    assert r.objective[0].temperature == 8.0
+    assert r.objective[0].weight == 0.7  # siblings untouched
+    assert r.train.optimizer.name == "sgd"
+    assert r.train.optimizer.lr == 0.003
+    assert r.teacher.arch.hidden == [64, 32]
+    assert r.teacher.arch.dropout == 0.2
+    assert r.data.name == "digits"
+    assert r.settings[1].labelled_fraction == 0.5
+    assert r.baseline is False
+    # the built-in file itself is not changed by overrides
+    assert load_recipe("default").train.epochs == 10
+
+
+def test_override_values_are_parsed_as_yaml():
+    data = apply_overrides({"a": {"b": 1}}, ["a.b=[1, 2]", "a.c=true", "a.d=0.5", "e.f=x"])
+    assert data == {"a": {"b": [1, 2], "c": True, "d": 0.5}, "e": {"f": "x"}}
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.optimizer.name=adamx", ["train.optimizer.name", "'adamx'", "'adamw'", "'sgd'"]),
+        ("train.optimizer.lr=-1", ["train.optimizer.lr", "greater than 0", "-1"]),
+        ("objective.0.kind=kld", ["objective.0.kind", "'kld'", "'kd'", "'jsd'", "'mse'"]),
+        ("settings.0.labelled_fraction=0", ["settings.0.labelled_fraction", "greater than 0"]),
+        ("train.batch_size=abc", ["train.batch_size", "integer", "'abc'"]),
+        ("objective.1.label_smoothing=1", ["objective.1.label_smoothing", "less than 1"]),
+        ("train.epoch=3", ["train.epoch", "unknown field"]),
+        ("teacher.arch.kind=rnn", ["teacher.arch.kind", "'rnn'", "'mlp'", "'cnn'"]),
+    ],
+)
+def test_bad_value_names_field_value_and_accepted(override, expected):
+    with pytest.raises(RecipeError) as info:
+        load_recipe("default", [override])
+    message = str(info.value)
+    assert "built-in recipe 'default'" in message
+    for part in expected:
+        assert part in message, (part, message)
+
+
+def test_several_problems_are_reported_together():
+    with pytest.raises(RecipeError) as info:
+        load_recipe("default", ["train.epoch=3", "train.batch_size=0"])
+    lines = str(info.value).splitlines()
+    assert any(line.strip().startswith("train.epoch:") for line in lines)
+    assert any(line.strip().startswith("train.batch_size:") for line in lines)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("objective.5.weight=1", r"objective is a list of 2; '5' is not an index"),
+        ("settings.x.name=a", r"settings is a list of 2; 'x' is not an index"),
+        ("train.epochs.x=3", r"train.epochs is a value, not a section"),
+        ("train.epochs", r"expected key=value"),
+    ],
+)
+def test_malformed_overrides(override, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe("default", [override])
+
+
+def test_recipe_file_that_is_a_list(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- name: a\n- name: b\n")
+    with pytest.raises(RecipeError, match="must be a mapping.*got list") as info:
+        load_recipe(path)
+    assert str(path) in str(info.value)
+
+
+def test_recipe_file_with_bad_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: {epochs: 3\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(path)
+
+
+def test_empty_recipe_file_gives_the_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_recipe(path) == Recipe()
+
+
+def test_unknown_recipe_name_lists_builtins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError) as info:
+        load_recipe("no-such-recipe")
+    message = str(info.value)
+    assert "'no-such-recipe'" in message
+    assert "built-in: default" in message
+
+
+def test_recipe_from_file_with_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "mine",
+                "data": {"name": "digits"},
+                "objective": [{"kind": "jsd", "beta": 0.3}, {"kind": "ce"}],
+                "train": {"epochs": 4, "batch_size": 32},
+            }
+        )
+    )
+    r = load_recipe(path, ["objective.0.beta=0.9", "train.batch_size=16"])
+    assert r.name == "mine"
+    assert r.objective[0].beta == 0.9
+    assert r.train.batch_size == 16
+    assert r.train.epochs == 4
+    terms = r.build_objective().terms
+    assert [t.name for t in terms] == ["jsd", "ce"]
+
+
+def test_duplicate_term_and_setting_names_are_refused():
+    with pytest.raises(RecipeError, match="term names must be unique"):
+        load_recipe("default", ["objective.1.kind=kd"])
+    # a name tells two terms of one kind apart
+    r = load_recipe("default", ["objective.1.kind=kd", "objective.1.name=kd2"])
+    assert [t.name for t in r.build_objective().terms] == ["kd", "kd2"]
+    with pytest.raises(RecipeError, match="settings: names must be unique"):
+        load_recipe("default", ["settings.1.name=few-labels"])
+    with pytest.raises(RecipeError, match="at least one term"):
+        load_recipe("default", ["objective=[]"])
+
+
+def test_string_field_can_be_set_to_a_numeric_looking_value():
+    assert load_recipe("default", ["name=2024"]).name == "2024"
