@@ -3,6 +3,8 @@ field, the bad value and what is accepted."""
 
 from __future__ import annotations
 
+from importlib import resources
+
 import pytest
 import yaml
 
@@ -25,10 +27,11 @@ def test_builtin_default_recipe_validates():
     assert r.teacher.arch.hidden == [1024, 1024]
     assert r.teacher.train.schedule.warmup_steps == 100
     assert r.student.arch.hidden == [32]
+    raw = yaml.safe_load((resources.files("potstill") / "recipes" / "default.yaml").read_text())
     assert [(t.kind, t.weight, t.temperature) for t in r.objective] == [
-        ("kd", 0.7, 4.0),
-        ("ce", 0.3, 1.0),
+        (o["kind"], o["weight"], o.get("temperature", 1.0)) for o in raw["objective"]
     ]
+    assert [t.kind for t in r.objective] == ["kd", "ce"]
     assert [(s.name, s.labelled_fraction) for s in r.settings] == [
         ("few-labels", 0.05),
         ("same-data", 1.0),
@@ -36,8 +39,8 @@ def test_builtin_default_recipe_validates():
     objective = r.build_objective()
     assert isinstance(objective, Objective)
     assert [(t.name, t.weight, t.needs_teacher) for t in objective.terms] == [
-        ("kd", 0.7, True),
-        ("ce", 0.3, False),
+        ("kd", raw["objective"][0]["weight"], True),
+        ("ce", raw["objective"][1]["weight"], False),
     ]
 
 
@@ -56,7 +59,7 @@ def test_overrides_take_effect():
     )
     assert r.train.epochs == 2
     assert r.objective[0].temperature == 8.0
-    assert r.objective[0].weight == 0.7  # siblings untouched
+    assert r.objective[0].weight == load_recipe("default").objective[0].weight  # siblings kept
     assert r.train.optimizer.name == "sgd"
     assert r.train.optimizer.lr == 0.003
     assert r.teacher.arch.hidden == [64, 32]

@@ -4,6 +4,7 @@ the same :class:`~potstill.signal.Signal`, so every loss works with either."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,6 +20,8 @@ from . import __version__
 from .data import fingerprint
 from .io import atomic_save_safetensors
 from .signal import Signal
+
+log = logging.getLogger("potstill")
 
 Batch = Mapping[str, Any]
 ForwardFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -197,8 +200,6 @@ def cached_or_live(
         try:
             return CachedTeacher(path, dataset=dataset, teacher=teacher)
         except CacheError as e:
-            import logging
-
-            logging.getLogger("potstill").warning("%s; rebuilding it", e)
+            log.warning("%s; rebuilding it", e)
     build_logit_cache(teacher, dataset, path, forward=forward)
     return CachedTeacher(path)
