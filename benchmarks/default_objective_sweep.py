@@ -41,13 +41,15 @@ def main() -> None:
         init = build_model(arch)
         runs = []
         for t, a in GRID:
-            d = Distiller(copy.deepcopy(init), hinton_objective(t, a), train, teacher=source,
-                          config=cfg)
+            d = Distiller(
+                copy.deepcopy(init), hinton_objective(t, a), train, teacher=source, config=cfg
+            )
             runs.append((f"kd T={t:g} alpha={a:g}", d.fit()))
         steps = runs[0][1].steps
         base_cfg = cfg.model_copy(update={"max_steps": steps, "epochs": None})
-        base = Distiller(copy.deepcopy(init), labels_only_objective(), labelled_only(train),
-                         config=base_cfg).fit()
+        base = Distiller(
+            copy.deepcopy(init), labels_only_objective(), labelled_only(train), config=base_cfg
+        ).fit()
         for name, r in [("labels only", base)] + runs:
             print(f"{setting.name:<12} {name:<18} {100 * evaluate(r.student)['accuracy']:.2f}%")
 

@@ -17,11 +17,12 @@ __all__ = ["DIVERGENCES", "divergence", "kd_loss", "soft_target_loss"]
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """KL(p‖q) per position, summed over the last dim; entries where p == 0 contribute 0."""
-    p = log_p.exp()
-    # Zeroing the log-ratio (not the product) keeps 0 * (-inf - x) from giving NaN in the value
-    # and in the gradient when a log-probability is -inf.
-    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
-    return (p * log_ratio).sum(dim=-1)
+    # One fused kernel. Clamping -inf to the dtype's lowest finite value keeps 0·(−inf − x) from
+    # giving NaN in the value and the gradient: exp(lowest) is exactly 0.
+    lowest = torch.finfo(log_p.dtype).min
+    return F.kl_div(
+        log_q.clamp_min(lowest), log_p.clamp_min(lowest), reduction="none", log_target=True
+    ).sum(dim=-1)
 
 
 def _forward_kl(log_p_student: Tensor, log_p_teacher: Tensor, **_: float) -> Tensor:
@@ -152,7 +153,8 @@ def divergence(
     per_position = DIVERGENCES[kind](student, teacher, beta=beta)
 
     if mask is None:
-        mask = torch.ones(leading, dtype=torch.bool, device=per_position.device)
+        # no positions at all gives 0 rather than the NaN of an empty mean
+        return per_position.mean() if per_position.numel() else per_position.sum()
     # where + clamped count instead of boolean indexing: no host sync, and an empty mask gives
     # 0 / 1 = 0 with the graph still attached.
     total = torch.where(mask, per_position, torch.zeros_like(per_position)).sum()
