@@ -22,10 +22,11 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
-from .data import epoch_order, iterate_batches
+from .data import epoch_order, iterate_batches, make_batch
 from .io import atomic_save_module, atomic_torch_save, atomic_write_text, sha256_file
 from .losses.objective import Objective
 from .signal import StudentView
+from .taps import Taps, TapsLike, tapped_forward
 from .teachers import ForwardFn, TeacherSource, default_forward
 
 log = logging.getLogger("potstill")
@@ -122,6 +123,7 @@ class Distiller:
         student_forward: ForwardFn = default_forward,
         callbacks: list[StepCallback] | None = None,
         name: str = "student",
+        student_taps: TapsLike | None = None,
     ) -> None:
         if objective.needs_teacher and teacher is None:
             raise ValueError(
@@ -143,6 +145,7 @@ class Distiller:
         self.student_forward = student_forward
         self.callbacks = callbacks or []
         self.name = name
+        self.student_taps = student_taps
 
         self.n = len(train_data)  # type: ignore[arg-type]
         if self.n == 0:
@@ -160,6 +163,7 @@ class Distiller:
         )
         self.checkpoint_every = self.cfg.checkpoint_every or self.eval_every
 
+        self._probe()
         params = [p for p in self.student.parameters() if p.requires_grad]
         params += [p for p in self.objective.parameters() if p.requires_grad]
         self.params = params
@@ -176,6 +180,42 @@ class Distiller:
         self._n_sums = 0
         self.train_time_s = 0.0
         self.examples_seen = 0
+
+    # ---- set-up -----------------------------------------------------------------------------
+
+    def _probe(self) -> None:
+        """Check that every feature the objective reads is tapped, and let terms build their
+        projectors from one batch's shapes (seeded, so runs and resumes build the same ones)."""
+        teacher_names = getattr(self.teacher, "feature_names", set()) if self.teacher else set()
+        needs_probe = self.student_taps or any(
+            hasattr(t.module, "setup") for t in self.objective.active_terms
+        )
+        if not needs_probe:
+            self.objective.check_features(set(), teacher_names)
+            return
+        taps = Taps(self.student, self.student_taps) if self.student_taps else None
+        try:
+            self.objective.check_features(set(taps.names) if taps else set(), teacher_names)
+            order = epoch_order(self.n, self.cfg.seed, 0, self.cfg.shuffle)
+            batch = make_batch(self.train_data, order[: self.cfg.batch_size])
+            was_training = self.student.training
+            self.student.eval()
+            with torch.no_grad():
+                view = self._view(taps, batch)
+                signal = self.teacher.signal(batch) if self.teacher is not None else None
+            self.student.train(was_training)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed + 1)
+                self.objective.setup(view, signal)
+        finally:
+            if taps is not None:
+                taps.remove()
+
+    def _view(self, taps: Taps | None, batch: dict[str, Any]) -> StudentView:
+        if taps is None:
+            return StudentView(logits=self.student_forward(self.student, batch))
+        logits, features = tapped_forward(taps, self.student_forward, self.student, batch)
+        return StudentView(logits=logits, features=features)
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -199,6 +239,29 @@ class Distiller:
             leave=False,
             dynamic_ncols=True,
         )
+        taps = Taps(self.student, self.student_taps) if self.student_taps else None
+        try:
+            self._loop(taps, writer, bar)
+        finally:
+            if taps is not None:
+                taps.remove()
+            bar.close()
+            if writer is not None:
+                writer.close()
+        self.student.eval()
+        return FitResult(
+            self.student,
+            self.step,
+            self.history,
+            self.evals,
+            self.best,
+            self.train_time_s,
+            self.examples_seen,
+            self.run_dir,
+        )
+
+    def _loop(self, taps: Taps | None, writer: Any, bar: Any) -> None:
+        cfg = self.cfg
         self.student.train()
         self.objective.train()
         micro = self.step * cfg.grad_accum
@@ -210,7 +273,7 @@ class Distiller:
             order = epoch_order(self.n, cfg.seed, epoch, cfg.shuffle)
             for batch in iterate_batches(self.train_data, order, cfg.batch_size, start):
                 signal = self.teacher.signal(batch) if self.teacher is not None else None
-                view = StudentView(logits=self.student_forward(self.student, batch))
+                view = self._view(taps, batch)
                 loss, values = self.objective(view, signal, batch)
                 (loss / cfg.grad_accum).backward()
                 values["loss"] = loss.detach()
@@ -266,20 +329,6 @@ class Distiller:
                 continue
             break
         self.train_time_s += time.perf_counter() - t0
-        bar.close()
-        if writer is not None:
-            writer.close()
-        self.student.eval()
-        return FitResult(
-            self.student,
-            self.step,
-            self.history,
-            self.evals,
-            self.best,
-            self.train_time_s,
-            self.examples_seen,
-            self.run_dir,
-        )
 
     # ---- evaluation and logs ---------------------------------------------------------------
 

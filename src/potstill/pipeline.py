@@ -27,6 +27,7 @@ from .io import atomic_write_text
 from .losses.objective import Objective, labels_only_objective
 from .models import ArchSpec, build_model, load_model, save_model
 from .recipe import Recipe, RecipeError
+from .taps import TapsLike, tap_counts
 from .teachers import CachedTeacher, LiveTeacher, TeacherSource, cached_or_live
 
 log = logging.getLogger("potstill")
@@ -97,6 +98,7 @@ def train_classifier(
     config: TrainConfig,
     teacher: TeacherSource | None,
     resume: bool,
+    student_taps: TapsLike | None = None,
 ) -> SubRun:
     """Train one model in ``folder`` (or load it when a finished run is there already)."""
     done = folder / DONE_FILE
@@ -115,6 +117,7 @@ def train_classifier(
         evaluate=classification_eval(val),
         best_metric="accuracy",
         name=name,
+        student_taps=student_taps,
     )
     result: FitResult = distiller.fit(resume=resume)
     save_model(result.student, folder / "final", spec)
@@ -226,6 +229,17 @@ def run_recipe(
     if isinstance(source, CachedTeacher):
         cache_info.update(path=str(cache_path), ready_s=time.perf_counter() - t)
 
+    student_taps, teacher_taps = recipe.taps.as_taps("student"), recipe.taps.as_taps("teacher")
+    tapped: list[LiveTeacher] = []
+
+    def source_for(objective: Objective) -> TeacherSource:
+        # the logit cache serves terms on logits; terms on features need the live teacher's taps
+        if not objective.needs_teacher_features:
+            return source
+        if not tapped:
+            tapped.append(LiveTeacher(teacher, taps=teacher_taps))
+        return tapped[0]
+
     student_arch = recipe.student.arch.model_copy(
         update={"input_shape": list(splits.input_shape), "num_classes": len(splits.classes)}
     )
@@ -239,37 +253,36 @@ def run_recipe(
         torch.manual_seed(recipe.seed)
         init = build_model(student_arch)  # both students start from the same weights
         distill_cfg = recipe.train
-        objective = recipe.build_objective()
+        counts = {
+            "student": tap_counts(init, student_taps),
+            "teacher": tap_counts(teacher, teacher_taps),
+        }
+        objective = recipe.build_objective(counts)
+        hint_objective = recipe.build_hint_objective(counts)
+        start, hint = copy.deepcopy(init), None
+        if hint_objective is not None:
+            assert recipe.hint is not None
+            hint = train_classifier(
+                f"{setting.name}/hint", folder / "distilled" / "hint", start, student_arch,
+                hint_objective, train, splits.val, recipe.hint.train,
+                source_for(hint_objective), resume, student_taps,
+            )  # fmt: skip
+            start = hint.model
         distilled = train_classifier(
-            f"{setting.name}/distilled",
-            folder / "distilled",
-            copy.deepcopy(init),
-            student_arch,
-            objective,
-            train,
-            splits.val,
-            distill_cfg,
-            source,
-            resume,
-        )
+            f"{setting.name}/distilled", folder / "distilled", start, student_arch, objective,
+            train, splits.val, distill_cfg, source_for(objective), resume, student_taps,
+        )  # fmt: skip
         runs["distilled"] = distilled
         if recipe.baseline:
-            # same budget: as many optimizer steps of the same batch size, on the labelled part
-            base_cfg = distill_cfg.model_copy(
-                update={"max_steps": distilled.info["steps"], "epochs": None}
-            )
+            # same budget: as many optimizer steps of the same batch size (hint stage included),
+            # on the labelled part
+            steps = distilled.info["steps"] + (hint.info["steps"] if hint else 0)
+            base_cfg = distill_cfg.model_copy(update={"max_steps": steps, "epochs": None})
             runs["baseline"] = train_classifier(
-                f"{setting.name}/baseline",
-                folder / "baseline",
-                copy.deepcopy(init),
-                student_arch,
-                labels_only_objective(),
-                labelled,
-                splits.val,
-                base_cfg,
-                None,
+                f"{setting.name}/baseline", folder / "baseline", copy.deepcopy(init),
+                student_arch, labels_only_objective(), labelled, splits.val, base_cfg, None,
                 resume,
-            )
+            )  # fmt: skip
         rows = {}
         for kind, sub in runs.items():
             rows[kind] = {
@@ -278,6 +291,11 @@ def run_recipe(
                 ),
                 **sub.info,
                 "metrics": str(sub.folder.relative_to(run_dir) / "metrics.jsonl"),
+            }
+        if hint is not None:
+            rows["distilled"]["hint"] = {
+                **hint.info,
+                "metrics": str(hint.folder.relative_to(run_dir) / "metrics.jsonl"),
             }
         settings_out.append(
             {
@@ -291,6 +309,7 @@ def run_recipe(
         if (
             ev.measure_cache_speedup
             and isinstance(source, CachedTeacher)
+            and not objective.needs_teacher_features
             and "live_examples_per_s" not in cache_info
         ):
             cache_info.update(
@@ -299,6 +318,8 @@ def run_recipe(
                 )
             )
 
+    for t in tapped:
+        t.close()
     results = {
         "name": recipe.name,
         "potstill_version": __version__,

@@ -13,8 +13,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import TrainConfig
+from .losses.feature_terms import (
+    FEATURE_TERM_KINDS,
+    attention_term,
+    attention_transfer_term,
+    feature_term,
+    minilm_term,
+    relational_term,
+)
+from .losses.features import explicit_layer_map, last_k_layer_map, uniform_layer_map
 from .losses.objective import Objective, Term, ce_term, divergence_term, kd_term
 from .models import ArchSpec
+from .taps import TapSpec
 
 TERM_KINDS = ("kd", "ce", "fkl", "rkl", "jsd", "tvd", "mse")
 DEFAULT_EPOCHS = 10
@@ -54,24 +64,147 @@ class StudentSpec(_Strict):
 
 
 class TermSpec(_Strict):
-    """One objective term: ``kd`` (Hinton soft targets, T² scaled), ``ce`` (labels), or a
-    divergence ``fkl``/``rkl``/``jsd``/``tvd``/``mse`` between student and teacher logits."""
+    """One objective term.
 
-    kind: Literal["kd", "ce", "fkl", "rkl", "jsd", "tvd", "mse"]
+    On logits: ``kd`` (Hinton soft targets, T² scaled), ``ce`` (labels), or a divergence
+    ``fkl``/``rkl``/``jsd``/``tvd``/``mse``. On tapped features (``student``/``teacher`` name
+    taps; ``logits`` names the output): ``feature`` (``loss`` mse/cosine/smooth_l1, projector
+    when shapes differ, ``layer_map`` uniform/last-k/explicit pairs for wildcard taps),
+    ``attention_mse``/``attention_kl`` (TinyBERT), ``minilm`` (three taps each: q, k, v;
+    ``relation_heads``), ``at`` (attention transfer, ``p``), ``rkd_distance``, ``rkd_angle``,
+    ``pkt``.
+    """
+
+    kind: Literal[
+        "kd", "ce", "fkl", "rkl", "jsd", "tvd", "mse",
+        "feature", "attention_mse", "attention_kl", "minilm", "at",
+        "rkd_distance", "rkd_angle", "pkt",
+    ]  # fmt: skip
     weight: float = Field(1.0, ge=0)
     temperature: float = Field(1.0, gt=0)
     beta: float = Field(0.5, ge=0, le=1, description="jsd only")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="ce only")
     name: str | None = None
+    student: str | list[str] | None = Field(None, description="student tap name(s)")
+    teacher: str | list[str] | None = Field(None, description="teacher tap name(s)")
+    loss: Literal["mse", "cosine", "smooth_l1"] = Field("mse", description="feature only")
+    normalize: bool = Field(False, description="feature only: L2-normalise first")
+    layer_map: Literal["uniform", "last-k"] | list[tuple[int, int]] | None = None
+    k: int | None = Field(None, gt=0, description="layer_map last-k only")
+    p: float = Field(2.0, gt=0, description="at only")
+    relation_heads: int | None = Field(None, gt=0, description="minilm only")
 
-    def build(self) -> Term:
-        """The loss term this entry describes."""
+    @model_validator(mode="after")
+    def _check(self) -> TermSpec:
+        if self.kind in FEATURE_TERM_KINDS:
+            needs_taps = self.kind not in ("rkd_distance", "rkd_angle", "pkt")
+            if needs_taps and (self.student is None or self.teacher is None):
+                raise ValueError(f"a {self.kind} term needs student and teacher tap names")
+            if self.kind == "minilm" and self.relation_heads is None:
+                raise ValueError("a minilm term needs relation_heads")
+            if self.layer_map == "last-k" and self.k is None:
+                raise ValueError("layer_map last-k needs k")
+        return self
+
+    def build(self, layer_counts: dict[str, dict[str, int]] | None = None) -> Term:
+        """The loss term this entry describes. ``layer_counts`` gives, per side, how many
+        outputs each wildcard tap has (needed for ``uniform`` and ``last-k`` layer maps)."""
         name = self.name or self.kind
         if self.kind == "kd":
             return kd_term(self.temperature, self.weight, name)
         if self.kind == "ce":
             return ce_term(self.weight, label_smoothing=self.label_smoothing, name=name)
-        return divergence_term(self.kind, self.temperature, self.beta, self.weight, name)
+        if self.kind not in FEATURE_TERM_KINDS:
+            return divergence_term(self.kind, self.temperature, self.beta, self.weight, name)
+        s = self.student if self.student is not None else "logits"
+        t = self.teacher if self.teacher is not None else "logits"
+        if self.kind == "feature":
+            return feature_term(
+                s,
+                t,
+                loss=self.loss,
+                normalize=self.normalize,
+                weight=self.weight,
+                layer_map=self._layer_map(layer_counts),
+                name=name,
+            )
+        if self.kind in ("attention_mse", "attention_kl"):
+            return attention_term(
+                s,
+                t,
+                kind=self.kind,
+                weight=self.weight,
+                layer_map=self._layer_map(layer_counts),
+                name=name,
+            )
+        if self.kind == "minilm":
+            assert self.relation_heads is not None
+            return minilm_term(
+                _as_list(s),
+                _as_list(t),
+                relation_heads=self.relation_heads,
+                weight=self.weight,
+                name=name,
+            )
+        if self.kind == "at":
+            return attention_transfer_term(s, t, p=self.p, weight=self.weight, name=name)
+        assert isinstance(s, str) and isinstance(t, str), f"{self.kind}: one tap per side"
+        return relational_term(self.kind, s, t, weight=self.weight, name=name)
+
+    def _layer_map(self, counts: dict[str, dict[str, int]] | None) -> list[tuple[int, int]] | None:
+        if self.layer_map is None:
+            return None
+        s, t = self.student, self.teacher
+        if not (isinstance(s, str) and isinstance(t, str)):
+            raise RecipeError(f"{self.kind}: layer_map needs one wildcard tap name per side")
+        counts = counts or {}
+        n_s, n_t = counts.get("student", {}).get(s), counts.get("teacher", {}).get(t)
+        if isinstance(self.layer_map, list):
+            return explicit_layer_map(self.layer_map, n_s or 10**9, n_t or 10**9)
+        if n_s is None or n_t is None:
+            raise RecipeError(
+                f"{self.kind}: layer_map {self.layer_map} needs wildcard taps {s!r} (student) and "
+                f"{t!r} (teacher), e.g. taps: {{student: {{{s}: 'encoder.layer.*'}}}}"
+            )
+        if self.layer_map == "uniform":
+            return uniform_layer_map(n_s, n_t)
+        assert self.k is not None
+        return last_k_layer_map(n_s, n_t, self.k)
+
+
+def _as_list(x: str | list[str]) -> list[str]:
+    return [x] if isinstance(x, str) else list(x)
+
+
+class TapSpecModel(_Strict):
+    """A tap with an output selection."""
+
+    path: str
+    select: int | str | None = None
+
+
+class TapsSpec(_Strict):
+    """Modules whose outputs terms read: name → dotted path (``*`` wildcards) or
+    ``{path, select}`` (tuple index or output attribute)."""
+
+    student: dict[str, str | TapSpecModel] = Field(default_factory=dict)
+    teacher: dict[str, str | TapSpecModel] = Field(default_factory=dict)
+
+    def as_taps(self, side: str) -> dict[str, TapSpec]:
+        """The taps of one side as TapSpecs."""
+        raw = self.student if side == "student" else self.teacher
+        return {
+            k: TapSpec(v) if isinstance(v, str) else TapSpec(v.path, v.select)
+            for k, v in raw.items()
+        }
+
+
+class HintSpec(_Strict):
+    """An optional first stage (FitNets hints): the distilled student is trained on these
+    feature terms alone before the main objective."""
+
+    objective: list[TermSpec]
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1))
 
 
 class SettingSpec(_Strict):
@@ -105,6 +238,8 @@ class Recipe(_Strict):
         ]
     )
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=DEFAULT_EPOCHS))
+    taps: TapsSpec = Field(default_factory=TapsSpec)
+    hint: HintSpec | None = None
     settings: list[SettingSpec] = Field(default_factory=lambda: [SettingSpec(name="main")])
     baseline: bool = Field(True, description="also train the student without a teacher")
     evaluation: EvalSpec = Field(default_factory=EvalSpec)
@@ -145,9 +280,17 @@ class Recipe(_Strict):
             raise ValueError(f"settings: names must be unique, got {snames}")
         return self
 
-    def build_objective(self) -> Objective:
-        """The objective of the distilled student."""
-        return Objective([t.build() for t in self.objective])
+    def build_objective(self, layer_counts: dict[str, dict[str, int]] | None = None) -> Objective:
+        """The objective of the distilled student (``layer_counts``: see ``TermSpec.build``)."""
+        return Objective([t.build(layer_counts) for t in self.objective])
+
+    def build_hint_objective(
+        self, layer_counts: dict[str, dict[str, int]] | None = None
+    ) -> Objective | None:
+        """The hint stage's objective, or None when the recipe has no hint stage."""
+        if self.hint is None:
+            return None
+        return Objective([t.build(layer_counts) for t in self.hint.objective])
 
 
 def builtin_recipes() -> list[str]:

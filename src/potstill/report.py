@@ -110,20 +110,24 @@ def plot_losses(results: dict[str, Any], run_dir: Path) -> Any:
     fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 3.6), squeeze=False)
     for ax, s in zip(axes[0], settings, strict=True):
         for kind, run in s["runs"].items():
-            rows = read_metrics(run_dir / run["metrics"])
-            terms = [
-                k
-                for k in (rows[0] if rows else {})
-                if k not in ("step", "epoch", "lr", "examples_per_s", "loss")
-            ]
-            for term in terms:
-                ax.plot(
-                    [r["step"] for r in rows],
-                    [max(r[term], 1e-8) for r in rows],
-                    label=f"{kind}: {term}",
-                    lw=1.2,
-                    ls="-" if kind == "distilled" else "--",
-                )
+            # a hint stage runs first: its steps come before the main stage's on the x axis
+            stages = [("hint", run["hint"], 0)] if "hint" in run else []
+            stages.append((kind, run, run["hint"]["steps"] if "hint" in run else 0))
+            for label, stage, offset in stages:
+                rows = read_metrics(run_dir / stage["metrics"])
+                terms = [
+                    k
+                    for k in (rows[0] if rows else {})
+                    if k not in ("step", "epoch", "lr", "examples_per_s", "loss")
+                ]
+                for term in terms:
+                    ax.plot(
+                        [offset + r["step"] for r in rows],
+                        [max(r[term], 1e-8) for r in rows],
+                        label=f"{label}: {term}",
+                        lw=1.2,
+                        ls="--" if kind == "baseline" else "-",
+                    )
         ax.set_yscale("log")
         ax.set_xlabel("optimizer step")
         ax.set_title(f"loss terms — {s['name']}")
@@ -171,12 +175,14 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         lines += ["| " + " | ".join(r) + " |" for r in _rows(results, s)]
         runs = s["runs"]
+        stages = [(f"{k} (hint stage)", v["hint"]) for k, v in runs.items() if "hint" in v]
+        stages += list(runs.items())
         lines += [
             "",
             "Training: "
             + "; ".join(
                 f"{k} {v['steps']} steps on {v['examples']:,} examples in {v['train_time_s']:.1f} s"
-                for k, v in runs.items()
+                for k, v in stages
             )
             + ".",
             "",

@@ -20,6 +20,7 @@ from . import __version__
 from .data import fingerprint
 from .io import atomic_save_safetensors
 from .signal import Signal
+from .taps import Taps, TapsLike, tapped_forward
 
 log = logging.getLogger("potstill")
 
@@ -48,20 +49,39 @@ def freeze(model: nn.Module) -> nn.Module:
 class LiveTeacher:
     """A frozen model run on each batch: eval mode, no gradients, no graph.
 
-    >>> teacher = LiveTeacher(model)          # doctest: +SKIP
-    >>> teacher.signal({"input": x}).logits   # doctest: +SKIP
+    ``taps`` (name → module path, see :mod:`potstill.taps`) adds the outputs of intermediate
+    modules to the signal's ``features``; :meth:`close` removes their hooks.
+
+    >>> teacher = LiveTeacher(model, taps={"h": "encoder.layer.*"})  # doctest: +SKIP
+    >>> teacher.signal({"input": x}).features["h.3"]                 # doctest: +SKIP
     """
 
-    def __init__(self, model: nn.Module, forward: ForwardFn = default_forward) -> None:
+    def __init__(
+        self, model: nn.Module, forward: ForwardFn = default_forward, taps: TapsLike | None = None
+    ) -> None:
         self.model = freeze(model)
         self.forward = forward
+        self.taps = Taps(model, taps, detach=True) if taps else None
+
+    @property
+    def feature_names(self) -> set[str]:
+        """Names of the features this teacher's signals carry."""
+        return set(self.taps.names) if self.taps else set()
 
     @torch.no_grad()
     def signal(self, batch: Batch) -> Signal:
-        """The teacher's logits on ``batch``."""
+        """The teacher's logits on ``batch``, and its tapped features."""
         if self.model.training:  # someone called .train() on the shared module: undo it
             self.model.eval()
-        return Signal(logits=self.forward(self.model, batch).detach())
+        if self.taps is None:
+            return Signal(logits=self.forward(self.model, batch).detach())
+        logits, features = tapped_forward(self.taps, self.forward, self.model, batch)
+        return Signal(logits=logits.detach(), features=features)
+
+    def close(self) -> None:
+        """Remove the taps' hooks from the model."""
+        if self.taps is not None:
+            self.taps.remove()
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -180,6 +200,11 @@ class CachedTeacher:
 
     def __len__(self) -> int:
         return self.logits.shape[0]
+
+    @property
+    def feature_names(self) -> set[str]:
+        """A logit cache carries no intermediate features."""
+        return set()
 
     def signal(self, batch: Batch) -> Signal:
         """The cached logits of the batch's examples."""

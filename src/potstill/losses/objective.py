@@ -21,13 +21,19 @@ class Term:
     """One loss term: a name for the logs, a weight, and a function of (student, teacher, batch).
 
     ``needs_teacher`` is False for terms that read only the student and the labels (CE), so a
-    baseline without a teacher runs the same objective machinery.
+    baseline without a teacher runs the same objective machinery. ``student_features`` and
+    ``teacher_features`` name the taps the term reads (checked before training starts);
+    ``module`` holds the term's trainable parts (projectors), which train with the student and are
+    saved in checkpoints but never in the exported student.
     """
 
     name: str
     fn: TermFn
     weight: float = 1.0
     needs_teacher: bool = True
+    student_features: tuple[str, ...] = ()
+    teacher_features: tuple[str, ...] = ()
+    module: nn.Module | None = None
 
 
 def kd_term(temperature: float = 2.0, weight: float = 0.5, name: str = "kd") -> Term:
@@ -96,20 +102,52 @@ class Objective(nn.Module):
         if len(set(names)) != len(names):
             raise ValueError(f"objective term names must be unique, got {names}")
         self.terms = terms
+        # registered so their parameters reach the optimizer, checkpoints and .to(device)
+        self.term_modules = nn.ModuleDict({t.name: t.module for t in terms if t.module is not None})
 
     @property
     def needs_teacher(self) -> bool:
         """Whether any weighted term reads the teacher."""
-        return any(t.needs_teacher and t.weight != 0 for t in self.terms)
+        return any(t.needs_teacher for t in self.active_terms)
+
+    @property
+    def active_terms(self) -> list[Term]:
+        """The terms with a non-zero weight."""
+        return [t for t in self.terms if t.weight != 0]
+
+    @property
+    def needs_teacher_features(self) -> bool:
+        """Whether any weighted term reads the teacher's intermediate features."""
+        return any(t.teacher_features for t in self.active_terms)
+
+    def check_features(self, student: set[str], teacher: set[str]) -> None:
+        """Raise a ValueError naming any feature a term reads that no tap provides."""
+        for t in self.active_terms:
+            for side, names, have in (
+                ("student", t.student_features, student),
+                ("teacher", t.teacher_features, teacher),
+            ):
+                missing = [n for n in names if n not in have and n != "logits"]
+                if missing:
+                    raise ValueError(
+                        f"objective term {t.name!r} reads {side} features {missing}, but the "
+                        f"{side} taps provide {sorted(have) or 'none'}; add them under "
+                        f"taps.{side} (a wildcard tap 'h' gives h.0, h.1, ...)"
+                    )
+
+    def setup(self, view: StudentView, signal: Signal | None) -> None:
+        """Let terms create their trainable parts (projectors) from the shapes of a first batch."""
+        for t in self.active_terms:
+            setup = getattr(t.module, "setup", None)
+            if setup is not None:
+                setup(view, signal)
 
     def forward(
         self, view: StudentView, signal: Signal | None, batch: Mapping[str, Any]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total: torch.Tensor | None = None
         values: dict[str, torch.Tensor] = {}
-        for term in self.terms:
-            if term.weight == 0:
-                continue
+        for term in self.active_terms:
             if term.needs_teacher and signal is None:
                 raise ValueError(
                     f"objective term {term.name!r} needs a teacher signal, but no teacher was given"
