@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -394,7 +395,11 @@ def test_cli_bad_teacher_path_exits_2_without_traceback(tmp_path):
 def test_cli_lists_builtin_recipes(tmp_path):
     proc = _cli("recipes", cwd=tmp_path)
     assert proc.returncode == 0
-    assert proc.stdout.split() == ["default"]
+    shipped = resources.files("potstill") / "recipes"
+    assert proc.stdout.split() == sorted(
+        f.name.removesuffix(".yaml") for f in shipped.iterdir() if f.name.endswith(".yaml")
+    )
+    assert "default" in proc.stdout.split()
 
 
 # ---- the one-call API ------------------------------------------------------------------------

@@ -200,10 +200,12 @@ class Distiller:
             batch = make_batch(self.train_data, order[: self.cfg.batch_size])
             was_training = self.student.training
             self.student.eval()
-            with torch.no_grad():
-                view = self._view(taps, batch)
-                signal = self.teacher.signal(batch) if self.teacher is not None else None
-            self.student.train(was_training)
+            try:
+                with torch.no_grad():
+                    view = self._view(taps, batch)
+                    signal = self.teacher.signal(batch) if self.teacher is not None else None
+            finally:
+                self.student.train(was_training)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.cfg.seed + 1)
                 self.objective.setup(view, signal)

@@ -9,6 +9,8 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,15 +232,19 @@ def run_recipe(
         cache_info.update(path=str(cache_path), ready_s=time.perf_counter() - t)
 
     student_taps, teacher_taps = recipe.taps.as_taps("student"), recipe.taps.as_taps("teacher")
-    tapped: list[LiveTeacher] = []
 
-    def source_for(objective: Objective) -> TeacherSource:
-        # the logit cache serves terms on logits; terms on features need the live teacher's taps
+    @contextmanager
+    def source_for(objective: Objective) -> Iterator[TeacherSource]:
+        # the logit cache serves terms on logits; terms on features need the live teacher's
+        # taps, whose hooks leave the shared teacher as soon as that training ends
         if not objective.needs_teacher_features:
-            return source
-        if not tapped:
-            tapped.append(LiveTeacher(teacher, taps=teacher_taps))
-        return tapped[0]
+            yield source
+            return
+        live = LiveTeacher(teacher, taps=teacher_taps)
+        try:
+            yield live
+        finally:
+            live.close()
 
     student_arch = recipe.student.arch.model_copy(
         update={"input_shape": list(splits.input_shape), "num_classes": len(splits.classes)}
@@ -262,16 +268,18 @@ def run_recipe(
         start, hint = copy.deepcopy(init), None
         if hint_objective is not None:
             assert recipe.hint is not None
-            hint = train_classifier(
-                f"{setting.name}/hint", folder / "distilled" / "hint", start, student_arch,
-                hint_objective, train, splits.val, recipe.hint.train,
-                source_for(hint_objective), resume, student_taps,
-            )  # fmt: skip
+            with source_for(hint_objective) as hint_source:
+                hint = train_classifier(
+                    f"{setting.name}/hint", folder / "distilled" / "hint", start, student_arch,
+                    hint_objective, train, splits.val, recipe.hint.train, hint_source, resume,
+                    student_taps,
+                )  # fmt: skip
             start = hint.model
-        distilled = train_classifier(
-            f"{setting.name}/distilled", folder / "distilled", start, student_arch, objective,
-            train, splits.val, distill_cfg, source_for(objective), resume, student_taps,
-        )  # fmt: skip
+        with source_for(objective) as main_source:
+            distilled = train_classifier(
+                f"{setting.name}/distilled", folder / "distilled", start, student_arch,
+                objective, train, splits.val, distill_cfg, main_source, resume, student_taps,
+            )  # fmt: skip
         runs["distilled"] = distilled
         if recipe.baseline:
             # same budget: as many optimizer steps of the same batch size (hint stage included),
@@ -318,8 +326,6 @@ def run_recipe(
                 )
             )
 
-    for t in tapped:
-        t.close()
     results = {
         "name": recipe.name,
         "potstill_version": __version__,
@@ -334,7 +340,10 @@ def run_recipe(
             "val": len(splits.val),
             "test": len(splits.test),
         },
-        "objective": [t.model_dump(exclude_none=True) for t in recipe.objective],
+        "objective": [t.model_dump(exclude_unset=True) for t in recipe.objective],
+        "hint_objective": [t.model_dump(exclude_unset=True) for t in recipe.hint.objective]
+        if recipe.hint
+        else [],
         "teacher": teacher_row,
         "student_arch": student_arch.model_dump(),
         "teacher_cache": cache_info,

@@ -104,6 +104,10 @@ class TermSpec(_Strict):
                 raise ValueError("a minilm term needs relation_heads")
             if self.layer_map == "last-k" and self.k is None:
                 raise ValueError("layer_map last-k needs k")
+            if not needs_taps and (
+                isinstance(self.student, list) or isinstance(self.teacher, list)
+            ):
+                raise ValueError(f"a {self.kind} term reads one tap per side, not a list")
         return self
 
     def build(self, layer_counts: dict[str, dict[str, int]] | None = None) -> Term:
@@ -265,7 +269,7 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         # one seed for the whole run unless a section sets its own
-        for cfg in (self.train, self.teacher.train):
+        for cfg in (self.train, self.teacher.train) + ((self.hint.train,) if self.hint else ()):
             if "seed" not in cfg.model_fields_set:
                 cfg.seed = self.seed
         if not self.objective:

@@ -89,6 +89,20 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def describe_term(term: dict[str, Any]) -> str:
+    """A recipe term in a few words: kind, what it reads, weight and options."""
+    text = term["kind"]
+    if "student" in term or "teacher" in term:
+        text += f" {term.get('student', 'logits')}→{term.get('teacher', 'logits')}"
+    opts = [f"weight {term.get('weight', 1.0)}"]
+    if "temperature" in term:
+        opts.append(f"T={term['temperature']}")
+    for key in ("beta", "loss", "layer_map", "p", "relation_heads"):
+        if key in term:
+            opts.append(f"{key} {term[key]}")
+    return f"{text} ({', '.join(opts)})"
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Training rows (not evaluation rows) of a metrics.jsonl file."""
     if not path.exists():
@@ -207,11 +221,12 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['data']['val']:,} validation / {results['data']['test']:,} test; "
         f"seed {results['seed']}.",
         f"- Teacher: {t.get('source')}; objective of the distilled students: "
-        + ", ".join(
-            f"{o['kind']} (weight {o['weight']}, T={o.get('temperature', 1)})"
-            for o in results["objective"]
-        )
-        + ".",
+        + ", ".join(describe_term(o) for o in results["objective"])
+        + (
+            "; after a hint stage on " + ", ".join(describe_term(o) for o in hint) + "."
+            if (hint := results.get("hint_objective"))
+            else "."
+        ),
         "- Baseline: the same student architecture and initial weights, trained on the "
         "labelled examples only with cross-entropy, for the same number of optimizer steps "
         "and batch size as the distilled student.",

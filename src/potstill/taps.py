@@ -119,11 +119,12 @@ class Taps:
         self.groups: dict[str, list[str]] = {}
         self.paths: dict[str, str] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.closed = False
         try:
             for name, raw in specs.items():
                 spec = _as_spec(raw)
                 matches = match_modules(model, spec.path)
-                wildcard = "*" in spec.path or "?" in spec.path
+                wildcard = any(c in spec.path for c in "*?[")  # fnmatch's pattern characters
                 keys = [f"{name}.{i}" for i in range(len(matches))] if wildcard else [name]
                 self.groups[name] = keys
                 for key, (mname, module) in zip(keys, matches, strict=True):
@@ -155,6 +156,7 @@ class Taps:
             h.remove()
         self._handles = []
         self.outputs = {}
+        self.closed = True
 
     def __enter__(self) -> Taps:
         return self

@@ -75,6 +75,8 @@ class LiveTeacher:
             self.model.eval()
         if self.taps is None:
             return Signal(logits=self.forward(self.model, batch).detach())
+        if self.taps.closed:
+            raise RuntimeError("this LiveTeacher was closed: its taps' hooks are removed")
         logits, features = tapped_forward(self.taps, self.forward, self.model, batch)
         return Signal(logits=logits.detach(), features=features)
 

@@ -103,7 +103,12 @@ class Objective(nn.Module):
             raise ValueError(f"objective term names must be unique, got {names}")
         self.terms = terms
         # registered so their parameters reach the optimizer, checkpoints and .to(device)
-        self.term_modules = nn.ModuleDict({t.name: t.module for t in terms if t.module is not None})
+        # (torch forbids "." in module names, which term names may hold)
+        self.term_modules = nn.ModuleDict(
+            {t.name.replace(".", "_"): t.module for t in terms if t.module is not None}
+        )
+        if len(self.term_modules) != sum(t.module is not None for t in terms):
+            raise ValueError(f"objective term names {names} clash once '.' becomes '_'")
 
     @property
     def needs_teacher(self) -> bool:
@@ -118,7 +123,7 @@ class Objective(nn.Module):
     @property
     def needs_teacher_features(self) -> bool:
         """Whether any weighted term reads the teacher's intermediate features."""
-        return any(t.teacher_features for t in self.active_terms)
+        return any(n != "logits" for t in self.active_terms for n in t.teacher_features)
 
     def check_features(self, student: set[str], teacher: set[str]) -> None:
         """Raise a ValueError naming any feature a term reads that no tap provides."""
