@@ -119,6 +119,25 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> Non
 
 
 @app.command()
+def convert(
+    gguf_file: Annotated[Path, typer.Argument(help="a .gguf model file transformers can read")],
+    out_dir: Annotated[Path, typer.Argument(help="folder for the safetensors model")],
+) -> None:
+    """Convert a GGUF model into a plain safetensors folder once, for fast loads later."""
+    import time
+
+    from .hf import convert_gguf
+
+    t = time.perf_counter()
+    try:
+        out = convert_gguf(gguf_file, out_dir)
+    except _user_errors() as e:
+        _fail(e)
+        return
+    typer.echo(f"wrote {out} in {time.perf_counter() - t:.0f} s; load it with from_pretrained")
+
+
+@app.command()
 def recipes() -> None:
     """List the built-in recipes."""
     from .recipe import builtin_recipes

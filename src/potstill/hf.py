@@ -1,0 +1,242 @@
+"""Hugging Face models: load teachers and students by hub name or local path with the ordinary
+``from_pretrained`` calls, check that two tokenizers agree, and export a plain student folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger("potstill")
+
+Task = Literal["encoder", "sequence-classification", "causal-lm"]
+SAMPLE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Knowledge distillation turns a large teacher into a small, fast student!",
+    "naïve café déjà-vu 12,345.67 #hashtag @user https://example.com/x?y=1",
+    "   leading spaces, tabs\tand\nnewlines   ",
+)
+
+
+class TokenizerMismatch(ValueError):
+    """Teacher and student do not tokenize the same way."""
+
+
+def _auto_class(task: Task):
+    import transformers
+
+    classes = {
+        "encoder": transformers.AutoModel,
+        "sequence-classification": transformers.AutoModelForSequenceClassification,
+        "causal-lm": transformers.AutoModelForCausalLM,
+    }
+    if task not in classes:
+        raise ValueError(f"task must be one of {sorted(classes)}, got {task!r}")
+    return classes[task]
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    task: Task = "encoder",
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """A model by hub name or local folder, through ``AutoModel*.from_pretrained``.
+
+    ``dtype`` (``"float32"``, ``"bfloat16"``, a torch dtype, or ``"auto"``) and ``device`` are
+    passed on; remote code runs only with ``trust_remote_code=True``. Attention maps for
+    attention terms need ``attn_implementation="eager"``.
+    """
+    cls = _auto_class(task)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    try:
+        model = cls.from_pretrained(
+            str(name_or_path),
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+            **kwargs,
+        )
+    except OSError as e:
+        raise FileNotFoundError(
+            f"cannot load {name_or_path!r} as a Hugging Face {task} model: {e}. Give a local "
+            "folder with config.json and weights, or a hub name on a machine with access."
+        ) from e
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike, *, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """The tokenizer of a hub name or local folder."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+
+
+def check_same_tokenization(
+    teacher: PreTrainedTokenizerBase,
+    student: PreTrainedTokenizerBase,
+    texts: Sequence[str] = SAMPLE_TEXTS,
+) -> None:
+    """Raise :class:`TokenizerMismatch` unless both tokenizers give the same ids for ``texts``
+    and have the same vocabulary — what token-level terms (logit divergences) need."""
+    for text in texts:
+        a, b = teacher(text)["input_ids"], student(text)["input_ids"]
+        if a != b:
+            raise TokenizerMismatch(
+                f"teacher and student tokenize differently, so token-level terms cannot compare "
+                f"them position by position: {text!r} gives teacher ids {a[:12]}… and student ids "
+                f"{b[:12]}…. Use a student that shares the teacher's tokenizer (e.g. derive it "
+                "from the teacher), or terms on pooled outputs / response distillation."
+            )
+    va, vb = teacher.get_vocab(), student.get_vocab()
+    if va != vb:
+        only_t = sorted(set(va) - set(vb))[:5]
+        only_s = sorted(set(vb) - set(va))[:5]
+        changed = sorted(k for k in set(va) & set(vb) if va[k] != vb[k])[:5]
+        raise TokenizerMismatch(
+            f"teacher and student vocabularies differ ({len(va)} vs {len(vb)} entries; only in "
+            f"teacher: {only_t}, only in student: {only_s}, different ids: {changed})"
+        )
+
+
+def check_aligned_positions(
+    teacher: PreTrainedTokenizerBase,
+    student: PreTrainedTokenizerBase,
+    texts: Sequence[str] = SAMPLE_TEXTS,
+) -> None:
+    """Raise :class:`TokenizerMismatch` unless both tokenizers split ``texts`` into the same
+    tokens (ids may differ): what hidden-state and attention terms need to pair positions."""
+    for text in texts:
+        a = teacher.convert_ids_to_tokens(teacher(text)["input_ids"])
+        b = student.convert_ids_to_tokens(student(text)["input_ids"])
+        strip = {teacher.cls_token, teacher.sep_token, student.cls_token, student.sep_token}
+        core_a = [t for t in a if t not in strip]
+        core_b = [t for t in b if t not in strip]
+        if len(a) != len(b) or core_a != core_b:
+            raise TokenizerMismatch(
+                f"teacher and student split {text!r} differently ({len(a)} vs {len(b)} tokens: "
+                f"{a[:10]}… vs {b[:10]}…), so hidden states and attention maps cannot be paired "
+                "position by position; use terms on pooled outputs instead"
+            )
+
+
+def shared_vocab_size(
+    teacher: PreTrainedModel, student: PreTrainedModel, tokenizer_len: int
+) -> int:
+    """The number of output rows to compare when teacher and student logits differ in size only
+    by padding rows (embedding matrices rounded up to a multiple of 64 and the like).
+
+    Raises :class:`TokenizerMismatch` when a model has fewer rows than the tokenizer has tokens.
+    """
+    v_t = teacher.get_output_embeddings().weight.shape[0]
+    v_s = student.get_output_embeddings().weight.shape[0]
+    shared = min(v_t, v_s)
+    if shared < tokenizer_len:
+        raise TokenizerMismatch(
+            f"output sizes {v_t} (teacher) and {v_s} (student) do not cover the tokenizer's "
+            f"{tokenizer_len} tokens: these models do not share a vocabulary"
+        )
+    if v_t != v_s:
+        log.info(
+            "teacher has %d output rows and student %d: comparing the %d shared rows (the rest "
+            "are padding beyond the tokenizer's %d tokens)", v_t, v_s, shared, tokenizer_len,
+        )  # fmt: skip
+    return shared
+
+
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def export_pretrained(
+    model: PreTrainedModel,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    card: str | None = None,
+    sentence_transformers_from: str | os.PathLike | None = None,
+) -> Path:
+    """Save a plain Hugging Face folder: ``save_pretrained`` (safetensors), the tokenizer, a model
+    card (README.md), and — given the folder of a sentence-transformers model whose modules to
+    reuse — its pooling files, with the embedding size updated, so ``SentenceTransformer(out)``
+    loads it. Nothing of potstill's (projectors, hooks, wrappers) goes in."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if card is not None:
+        (out / "README.md").write_text(card)
+    if sentence_transformers_from is not None:
+        copy_sentence_transformers_files(sentence_transformers_from, out, model.config.hidden_size)
+    return out
+
+
+def copy_sentence_transformers_files(src: str | os.PathLike, out: Path, hidden_size: int) -> None:
+    """Copy a sentence-transformers model's module files (pooling, normalisation) from ``src``
+    into ``out``, setting the pooling layer's input size to ``hidden_size``."""
+    src = Path(src)
+    if not (src / "modules.json").exists():
+        raise FileNotFoundError(f"{src} has no modules.json: not a sentence-transformers folder")
+    for name in ST_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    for module in json.loads((src / "modules.json").read_text()):
+        path = module.get("path", "")
+        if not path:
+            continue
+        shutil.copytree(src / path, out / path, dirs_exist_ok=True)
+        cfg = out / path / "config.json"
+        if cfg.exists():
+            data = json.loads(cfg.read_text())
+            if "word_embedding_dimension" in data:
+                data["word_embedding_dimension"] = hidden_size
+                cfg.write_text(json.dumps(data, indent=2))
+
+
+def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Turn a GGUF model that transformers can read into a plain safetensors folder (weights
+    dequantized to float32, tokenizer, generation config), so later loads are fast.
+
+    transformers will not ``save_pretrained`` a GGUF-loaded model, so the weights are moved into
+    a fresh model of the same class built from the config without its quantization entry.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(gguf_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as e:
+        raise ImportError(f"reading GGUF needs the 'gguf' package (pip install gguf): {e}") from e
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    out = Path(out_dir)
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
