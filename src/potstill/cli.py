@@ -67,6 +67,12 @@ def distill(
     try:
         r = load_recipe(recipe, overrides)
         run_dir = out or Path("runs") / r.name
+        if getattr(r, "kind", None) == "embed":
+            from .embed_pipeline import run_embed_recipe
+
+            results = run_embed_recipe(r, run_dir)  # type: ignore[arg-type]
+            typer.echo((run_dir / "report.md").read_text())
+            return
         results = run_recipe(r, run_dir, resume=resume, overwrite=overwrite)
     except _user_errors() as e:
         _fail(e)

@@ -152,6 +152,12 @@ def fingerprint(ds: Dataset, inputs_only: bool = False) -> str:
     tensors directly; other datasets item by item.
     """
     h = hashlib.sha256()
+    if isinstance(ds, TensorDictDataset):
+        for name, t in sorted(ds.tensors.items()):
+            if not inputs_only or name != "label":
+                h.update(name.encode())
+                _hash_tensor(h, t)
+        return h.hexdigest()
     if isinstance(ds, TensorDataset):
         for t in ds.tensors[:1] if inputs_only else ds.tensors:
             _hash_tensor(h, t)
@@ -171,12 +177,31 @@ def _hash_tensor(h: hashlib._Hash, t: torch.Tensor) -> None:
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
+class TensorDictDataset(Dataset):
+    """Named tensors with the same first dimension; a batch holds each of them by name
+    (``input_ids``, ``attention_mask``, …), indexed in one operation."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        sizes = {k: len(v) for k, v in tensors.items()}
+        if not tensors or len(set(sizes.values())) != 1:
+            raise ValueError(f"TensorDictDataset needs tensors of one length, got {sizes}")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
 def make_batch(dataset: Dataset, index: torch.Tensor) -> dict[str, torch.Tensor]:
     """The examples at ``index`` as a batch dict ``{"input", "label", "index"}``.
 
-    TensorDatasets are indexed in one operation; other datasets item by item, each item being
-    ``(input, label)`` or an input alone.
+    TensorDatasets are indexed in one operation; TensorDictDatasets too, giving their names;
+    other datasets item by item, each item being ``(input, label)`` or an input alone.
     """
+    if isinstance(dataset, TensorDictDataset):
+        return {**{k: v[index] for k, v in dataset.tensors.items()}, "index": index}
     if isinstance(dataset, TensorDataset):
         tensors = [t[index] for t in dataset.tensors]
     else:

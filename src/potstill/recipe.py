@@ -376,6 +376,10 @@ def load_recipe(source: str | os.PathLike, overrides: list[str] | None = None) -
     data, where = _read_yaml(source)
     data = apply_overrides(data, overrides or [])
     try:
+        if data.get("kind") == "embed":
+            from .embed_pipeline import EmbedRecipe
+
+            return EmbedRecipe.model_validate(data)  # type: ignore[return-value]
         return Recipe.model_validate(data)
     except ValidationError as e:
         raise RecipeError(format_validation_error(e, where)) from None

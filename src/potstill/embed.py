@@ -1,0 +1,205 @@
+"""Sentence-embedding distillation for Hugging Face encoders: texts tokenized for teacher and
+student, mean-pooled embeddings, a precomputed teacher, and evaluation for embedders."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .data import TensorDictDataset, iterate_batches
+from .signal import Signal
+from .taps import Taps, TapsLike, tapped_forward
+
+log = logging.getLogger("potstill")
+
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+
+
+def load_fortunes(
+    folder: str | Path | None = None, *, min_chars: int = 20, max_chars: int = 400
+) -> list[str]:
+    """Texts of Debian's ``fortunes`` package: one per entry (entries end at a ``%`` line),
+    whitespace folded, de-duplicated, in a fixed order (file name, then position)."""
+    d = Path(folder) if folder else FORTUNES_DIR
+    files = sorted(
+        p
+        for p in d.glob("*")
+        if p.is_file() and p.suffix not in (".dat", ".u8") and "." not in p.name
+    )
+    if not files:
+        raise FileNotFoundError(
+            f"no fortune files in {d}: install Debian's 'fortunes' package "
+            "(apt-get install fortunes) or pass the folder"
+        )
+    seen: set[str] = set()
+    texts = []
+    for path in files:
+        for entry in path.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+            text = " ".join(entry.split())
+            if min_chars <= len(text) <= max_chars and text not in seen:
+                seen.add(text)
+                texts.append(text)
+    return texts
+
+
+def tokenize_pair(
+    texts: Sequence[str], teacher_tok: Any, student_tok: Any, max_length: int
+) -> TensorDictDataset:
+    """Both tokenizations of ``texts``, padded to ``max_length``, as one dataset:
+    ``t_input_ids``, ``t_attention_mask``, ``s_input_ids``, ``s_attention_mask``."""
+    t = teacher_tok(
+        list(texts),
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    s = student_tok(
+        list(texts),
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    return TensorDictDataset({
+        "t_input_ids": t["input_ids"], "t_attention_mask": t["attention_mask"],
+        "s_input_ids": s["input_ids"], "s_attention_mask": s["attention_mask"],
+    })  # fmt: skip
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token vectors where ``mask`` is 1 (sentence-transformers' mean pooling)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+def encoder_forward(prefix: str):
+    """A forward function for a Hugging Face encoder reading ``{prefix}input_ids`` and
+    ``{prefix}attention_mask`` from the batch; it returns the mean-pooled embedding."""
+
+    def forward(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        mask = batch[f"{prefix}attention_mask"]
+        out = model(input_ids=batch[f"{prefix}input_ids"], attention_mask=mask)
+        return mean_pool(out.last_hidden_state, mask)
+
+    return forward
+
+
+class PrecomputedTeacher:
+    """Teacher signals computed once for every example of a dataset and kept in memory
+    (float16 features), then served by example index: one teacher pass for many students."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        forward,
+        taps: TapsLike | None = None,
+        *,
+        batch_size: int = 32,
+        feature_dtype: torch.dtype = torch.float16,
+    ) -> None:
+        from .teachers import freeze
+
+        freeze(model)
+        tap = Taps(model, taps, detach=True) if taps else None
+        logits: list[torch.Tensor] = []
+        feats: dict[str, list[torch.Tensor]] = {}
+        n = len(dataset)  # type: ignore[arg-type]
+        bar = tqdm(total=n, desc="teacher signals", unit="ex", leave=False, disable=None)
+        try:
+            with torch.no_grad():
+                for batch in iterate_batches(dataset, torch.arange(n), batch_size):
+                    if tap is None:
+                        out, f = forward(model, batch), {}
+                    else:
+                        out, f = tapped_forward(tap, forward, model, batch)
+                    logits.append(out.float())
+                    for k, v in f.items():
+                        feats.setdefault(k, []).append(v.to(feature_dtype))
+                    bar.update(len(batch["index"]))
+        finally:
+            bar.close()
+            if tap is not None:
+                tap.remove()
+        self.logits = torch.cat(logits)
+        self.features = {k: torch.cat(v) for k, v in feats.items()}
+        self.feature_names = set(self.features)
+
+    def signal(self, batch: Mapping[str, Any]) -> Signal:
+        """The stored signal of the batch's examples (features back in float32)."""
+        idx = batch["index"]
+        return Signal(
+            logits=self.logits[idx], features={k: v[idx].float() for k, v in self.features.items()}
+        )
+
+
+@torch.no_grad()
+def embed(model: nn.Module, dataset: Dataset, forward, batch_size: int = 64) -> torch.Tensor:
+    """Embeddings of every example, in order."""
+    model.eval()
+    n = len(dataset)  # type: ignore[arg-type]
+    return torch.cat(
+        [forward(model, b).float() for b in iterate_batches(dataset, torch.arange(n), batch_size)]
+    )
+
+
+def neighbour_agreement(student: torch.Tensor, teacher: torch.Tensor, k: int = 10) -> float:
+    """Mean overlap of each text's ``k`` nearest neighbours (cosine, itself excluded) under the
+    student's and the teacher's embeddings: 1 when every neighbourhood is the same."""
+
+    def knn(x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.normalize(x, dim=-1)
+        sim = x @ x.T
+        sim.fill_diagonal_(-float("inf"))
+        return sim.topk(k, dim=-1).indices
+
+    a, b = knn(student), knn(teacher)
+    overlap = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float().sum(-1) / k
+    return float(overlap.mean())
+
+
+def similarity_correlation(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Spearman correlation between the pairwise cosine similarities under student and teacher
+    (all pairs of distinct texts): whether both rank pairs of texts alike."""
+
+    def pairwise(x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.normalize(x, dim=-1)
+        sim = x @ x.T
+        iu = torch.triu_indices(len(x), len(x), 1)
+        return sim[iu[0], iu[1]]
+
+    def ranks(v: torch.Tensor) -> torch.Tensor:
+        r = torch.empty_like(v)
+        r[v.argsort()] = torch.arange(len(v), dtype=v.dtype)
+        return r
+
+    a, b = ranks(pairwise(student).double()), ranks(pairwise(teacher).double())
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def linear_map_cosine(
+    student_train: torch.Tensor,
+    teacher_train: torch.Tensor,
+    student_test: torch.Tensor,
+    teacher_test: torch.Tensor,
+) -> float:
+    """Mean cosine between teacher embeddings and student embeddings mapped into the teacher's
+    space by the least-squares linear map fitted on the training texts (the same fair map for
+    every student, whatever its size)."""
+    ones = torch.ones(len(student_train), 1, dtype=torch.float64)
+    x = torch.cat([student_train.double(), ones], 1)
+    w = torch.linalg.lstsq(x, teacher_train.double()).solution
+    mapped = (
+        torch.cat([student_test.double(), torch.ones(len(student_test), 1, dtype=torch.float64)], 1)
+        @ w
+    )
+    return float(nn.functional.cosine_similarity(mapped, teacher_test.double(), dim=-1).mean())
