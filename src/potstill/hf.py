@@ -62,6 +62,11 @@ def load_model(
     """
     cls = _auto_class(task)
     if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(
+                f"dtype {dtype!r} is not a torch dtype; use e.g. 'float32', 'bfloat16', "
+                "'float16' or 'auto'"
+            )
         dtype = getattr(torch, dtype)
     try:
         model = cls.from_pretrained(
@@ -201,6 +206,9 @@ def copy_sentence_transformers_files(src: str | os.PathLike, out: Path, hidden_s
     for module in json.loads((src / "modules.json").read_text()):
         path = module.get("path", "")
         if not path:
+            continue
+        if not (src / path).exists():  # modules without files (Normalize) have no folder
+            (out / path).mkdir(parents=True, exist_ok=True)
             continue
         shutil.copytree(src / path, out / path, dirs_exist_ok=True)
         cfg = out / path / "config.json"
