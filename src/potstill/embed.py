@@ -26,7 +26,8 @@ def load_fortunes(
     folder: str | Path | None = None, *, min_chars: int = 20, max_chars: int = 400
 ) -> list[str]:
     """Texts of Debian's ``fortunes`` package: one per entry (entries end at a ``%`` line),
-    whitespace folded, de-duplicated, in a fixed order (file name, then position)."""
+    whitespace folded, de-duplicated, in a fixed order (file name, then position). Files with
+    a dot in their name (``.dat`` indexes, ``.u8`` copies) are skipped."""
     d = Path(folder) if folder else FORTUNES_DIR
     files = sorted(
         p
@@ -41,7 +42,17 @@ def load_fortunes(
     seen: set[str] = set()
     texts = []
     for path in files:
-        for entry in path.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        # an entry ends at a line holding only "%" (empty entries and a leading "%" happen)
+        entries, current = [], []
+        for line in lines:
+            if line.strip() == "%":
+                entries.append("\n".join(current))
+                current = []
+            else:
+                current.append(line)
+        entries.append("\n".join(current))
+        for entry in entries:
             text = " ".join(entry.split())
             if min_chars <= len(text) <= max_chars and text not in seen:
                 seen.add(text)
@@ -176,14 +187,10 @@ def similarity_correlation(student: torch.Tensor, teacher: torch.Tensor) -> floa
         iu = torch.triu_indices(len(x), len(x), 1)
         return sim[iu[0], iu[1]]
 
-    def ranks(v: torch.Tensor) -> torch.Tensor:
-        r = torch.empty_like(v)
-        r[v.argsort()] = torch.arange(len(v), dtype=v.dtype)
-        return r
+    from scipy.stats import spearmanr
 
-    a, b = ranks(pairwise(student).double()), ranks(pairwise(teacher).double())
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm()))
+    rho = spearmanr(pairwise(student).double().numpy(), pairwise(teacher).double().numpy())
+    return float(rho.statistic)
 
 
 def linear_map_cosine(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from . import __version__
 from .assets import resolve
@@ -76,6 +76,20 @@ class EmbedRecipe(_Strict):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=2, batch_size=16))
     latency_batch: int = 1
     throughput_batch: int = 64
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_budget_default(cls, data: Any) -> Any:
+        # a partial train section keeps the default budget (as in classic recipes)
+        if isinstance(data, dict) and isinstance(data.get("train"), dict):
+            data = {**data, "train": {"epochs": 2, **data["train"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _seed(self) -> EmbedRecipe:
+        if "seed" not in self.train.model_fields_set:
+            self.train.seed = self.seed
+        return self
 
 
 def _speed(
