@@ -8,6 +8,7 @@ import copy
 import json
 import logging
 import random
+import re
 import statistics
 import time
 from pathlib import Path
@@ -173,7 +174,7 @@ def run_embed_recipe(recipe: EmbedRecipe, run_dir: str | Path) -> dict[str, Any]
     }
     for name, terms in recipe.variants.items():
         objective = Objective([t.build(counts) for t in terms])
-        folder = run_dir / name.replace(" ", "_").replace("+", "_")
+        folder = run_dir / "-".join(re.findall(r"[A-Za-z0-9]+", name)).lower()
         student = copy.deepcopy(init)
         student.train()
         fit = Distiller(
