@@ -533,17 +533,23 @@ def test_builtin_embed_recipe_validates_and_builds():
     assert recipe.kind == "embed"
     assert recipe.student.keep == 3
     assert recipe.data.max_length == 48
-    assert list(recipe.variants) == ["embedding", "embedding + hidden", "embedding + relations"]
+    assert list(recipe.variants) == [
+        "cosine + MSE (projector)",
+        "PKT",
+        "PKT + hidden",
+        "PKT + relations",
+    ]
     assert set(recipe.taps.as_taps("student")) == {"layers", "q", "k", "v"}
     built = {
         name: {t.name: t for t in (spec.build(RECIPE_COUNTS) for spec in terms)}
         for name, terms in recipe.variants.items()
     }
-    assert set(built["embedding"]) == {"embedding_cosine", "embedding_mse"}
-    hidden = built["embedding + hidden"]["hidden"]
+    assert set(built["cosine + MSE (projector)"]) == {"embedding_cosine", "embedding_mse"}
+    assert set(built["PKT"]) == {"embedding_pkt"}
+    hidden = built["PKT + hidden"]["hidden"]
     assert hidden.student_features == ("layers.0", "layers.1", "layers.2")
     assert hidden.teacher_features == ("layers.3", "layers.7", "layers.11")
-    relations = built["embedding + relations"]["relations"]
+    relations = built["PKT + relations"]["relations"]
     assert relations.student_features == ("q", "k", "v")
     assert relations.teacher_features == ("q", "k", "v")
 

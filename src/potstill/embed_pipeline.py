@@ -39,6 +39,7 @@ from .io import atomic_write_text
 from .losses.objective import Objective
 from .models import count_parameters
 from .recipe import TapsSpec, TermSpec, _Strict
+from .report import describe_term
 from .students import derive
 from .taps import tap_counts
 
@@ -199,6 +200,7 @@ def run_embed_recipe(recipe: EmbedRecipe, run_dir: str | Path) -> dict[str, Any]
             f"# {recipe.name}: {name}\n\nDistilled by potstill {__version__} from "
             f"`{recipe.teacher.model}` into {init.config.num_hidden_layers} layers of "
             f"`{recipe.student.model}` on {n_train} fortunes texts.\n\n"
+            + f"Objective: {', '.join(describe_term(o) for o in row['objective'])}.\n\n"
             + "\n".join(f"- {k}: {v}" for k, v in row.items() if k != "objective")
             + "\n"
         )
