@@ -85,3 +85,13 @@ def teacher_model(_trained_digits_teacher: nn.Module) -> nn.Module:
 @pytest.fixture
 def mlp() -> Callable[..., nn.Module]:
     return make_mlp
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (tiny models run as fast; far faster when the
+    cores are busy); the previous setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -48,13 +48,8 @@ STUDENT_ARCH = ArchSpec(kind="cnn", channels=[4, 8], hidden=[16], input_shape=[1
 TAPS = {"c2": "3"}  # the second conv: (B, 8, 4, 4) in the student, (B, 16, 4, 4) in the teacher
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one intra-op thread: tiny models run as fast, and far faster on a busy machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Interrupt(Exception):

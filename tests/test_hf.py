@@ -57,13 +57,8 @@ needs_smollm2 = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The machine is shared and small: one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one intra-op thread: tiny models run as fast, and far faster on a busy machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _no_pickles(folder: Path) -> list[str]:

@@ -38,13 +38,8 @@ N_LAYERS = 6
 VOCAB = 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one intra-op thread: tiny models run as fast, and far faster on a busy machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = dict(

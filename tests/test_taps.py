@@ -20,13 +20,8 @@ from potstill.teachers import LiveTeacher, default_forward
 CNN = ArchSpec(kind="cnn", channels=[4, 8], hidden=[16], input_shape=[1, 8, 8])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one intra-op thread: tiny models run as fast, and far faster on a busy machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cnn(seed: int = 0) -> nn.Sequential:
