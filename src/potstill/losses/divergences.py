@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DIVERGENCES", "divergence", "kd_loss", "soft_target_loss"]
+__all__ = ["DIVERGENCES", "SKEW_DIVERGENCES", "divergence", "kd_loss", "soft_target_loss"]
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -80,6 +80,74 @@ Each function sums over the last (vocabulary) dim. Inputs are log-probabilities,
 kinds in ``_ON_LOGITS`` ("mse"), which receive the temperature-scaled logits.
 """
 
+
+def _log_mixture(log_a: Tensor, log_b: Tensor, weight: float) -> Tensor:
+    """``log(weight·a + (1 − weight)·b)`` from log-probabilities, stably (logsumexp).
+
+    At ``weight`` 0 or 1 the mixture is one of the inputs; returned as is because ``log(0)``
+    would raise and a ``-inf`` term only adds work.
+    """
+    if weight == 0.0:
+        return log_b
+    if weight == 1.0:
+        return log_a
+    return torch.logsumexp(
+        torch.stack([log_a + math.log(weight), log_b + math.log1p(-weight)]), dim=0
+    )
+
+
+def _check_skew(skew: float) -> None:
+    if not 0.0 <= skew <= 1.0:
+        raise ValueError(f"skew must lie in [0, 1], got {skew}")
+
+
+def _skew_forward_kl(
+    log_p_student: Tensor, log_p_teacher: Tensor, *, skew: float = 0.1, **_: float
+) -> Tensor:
+    """Skew forward KL of DistiLLM: ``KL(T ‖ skew·T + (1 − skew)·S)``.
+
+    The teacher share in the mixture bounds the log-ratio by ``−log(skew)``, which keeps the
+    gradient from exploding where the student puts almost no mass. ``skew`` 0 gives "fkl",
+    ``skew`` 1 gives 0.
+    """
+    _check_skew(skew)
+    return _kl(log_p_teacher, _log_mixture(log_p_teacher, log_p_student, skew))
+
+
+def _skew_reverse_kl(
+    log_p_student: Tensor, log_p_teacher: Tensor, *, skew: float = 0.1, **_: float
+) -> Tensor:
+    """Skew reverse KL of DistiLLM: ``KL(S ‖ skew·S + (1 − skew)·T)``.
+
+    ``skew`` 0 gives "rkl", ``skew`` 1 gives 0.
+    """
+    _check_skew(skew)
+    return _kl(log_p_student, _log_mixture(log_p_student, log_p_teacher, skew))
+
+
+SKEW_DIVERGENCES: dict[str, Callable[..., Tensor]] = {
+    "skl": _skew_forward_kl,
+    "srkl": _skew_reverse_kl,
+}
+"""The skew KL kinds of DistiLLM (Ko et al., 2024), same calling convention as
+:data:`DIVERGENCES` (log-probabilities in, per-position values out, option ``skew``).
+
+Kept in a table of their own, not in :data:`DIVERGENCES`, because the existing test-suite pins
+the exact key set of :data:`DIVERGENCES`; :func:`divergence` accepts the kinds of both tables.
+"""
+
+
+def _divergence_fn(kind: str) -> Callable[..., Tensor]:
+    """The per-position function of ``kind``; ValueError listing every accepted kind otherwise."""
+    # looked up at call time, so kinds added to either table later are seen
+    if kind in DIVERGENCES:
+        return DIVERGENCES[kind]
+    if kind in SKEW_DIVERGENCES:
+        return SKEW_DIVERGENCES[kind]
+    accepted = sorted({*DIVERGENCES, *SKEW_DIVERGENCES})
+    raise ValueError(f"unknown divergence kind {kind!r}; accepted kinds: {', '.join(accepted)}")
+
+
 # MSE compares logits, not distributions: it is not invariant to a per-row shift of the logits.
 _ON_LOGITS = frozenset({"mse"})
 
@@ -104,6 +172,43 @@ def _check_logits(student_logits: Tensor, teacher_logits: Tensor, temperature: f
         raise ValueError(f"temperature must be positive, got {temperature}")
 
 
+def _check_mask(mask: Tensor | None, logits_shape: torch.Size) -> None:
+    """Mask must be None or a bool tensor of the logits' leading shape (as in divergence)."""
+    if mask is None:
+        return
+    leading = logits_shape[:-1]
+    if mask.shape != leading:
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} must equal the logits' leading dims "
+            f"{tuple(leading)} (logits shape {tuple(logits_shape)})"
+        )
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {mask.dtype}; use mask.bool()")
+
+
+def _per_position(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    kind: str,
+    *,
+    temperature: float,
+    beta: float,
+    skew: float,
+) -> Tensor:
+    """Per-position divergence ``(...)`` of logits ``(..., V)``, in the compute dtype.
+
+    The body of :func:`divergence` without validation or reduction, for the chunked losses of
+    :mod:`potstill.losses.llm`, which validate once and call this once per chunk.
+    """
+    dtype = _compute_dtype(student_logits, teacher_logits)
+    student = student_logits.to(dtype) / temperature
+    teacher = teacher_logits.to(dtype) / temperature
+    if kind not in _ON_LOGITS:
+        student = F.log_softmax(student, dim=-1)
+        teacher = F.log_softmax(teacher, dim=-1)
+    return _divergence_fn(kind)(student, teacher, beta=beta, skew=skew)
+
+
 def divergence(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -112,6 +217,7 @@ def divergence(
     temperature: float = 1.0,
     beta: float = 0.5,
     mask: Tensor | None = None,
+    skew: float = 0.1,
 ) -> Tensor:
     """Divergence of kind ``kind`` between student and teacher, averaged over positions.
 
@@ -123,16 +229,16 @@ def divergence(
 
     Kinds (see :data:`DIVERGENCES`): ``"fkl"`` KL(teacher‖student), ``"rkl"`` KL(student‖teacher),
     ``"jsd"`` the generalized JSD of GKD (Agarwal et al., 2024) weighted by ``beta`` (0 for
-    ``beta`` in {0, 1}), ``"tvd"`` total variation, ``"mse"`` squared error of scaled logits.
+    ``beta`` in {0, 1}), ``"tvd"`` total variation, ``"mse"`` squared error of scaled logits;
+    and (see :data:`SKEW_DIVERGENCES`) ``"skl"`` skew forward KL(T ‖ skew·T + (1 − skew)·S) and
+    ``"srkl"`` skew reverse KL(S ‖ skew·S + (1 − skew)·T) of DistiLLM (Ko et al., 2024), with
+    ``skew`` in [0, 1]; both are 0 at ``skew`` 1 and plain "fkl"/"rkl" at ``skew`` 0.
 
     The teacher is not detached: callers pass detached teacher logits if they want no gradient
     there. Half-precision inputs are computed and returned in float32. Logits must be finite
     (magnitudes like 1e4 are fine); ``-inf`` entries give NaN gradients for ``"jsd"``.
     """
-    if kind not in DIVERGENCES:
-        raise ValueError(
-            f"unknown divergence kind {kind!r}; accepted kinds: {', '.join(sorted(DIVERGENCES))}"
-        )
+    divergence_fn = _divergence_fn(kind)  # raises on an unknown kind, listing the accepted
     _check_logits(student_logits, teacher_logits, temperature)
     leading = student_logits.shape[:-1]
     if mask is not None:
@@ -150,7 +256,7 @@ def divergence(
     if kind not in _ON_LOGITS:
         student = F.log_softmax(student, dim=-1)
         teacher = F.log_softmax(teacher, dim=-1)
-    per_position = DIVERGENCES[kind](student, teacher, beta=beta)
+    per_position = divergence_fn(student, teacher, beta=beta, skew=skew)
 
     if mask is None:
         # no positions at all gives 0 rather than the NaN of an empty mean
