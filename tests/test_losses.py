@@ -89,7 +89,8 @@ def _ref_kd(student, teacher, labels, temperature, alpha, ignore_index=-100) -> 
 
 
 def test_divergences_table_lists_every_kind():
-    assert set(DIVERGENCES) == set(KINDS)
+    # the skew kinds (skl, srkl) are checked against their own references in test_llm_losses.py
+    assert set(DIVERGENCES) == set(KINDS) | {"skl", "srkl"}
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -26,7 +26,7 @@ from .losses.objective import Objective, Term, ce_term, divergence_term, kd_term
 from .models import ArchSpec
 from .taps import TapSpec
 
-TERM_KINDS = ("kd", "ce", "fkl", "rkl", "jsd", "tvd", "mse")
+TERM_KINDS = ("kd", "ce", "fkl", "rkl", "jsd", "tvd", "mse", "skl", "srkl")
 DEFAULT_EPOCHS = 10
 DEFAULT_TEACHER_EPOCHS = 5
 
@@ -76,13 +76,14 @@ class TermSpec(_Strict):
     """
 
     kind: Literal[
-        "kd", "ce", "fkl", "rkl", "jsd", "tvd", "mse",
+        "kd", "ce", "fkl", "rkl", "jsd", "tvd", "mse", "skl", "srkl",
         "feature", "attention_mse", "attention_kl", "minilm", "at",
         "rkd_distance", "rkd_angle", "pkt",
     ]  # fmt: skip
     weight: float = Field(1.0, ge=0)
     temperature: float = Field(1.0, gt=0)
     beta: float = Field(0.5, ge=0, le=1, description="jsd only")
+    skew: float = Field(0.1, ge=0, le=1, description="skl and srkl only")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="ce only")
     name: str | None = None
     student: str | list[str] | None = Field(None, description="student tap name(s)")
@@ -119,7 +120,9 @@ class TermSpec(_Strict):
         if self.kind == "ce":
             return ce_term(self.weight, label_smoothing=self.label_smoothing, name=name)
         if self.kind not in FEATURE_TERM_KINDS:
-            return divergence_term(self.kind, self.temperature, self.beta, self.weight, name)
+            return divergence_term(
+                self.kind, self.temperature, self.beta, self.weight, name, skew=self.skew
+            )
         s = self.student if self.student is not None else "logits"
         t = self.teacher if self.teacher is not None else "logits"
         if self.kind == "feature":

@@ -70,6 +70,7 @@ def divergence_term(
     beta: float = 0.5,
     weight: float = 1.0,
     name: str | None = None,
+    skew: float = 0.1,
 ) -> Term:
     """A token/row-level divergence between student and teacher logits (see ``divergence``)."""
 
@@ -81,6 +82,7 @@ def divergence_term(
             kind,
             temperature=temperature,
             beta=beta,
+            skew=skew,
             mask=batch.get("mask"),
         )
 
