@@ -55,11 +55,13 @@ def ce_term(
         labels = batch["label"]
         logits = view.logits.reshape(-1, view.logits.shape[-1])
         labels = labels.reshape(-1)
-        if not bool((labels != ignore_index).any()):
-            return logits.sum() * 0.0
-        return nn.functional.cross_entropy(
-            logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing
-        )
+        # a sum over a clamped count rather than reduction="mean": no host sync, and a batch
+        # without labels gives 0 instead of NaN
+        total = nn.functional.cross_entropy(
+            logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            reduction="sum",
+        )  # fmt: skip
+        return total / (labels != ignore_index).sum().clamp_min(1)
 
     return Term(name, fn, weight, needs_teacher=False)
 
@@ -154,7 +156,9 @@ class Objective(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total: torch.Tensor | None = None
         values: dict[str, torch.Tensor] = {}
-        for term in self.active_terms:
+        for term in self.terms:
+            if term.weight == 0:
+                continue
             if term.needs_teacher and signal is None:
                 raise ValueError(
                     f"objective term {term.name!r} needs a teacher signal, but no teacher was given"
