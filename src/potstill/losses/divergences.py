@@ -234,25 +234,12 @@ def divergence(
     there. Half-precision inputs are computed and returned in float32. Logits must be finite
     (magnitudes like 1e4 are fine); ``-inf`` entries give NaN gradients for ``"jsd"``.
     """
-    divergence_fn = _divergence_fn(kind)  # raises on an unknown kind, listing the accepted
+    _divergence_fn(kind)  # raises on an unknown kind, listing the accepted ones
     _check_logits(student_logits, teacher_logits, temperature)
-    leading = student_logits.shape[:-1]
-    if mask is not None:
-        if mask.shape != leading:
-            raise ValueError(
-                f"mask shape {tuple(mask.shape)} must equal the logits' leading dims "
-                f"{tuple(leading)} (logits shape {tuple(student_logits.shape)})"
-            )
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor, got {mask.dtype}; use mask.bool()")
-
-    dtype = _compute_dtype(student_logits, teacher_logits)
-    student = student_logits.to(dtype) / temperature
-    teacher = teacher_logits.to(dtype) / temperature
-    if kind not in _ON_LOGITS:
-        student = F.log_softmax(student, dim=-1)
-        teacher = F.log_softmax(teacher, dim=-1)
-    per_position = divergence_fn(student, teacher, beta=beta, skew=skew)
+    _check_mask(mask, student_logits.shape)
+    per_position = _per_position(
+        student_logits, teacher_logits, kind, temperature=temperature, beta=beta, skew=skew
+    )
 
     if mask is None:
         # no positions at all gives 0 rather than the NaN of an empty mean
