@@ -73,6 +73,13 @@ def distill(
             results = run_embed_recipe(r, run_dir)  # type: ignore[arg-type]
             typer.echo((run_dir / "report.md").read_text())
             return
+        if getattr(r, "kind", None) == "causal-lm":
+            from .llm.pipeline import run_lm_recipe
+
+            results = run_lm_recipe(r, run_dir)  # type: ignore[arg-type]
+            typer.echo((run_dir / "report.md").read_text().split("\n![")[0])
+            typer.echo(f"report: {run_dir / 'report.md'}  and  {run_dir / 'report.html'}")
+            return
         results = run_recipe(r, run_dir, resume=resume, overwrite=overwrite)
     except _user_errors() as e:
         _fail(e)
@@ -117,7 +124,14 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> Non
     from .report import write_report
 
     try:
-        md, page = write_report(run_dir)
+        results = run_dir / "results.json"
+        if results.exists() and json.loads(results.read_text()).get("kind") == "causal-lm":
+            from .llm.pipeline import write_lm_report
+
+            write_lm_report(run_dir, json.loads(results.read_text()))
+            md, page = run_dir / "report.md", run_dir / "report.html"
+        else:
+            md, page = write_report(run_dir)
     except FileNotFoundError as e:
         _fail(e)
         return

@@ -179,13 +179,35 @@ def _hash_tensor(h: hashlib._Hash, t: torch.Tensor) -> None:
 
 class TensorDictDataset(Dataset):
     """Named tensors with the same first dimension; a batch holds each of them by name
-    (``input_ids``, ``attention_mask``, …), indexed in one operation."""
+    (``input_ids``, ``attention_mask``, …), indexed in one operation.
 
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+    With ``trim_by`` naming a right-padded ``(N, L)`` attention mask, each batch is cut to its
+    longest real row: every ``(n, L, …)`` tensor loses the trailing columns that are padding in
+    all of the batch's rows, so short examples do not pay for the longest one in the dataset.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], trim_by: str | None = None) -> None:
         sizes = {k: len(v) for k, v in tensors.items()}
         if not tensors or len(set(sizes.values())) != 1:
             raise ValueError(f"TensorDictDataset needs tensors of one length, got {sizes}")
+        if trim_by is not None and (trim_by not in tensors or tensors[trim_by].dim() != 2):
+            raise ValueError(f"trim_by={trim_by!r} must name an (N, L) tensor of the dataset")
         self.tensors = tensors
+        self.trim_by = trim_by
+
+    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows at ``index`` by name, trimmed as described above, plus ``index``."""
+        batch = {k: v[index] for k, v in self.tensors.items()}
+        if self.trim_by is not None:
+            full = batch[self.trim_by].shape[1]
+            real = batch[self.trim_by].any(dim=0).nonzero()
+            keep = int(real.max()) + 1 if len(real) else 1
+            if keep < full:
+                batch = {
+                    k: v[:, :keep] if v.dim() >= 2 and v.shape[1] == full else v
+                    for k, v in batch.items()
+                }
+        return {**batch, "index": index}
 
     def __len__(self) -> int:
         return len(next(iter(self.tensors.values())))
@@ -201,7 +223,7 @@ def make_batch(dataset: Dataset, index: torch.Tensor) -> dict[str, torch.Tensor]
     other datasets item by item, each item being ``(input, label)`` or an input alone.
     """
     if isinstance(dataset, TensorDictDataset):
-        return {**{k: v[index] for k, v in dataset.tensors.items()}, "index": index}
+        return dataset.batch(index)
     if isinstance(dataset, TensorDataset):
         tensors = [t[index] for t in dataset.tensors]
     else:

@@ -22,12 +22,13 @@ log = logging.getLogger("potstill")
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 
 
-def load_fortunes(
+def fortune_entries(
     folder: str | Path | None = None, *, min_chars: int = 20, max_chars: int = 400
-) -> list[str]:
-    """Texts of Debian's ``fortunes`` package: one per entry (entries end at a ``%`` line),
-    whitespace folded, de-duplicated, in a fixed order (file name, then position). Files with
-    a dot in their name (``.dat`` indexes, ``.u8`` copies) are skipped."""
+) -> list[tuple[str, str]]:
+    """``(category, text)`` for each entry of Debian's ``fortunes`` package (entries end at a
+    ``%`` line; the category is the file name), whitespace folded, de-duplicated, in a fixed
+    order (file name, then position). Files with a dot in their name (``.dat`` indexes, ``.u8``
+    copies) are skipped."""
     d = Path(folder) if folder else FORTUNES_DIR
     files = sorted(
         p
@@ -40,7 +41,7 @@ def load_fortunes(
             "(apt-get install fortunes) or pass the folder"
         )
     seen: set[str] = set()
-    texts = []
+    found = []
     for path in files:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         # an entry ends at a line holding only "%" (empty entries and a leading "%" happen)
@@ -56,8 +57,15 @@ def load_fortunes(
             text = " ".join(entry.split())
             if min_chars <= len(text) <= max_chars and text not in seen:
                 seen.add(text)
-                texts.append(text)
-    return texts
+                found.append((path.name, text))
+    return found
+
+
+def load_fortunes(
+    folder: str | Path | None = None, *, min_chars: int = 20, max_chars: int = 400
+) -> list[str]:
+    """The texts of :func:`fortune_entries`, without their categories."""
+    return [text for _, text in fortune_entries(folder, min_chars=min_chars, max_chars=max_chars)]
 
 
 def tokenize_pair(

@@ -175,6 +175,37 @@ def plot_tradeoffs(results: dict[str, Any]) -> Any:
     return fig
 
 
+def plot_metric_curves(curves: dict[str, Path], key: str, title: str) -> str:
+    """One line per run of ``key`` over optimizer steps (training rows of each metrics.jsonl),
+    log scale; returns the PNG as base64."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for label, path in curves.items():
+        rows = [r for r in read_metrics(path) if key in r]
+        ax.plot([r["step"] for r in rows], [max(r[key], 1e-8) for r in rows], label=label, lw=1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def html_page(title: str, md: str, pngs: dict[str, str]) -> str:
+    """A self-contained HTML page: the Markdown ``md`` rendered, then the base64 PNGs."""
+    body = markdown_lib.markdown(md, extensions=["tables"])
+    imgs = "".join(f'<img alt="{n}" src="data:image/png;base64,{d}">' for n, d in pngs.items())
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>"
+        f"{html.escape(title)} — potstill report</title><style>"
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+        "padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
+        "img{max-width:100%;display:block;margin:1em 0}code{background:#f3f3f3}</style>"
+        f"</head><body>{body}{imgs}</body></html>"
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The report as Markdown (without plots)."""
     lines = [f"# potstill report: {results['name']}", ""]
@@ -260,16 +291,6 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         md + "\n![loss terms](losses.png)\n\n![accuracy against size and latency](tradeoffs.png)\n"
     )
     (run_dir / "report.md").write_text(md_full)
-    body = markdown_lib.markdown(md, extensions=["tables"])
-    imgs = "".join(f'<img alt="{n}" src="data:image/png;base64,{d}">' for n, d in pngs.items())
-    page = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>"
-        f"{html.escape(results['name'])} — potstill report</title><style>"
-        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-        "padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
-        "img{max-width:100%;display:block;margin:1em 0}code{background:#f3f3f3}</style>"
-        f"</head><body>{body}{imgs}</body></html>"
-    )
+    page = html_page(results["name"], md, pngs)
     (run_dir / "report.html").write_text(page)
     return run_dir / "report.md", run_dir / "report.html"

@@ -4,12 +4,17 @@ shift, padding, prompt and ignore-index masks) and the shared part of two vocabu
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from ..signal import Signal, StudentView
 from .divergences import divergence
 from .llm import chunked_divergence
+from .objective import Term
 
 log = logging.getLogger("potstill")
 
@@ -91,3 +96,74 @@ def token_divergence(
         mask=mask,
         chunk_size=chunk_size,
     )
+
+
+def batch_token_mask(batch: Mapping[str, Any], ignore_index: int = -100) -> Tensor:
+    """:func:`next_token_mask` of a causal-LM batch: its ``attention_mask``, and its
+    ``prompt_length`` and ``labels`` when present."""
+    return next_token_mask(
+        batch["attention_mask"],
+        labels=batch.get("labels"),
+        prompt_lengths=batch.get("prompt_length"),
+        ignore_index=ignore_index,
+    )
+
+
+def next_token_nll(logits: Tensor, input_ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum, count)`` of the next-token negative log-likelihood of ``input_ids`` under
+    ``logits`` ``(B, T, V)`` over the positions where ``mask`` (from :func:`next_token_mask`)
+    is true. Position ``t`` is scored on token ``t + 1``."""
+    if logits.shape[:2] != input_ids.shape or mask.shape != input_ids.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)} and mask "
+            f"{tuple(mask.shape)} must agree on (B, T)"
+        )
+    targets = torch.where(mask[:, :-1], input_ids[:, 1:], torch.full_like(input_ids[:, 1:], -100))
+    total = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    return total, mask[:, :-1].sum()
+
+
+def next_token_ce_term(weight: float = 1.0, name: str = "ce") -> Term:
+    """Cross-entropy on the data's next tokens (the usual LM fine-tuning loss), averaged over the
+    positions of :func:`batch_token_mask`; 0 when a batch has none. Needs no teacher."""
+
+    def fn(view: StudentView, signal: Signal | None, batch: Mapping[str, Any]) -> Tensor:
+        total, count = next_token_nll(view.logits, batch["input_ids"], batch_token_mask(batch))
+        return total / count.clamp_min(1)
+
+    return Term(name, fn, weight, needs_teacher=False)
+
+
+def token_term(
+    kind: str = "fkl",
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    weight: float = 1.0,
+    chunk_size: int | None = None,
+    name: str | None = None,
+) -> Term:
+    """A token-level divergence between the student's and the teacher's next-token
+    distributions (:func:`token_divergence`) on the positions of :func:`batch_token_mask`."""
+
+    def fn(view: StudentView, signal: Signal | None, batch: Mapping[str, Any]) -> Tensor:
+        if signal is None or signal.logits is None:
+            raise ValueError(f"the {kind!r} token term needs the teacher's logits")
+        return token_divergence(
+            view.logits,
+            signal.logits,
+            batch_token_mask(batch),
+            kind,
+            temperature=temperature,
+            beta=beta,
+            skew=skew,
+            chunk_size=chunk_size,
+        )
+
+    return Term(name or kind, fn, weight)

@@ -1,0 +1,148 @@
+"""Causal-LM training data: prompt/response pairs formatted with the model's chat template (or
+as plain text) and tokenized together with the prompt length, so losses read only the response."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..data import TensorDictDataset
+from ..embed import fortune_entries
+
+log = logging.getLogger("potstill")
+
+Format = Literal["chat", "text"]
+
+
+@dataclass(frozen=True)
+class LMExample:
+    """One training example: the user's ``prompt`` (may be empty) and the ``response`` the
+    model should produce. Only the response's tokens are predicted by the losses."""
+
+    prompt: str
+    response: str
+
+
+def fortune_examples(
+    folder: str | Path | None = None,
+    *,
+    prompt: str = "Tell me a fortune about {category}.",
+    min_chars: int = 20,
+    max_chars: int = 400,
+) -> list[LMExample]:
+    """Debian's fortunes as examples: the prompt names the entry's category (``{category}`` in
+    ``prompt`` becomes the file name, e.g. ``computers``), the response is the fortune."""
+    if "{" in prompt.replace("{category}", ""):
+        raise ValueError(f"data.prompt may hold only the field {{category}}, got {prompt!r}")
+    return [
+        LMExample(prompt.replace("{category}", category), text)
+        for category, text in fortune_entries(folder, min_chars=min_chars, max_chars=max_chars)
+    ]
+
+
+def _chat(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
+    # the template writes the special tokens as text; adding them again would double a BOS
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_ids(
+    tokenizer: Any, prompt: str, fmt: Format = "chat", system: str | None = None
+) -> list[int]:
+    """The token ids a model is given to answer ``prompt``: in ``chat`` format the chat template
+    with the generation prompt (and ``system`` message when given), in ``text`` format the
+    tokenized prompt (with the tokenizer's own special tokens, e.g. a BOS)."""
+    if fmt == "chat":
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                "data.format is 'chat' but the tokenizer has no chat template; use "
+                "format: text, or a tokenizer that has one"
+            )
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        return _chat(tokenizer, messages, generation_prompt=True)
+    # an empty prompt still gives what the tokenizer puts before any text (a BOS, or nothing)
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def encode_example(
+    tokenizer: Any, example: LMExample, fmt: Format = "chat", system: str | None = None
+) -> tuple[list[int], int]:
+    """``(ids, prompt_length)``: the whole example's token ids and how many of them belong to
+    the prompt. In ``chat`` format the conversation (system, user, assistant) goes through the
+    chat template, whose tokens must begin with the prompt's; in ``text`` format the response
+    follows the prompt text directly and ends with the EOS token."""
+    head = prompt_ids(tokenizer, example.prompt, fmt, system)
+    if fmt == "chat":
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": example.prompt},
+            {"role": "assistant", "content": example.response},
+        ]
+        ids = _chat(tokenizer, messages, generation_prompt=False)
+    else:
+        text = example.prompt + example.response
+        ids = list(tokenizer(text)["input_ids"]) if text else []
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+    if ids[: len(head)] != head:
+        raise ValueError(
+            f"the tokens of prompt + response do not begin with the prompt's tokens "
+            f"({head[-5:]} vs {ids[len(head) - 5 : len(head)]} at the boundary), so the "
+            "prompt cannot be masked; in text format end the prompt with a space or newline"
+        )
+    return ids, len(head)
+
+
+def tokenize_examples(
+    examples: Sequence[LMExample],
+    tokenizer: Any,
+    max_length: int,
+    *,
+    fmt: Format = "chat",
+    system: str | None = None,
+) -> TensorDictDataset:
+    """Examples as a dataset of ``input_ids``, ``attention_mask`` (right padding to
+    ``max_length``, batches trimmed to their longest row) and ``prompt_length``.
+
+    A response that does not fit is cut at ``max_length`` tokens (the count is logged); an
+    example whose prompt leaves no room for a response token raises ValueError.
+    """
+    if not examples:
+        raise ValueError("no examples to tokenize")
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    ids = torch.full((len(examples), max_length), pad, dtype=torch.long)
+    mask = torch.zeros((len(examples), max_length), dtype=torch.long)
+    prompt_len = torch.zeros(len(examples), dtype=torch.long)
+    cut = 0
+    for i, example in enumerate(examples):
+        row, n_prompt = encode_example(tokenizer, example, fmt, system)
+        if n_prompt >= max_length:
+            raise ValueError(
+                f"data.max_length={max_length} leaves no room for the response: the prompt "
+                f"{example.prompt!r} alone is {n_prompt} tokens"
+            )
+        if len(row) > max_length:
+            cut += 1
+            row = row[:max_length]
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        prompt_len[i] = n_prompt
+    if cut:
+        log.info(
+            "%d of %d examples were longer than data.max_length=%d tokens and were cut",
+            cut, len(examples), max_length,
+        )  # fmt: skip
+    return TensorDictDataset(
+        {"input_ids": ids, "attention_mask": mask, "prompt_length": prompt_len},
+        trim_by="attention_mask",
+    )

@@ -1,0 +1,142 @@
+"""Evidence for a causal LM against its teacher: held-out perplexity, top-1 next-token agreement,
+mean per-token KL to the teacher, greedy generations side by side, and measured tokens/s."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import TensorDictDataset, iterate_batches, make_batch
+from ..losses.causal import batch_token_mask, next_token_nll, shared_vocabulary
+from ..losses.divergences import divergence
+
+
+def causal_lm_forward(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """Next-token logits ``(B, T, V)`` of a Hugging Face causal LM on a tokenized batch."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@torch.no_grad()
+def lm_figures(
+    models: Mapping[str, nn.Module],
+    data: TensorDictDataset,
+    *,
+    teacher: nn.Module | None = None,
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> dict[str, dict[str, float]]:
+    """Held-out figures of each model in one pass over ``data`` (the teacher runs once a batch).
+
+    For every model: ``nll`` (mean next-token negative log-likelihood of the response tokens,
+    in nats) and ``perplexity = exp(nll)``; with a ``teacher``, also ``top1_agreement`` (share
+    of those positions where the model's most likely next token is the teacher's) and
+    ``kl_to_teacher`` (mean per-token KL(teacher ‖ model), nats, temperature 1, over the shared
+    vocabulary). ``tokens`` is the number of positions scored.
+    """
+    sums = {name: {"nll": 0.0, "agree": 0.0, "kl": 0.0} for name in models}
+    count = 0
+    states = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    if teacher is not None:
+        teacher.eval()
+    n = len(data)
+    batches = iterate_batches(data, torch.arange(n), batch_size)
+    try:
+        for batch in tqdm(
+            batches, total=math.ceil(n / batch_size), desc="evaluating", leave=False,
+            disable=None if progress is None else not progress,
+        ):  # fmt: skip
+            mask = batch_token_mask(batch)
+            k = int(mask.sum())
+            count += k
+            t_logits = causal_lm_forward(teacher, batch).float() if teacher is not None else None
+            for name, model in models.items():
+                logits = causal_lm_forward(model, batch).float()
+                nll, _ = next_token_nll(logits, batch["input_ids"], mask)
+                sums[name]["nll"] += float(nll)
+                if t_logits is None:
+                    continue
+                s, t = shared_vocabulary(logits, t_logits)
+                same = s.argmax(-1) == t.argmax(-1)
+                sums[name]["agree"] += float(same[mask].sum())
+                sums[name]["kl"] += float(divergence(s, t, "fkl", mask=mask)) * k
+    finally:
+        for name, m in models.items():
+            m.train(states[name])
+    out: dict[str, dict[str, float]] = {}
+    for name, s in sums.items():
+        nll = s["nll"] / max(count, 1)
+        row = {"nll": nll, "perplexity": math.exp(nll), "tokens": float(count)}
+        if teacher is not None:
+            row["top1_agreement"] = s["agree"] / max(count, 1)
+            row["kl_to_teacher"] = s["kl"] / max(count, 1)
+        out[name] = row
+    return out
+
+
+def perplexity_eval(
+    data: TensorDictDataset, batch_size: int = 8
+) -> Callable[[nn.Module], dict[str, float]]:
+    """An evaluation function for the Distiller: held-out ``val_nll`` and ``val_perplexity``."""
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        row = lm_figures({"m": model}, data, batch_size=batch_size, progress=False)["m"]
+        return {"val_nll": row["nll"], "val_perplexity": row["perplexity"]}
+
+    return evaluate
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 40,
+) -> tuple[list[str], float]:
+    """Greedy continuations of each prompt (token ids, batch 1) and the measured decoding speed
+    in new tokens per second over all prompts. Generation stops at the model's EOS."""
+    model.eval()
+    texts, new_tokens, seconds = [], 0, 0.0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for ids in prompts:
+        x = torch.tensor([list(ids)])
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        seconds += time.perf_counter() - start
+        new = out[0, x.shape[1] :]
+        new_tokens += len(new)
+        texts.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    return texts, new_tokens / max(seconds, 1e-9)
+
+
+@torch.no_grad()
+def forward_tokens_per_s(
+    model: nn.Module, data: TensorDictDataset, batch_size: int = 8, repeats: int = 3
+) -> float:
+    """Tokens per second of a forward pass over the first ``batch_size`` examples of ``data``
+    (real tokens only; median of ``repeats`` after one warm-up)."""
+    model.eval()
+    batch = make_batch(data, torch.arange(min(batch_size, len(data))))
+    tokens = int(batch["attention_mask"].sum())
+    causal_lm_forward(model, batch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        causal_lm_forward(model, batch)
+        times.append(time.perf_counter() - start)
+    return tokens / statistics.median(times)

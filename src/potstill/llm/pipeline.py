@@ -1,0 +1,409 @@
+"""A causal-LM distillation run (``kind: causal-lm``): a Hugging Face teacher, a student derived
+from it by keeping some of its layers (or another model sharing its tokenizer), several token-level
+objectives at the same budget, every model evaluated against the teacher, exported students, and
+a report with side-by-side generations."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import logging
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import Field, model_validator
+
+from .. import __version__
+from ..assets import resolve
+from ..config import TrainConfig
+from ..distiller import Distiller
+from ..evaluate import file_size
+from ..hf import (
+    check_same_tokenization,
+    export_pretrained,
+    load_model,
+    load_tokenizer,
+    shared_vocab_size,
+)
+from ..io import atomic_write_text
+from ..losses.causal import next_token_ce_term, token_term
+from ..losses.objective import Objective, Term
+from ..models import count_parameters
+from ..recipe import _Strict
+from ..students import derive
+from ..teachers import LiveTeacher
+from .data import fortune_examples, prompt_ids, tokenize_examples
+from .evaluate import causal_lm_forward, forward_tokens_per_s, generate, lm_figures
+
+log = logging.getLogger("potstill")
+
+TOKEN_KINDS = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "mse")
+
+
+class LMTermSpec(_Strict):
+    """One term of a causal-LM objective: ``ce`` (next-token cross-entropy on the data) or a
+    token-level divergence to the teacher (``fkl``, ``rkl``, ``jsd`` with ``beta``, ``tvd``,
+    ``skl``/``srkl`` with ``skew``, ``mse`` on logits) at ``temperature``."""
+
+    kind: Literal["ce", "fkl", "rkl", "jsd", "tvd", "skl", "srkl", "mse"]
+    weight: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.5, gt=0, lt=1)
+    skew: float = Field(0.1, ge=0, le=1)
+    name: str | None = None
+
+    def build(self, chunk_size: int | None) -> Term:
+        """The objective term this spec describes."""
+        name = self.name or self.kind
+        if self.kind == "ce":
+            return next_token_ce_term(self.weight, name)
+        return token_term(
+            self.kind,
+            temperature=self.temperature,
+            beta=self.beta,
+            skew=self.skew,
+            weight=self.weight,
+            chunk_size=chunk_size,
+            name=name,
+        )
+
+
+class LMModelSpec(_Strict):
+    """A causal LM by hub name or folder."""
+
+    model: str
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+class LMStudentSpec(_Strict):
+    """The student: ``model`` (default: the teacher's), with ``keep`` layers spread evenly or
+    the explicit ``layers`` kept and their weights copied (see ``potstill.students.derive``)."""
+
+    model: str | None = None
+    keep: int | None = Field(None, gt=0)
+    layers: list[int] | None = None
+    trust_remote_code: bool = False
+
+
+class LMDataSpec(_Strict):
+    """Prompt/response pairs from Debian's fortunes: ``prompt`` may name ``{category}``;
+    ``format: chat`` uses the tokenizer's chat template (with ``system`` when given), ``text``
+    plain text. Only response tokens are predicted."""
+
+    name: Literal["fortunes"] = "fortunes"
+    folder: str | None = None
+    format: Literal["chat", "text"] = "chat"
+    system: str | None = None
+    prompt: str = "Tell me a fortune about {category}."
+    max_chars: int = Field(300, gt=20)
+    max_length: int = Field(96, gt=4)
+    train: int = Field(2000, gt=0)
+    val: int = Field(200, gt=0)
+
+
+class GenerateSpec(_Strict):
+    """Greedy generations shown side by side in the report (prompts in the data's format)."""
+
+    prompts: list[str] = Field(
+        default_factory=lambda: [
+            "Tell me a fortune about computers.",
+            "Tell me a fortune about love.",
+            "Tell me a fortune about science.",
+        ]
+    )
+    max_new_tokens: int = Field(40, gt=0)
+
+
+class LMRecipe(_Strict):
+    """A causal-LM distillation run (``kind: causal-lm``)."""
+
+    kind: Literal["causal-lm"]
+    name: str = "causal-lm"
+    seed: int = 0
+    teacher: LMModelSpec
+    student: LMStudentSpec = Field(default_factory=LMStudentSpec)
+    data: LMDataSpec = Field(default_factory=LMDataSpec)
+    variants: dict[str, list[LMTermSpec]]
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=60, batch_size=8))
+    chunk_size: int | None = Field(
+        1024, gt=0, description="positions per chunk of the divergences; null: unchunked"
+    )
+    eval_batch_size: int = Field(8, gt=0)
+    generate: GenerateSpec = Field(default_factory=GenerateSpec)
+    keep_checkpoints: bool = Field(
+        False, description="keep each variant's training checkpoints (optimizer state included)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_budget_default(cls, data: Any) -> Any:
+        # a partial train section keeps the default budget (as in the other recipe kinds)
+        if isinstance(data, dict) and isinstance(data.get("train"), dict):
+            t = data["train"]
+            if "epochs" not in t and "max_steps" not in t:
+                data = {**data, "train": {"max_steps": 60, **t}}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> LMRecipe:
+        if "seed" not in self.train.model_fields_set:
+            self.train.seed = self.seed
+        if not self.variants:
+            raise ValueError("variants: give at least one, e.g. {fkl: [{kind: fkl}]}")
+        for name, terms in self.variants.items():
+            if not terms:
+                raise ValueError(f"variants.{name}: needs at least one term")
+            names = [t.name or t.kind for t in terms]
+            if len(set(names)) != len(names):
+                raise ValueError(f"variants.{name}: term names must be unique, got {names}")
+        return self
+
+
+def _folder_name(name: str) -> str:
+    return "-".join(re.findall(r"[A-Za-z0-9]+", name)).lower() or "variant"
+
+
+def _size_row(model: torch.nn.Module) -> dict[str, Any]:
+    return {
+        "parameters": count_parameters(model),
+        "layers": model.config.num_hidden_layers,
+        "hidden_size": model.config.hidden_size,
+        "file_bytes": file_size(model),
+    }
+
+
+def run_lm_recipe(recipe: LMRecipe, run_dir: str | Path) -> dict[str, Any]:
+    """Run a causal-LM recipe in ``run_dir``; returns the results (also in results.json), and
+    writes report.md / report.html and each distilled student's export folder."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    )
+    t_start = time.perf_counter()
+    t_path = resolve(recipe.teacher.model)
+    teacher = load_model(
+        t_path,
+        "causal-lm",
+        dtype=recipe.teacher.dtype,
+        trust_remote_code=recipe.teacher.trust_remote_code,
+    )
+    tok = load_tokenizer(t_path, trust_remote_code=recipe.teacher.trust_remote_code)
+    spec = recipe.student
+    if spec.model is None or spec.model == recipe.teacher.model:
+        base, s_name = teacher, recipe.teacher.model
+    else:
+        s_name = spec.model
+        s_path = resolve(spec.model)
+        base = load_model(s_path, "causal-lm", trust_remote_code=spec.trust_remote_code)
+        s_tok = load_tokenizer(s_path, trust_remote_code=spec.trust_remote_code)
+        check_same_tokenization(tok, s_tok)
+    torch.manual_seed(recipe.seed)
+    init = derive(base, keep=spec.keep, layers=spec.layers) if spec.keep or spec.layers else None
+    if init is None:
+        if base is teacher:
+            raise ValueError(
+                "student: give keep or layers to derive a student from the teacher, or another "
+                "model sharing its tokenizer"
+            )
+        init = base
+    vocab = shared_vocab_size(teacher, init, len(tok))  # raises when the vocabularies differ
+
+    d = recipe.data
+    examples = fortune_examples(d.folder, prompt=d.prompt, max_chars=d.max_chars)
+    random.Random(recipe.seed).shuffle(examples)
+    if d.train + d.val > len(examples):
+        raise ValueError(f"data: train + val = {d.train + d.val} but only {len(examples)} texts")
+    train = tokenize_examples(examples[: d.train], tok, d.max_length, fmt=d.format, system=d.system)
+    val = tokenize_examples(
+        examples[d.train : d.train + d.val], tok, d.max_length, fmt=d.format, system=d.system
+    )
+    response_tokens = int(
+        (train.tensors["attention_mask"].sum(1) - train.tensors["prompt_length"]).sum()
+    )
+    source = LiveTeacher(teacher, forward=causal_lm_forward)
+    prompts = [prompt_ids(tok, p, d.format, d.system) for p in recipe.generate.prompts]
+
+    students: dict[str, torch.nn.Module] = {"derived, not distilled": init}
+    trained: dict[str, dict[str, Any]] = {}
+    for name, terms in recipe.variants.items():
+        objective = Objective([t.build(recipe.chunk_size) for t in terms])
+        folder = run_dir / _folder_name(name)
+        student = copy.deepcopy(init)
+        student.train()
+        fit = Distiller(
+            student,
+            objective,
+            train,
+            teacher=source if objective.needs_teacher else None,
+            config=recipe.train,
+            run_dir=folder,
+            student_forward=causal_lm_forward,
+            name=name,
+        ).fit()
+        students[name] = fit.student
+        trained[name] = {
+            "steps": fit.steps,
+            "train_time_s": fit.train_time_s,
+            "objective": [t.model_dump(exclude_unset=True) for t in terms],
+            "metrics": str(folder.relative_to(run_dir) / "metrics.jsonl"),
+            "export": str(folder.relative_to(run_dir) / "export"),
+        }
+        export_pretrained(fit.student, folder / "export", tokenizer=tok)
+        if not recipe.keep_checkpoints:
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+
+    t0 = time.perf_counter()
+    figures = lm_figures(
+        {"teacher": teacher, **students}, val, teacher=teacher, batch_size=recipe.eval_batch_size
+    )
+    eval_s = time.perf_counter() - t0
+    rows: dict[str, dict[str, Any]] = {}
+    generations: dict[str, list[str]] = {}
+    for name, model in {"teacher": teacher, **students}.items():
+        texts, gen_speed = generate(
+            model, tok, prompts, max_new_tokens=recipe.generate.max_new_tokens
+        )
+        generations[name] = texts
+        rows[name] = {
+            **figures[name],
+            **_size_row(model),
+            "forward_tokens_per_s": forward_tokens_per_s(model, val, recipe.eval_batch_size),
+            "generate_tokens_per_s": gen_speed,
+            **trained.get(name, {}),
+        }
+    for name, row in trained.items():
+        card = (
+            f"# {recipe.name}: {name}\n\nDistilled by potstill {__version__} from "
+            f"`{recipe.teacher.model}` into {init.config.num_hidden_layers} of its layers on "
+            f"{d.train} fortunes ({response_tokens} response tokens), {row['steps']} steps.\n\n"
+            f"Held-out perplexity {rows[name]['perplexity']:.2f} (teacher "
+            f"{rows['teacher']['perplexity']:.2f}); objective: "
+            + ", ".join(_describe(o) for o in row["objective"])
+            + ".\n"
+        )
+        atomic_write_text(run_dir / row["export"] / "README.md", card)
+    results = {
+        "kind": "causal-lm", "name": recipe.name, "seed": recipe.seed,
+        "potstill_version": __version__, "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(), "teacher": recipe.teacher.model, "student": s_name,
+        "derived_layers": getattr(init.config, "potstill_derived_from", None),
+        "vocabulary": vocab,
+        "data": {
+            "train": d.train, "val": d.val, "max_length": d.max_length, "format": d.format,
+            "response_tokens": response_tokens, "val_tokens": int(figures["teacher"]["tokens"]),
+        },
+        "train": {
+            "steps": recipe.train.max_steps, "batch_size": recipe.train.batch_size,
+            "lr": recipe.train.optimizer.lr, "chunk_size": recipe.chunk_size,
+        },
+        "prompts": recipe.generate.prompts, "generations": generations,
+        "eval_s": eval_s, "rows": rows, "wall_time_s": time.perf_counter() - t_start,
+    }  # fmt: skip
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1, default=str))
+    write_lm_report(run_dir, results)
+    return results
+
+
+def _describe(term: dict[str, Any]) -> str:
+    opts = [f"weight {term.get('weight', 1.0)}"]
+    for key, label in (("temperature", "T"), ("beta", "β"), ("skew", "skew")):
+        if key in term:
+            opts.append(f"{label}={term[key]}")
+    return f"{term['kind']} ({', '.join(opts)})"
+
+
+def lm_markdown(results: dict[str, Any]) -> str:
+    """The causal-LM run's report as Markdown."""
+    d, t = results["data"], results["train"]
+    teacher = results["rows"]["teacher"]
+    lines = [
+        f"# potstill report: {results['name']}",
+        "",
+        f"Teacher `{results['teacher']}`; students derived from `{results['student']}` "
+        f"(layers kept: {results['derived_layers']}). Training: {d['train']} fortunes in "
+        f"{d['format']} format ({d['response_tokens']} response tokens, prompts masked), "
+        f"{t['steps']} steps of {t['batch_size']} sequences, lr {t['lr']}, the same for every "
+        f"objective. Held-out: {d['val']} fortunes ({d['val_tokens']} response tokens). Seed "
+        f"{results['seed']}, {results['threads']} threads, whole run "
+        f"{results['wall_time_s'] / 60:.1f} min.",
+        "",
+        "| model | objective | layers | parameters | size (MB) | perplexity | top-1 agreement "
+        "| KL(teacher‖model) | forward tokens/s | generation tokens/s | train time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["rows"].items():
+        objective = ", ".join(_describe(o) for o in r.get("objective", [])) or "—"
+        train_s = f"{r['train_time_s']:.0f}" if "train_time_s" in r else "—"
+        lines.append(
+            f"| {name} | {objective} | {r['layers']} | {r['parameters'] / 1e6:.1f}M | "
+            f"{r['file_bytes'] / 1e6:.0f} | {r['perplexity']:.2f} | "
+            f"{r['top1_agreement']:.3f} | {r['kl_to_teacher']:.3f} | "
+            f"{r['forward_tokens_per_s']:.0f} | {r['generate_tokens_per_s']:.1f} | {train_s} |"
+        )
+    best = min(
+        (n for n in results["rows"] if n != "teacher"),
+        key=lambda n: results["rows"][n]["perplexity"],
+    )
+    ce = [n for n, r in results["rows"].items() if _only_ce(r)]
+    lines += [
+        "",
+        f"Lowest held-out perplexity among students: **{best}** "
+        f"({results['rows'][best]['perplexity']:.2f}; teacher {teacher['perplexity']:.2f}).",
+    ]
+    if ce:
+        base = results["rows"][ce[0]]
+        for name, r in results["rows"].items():
+            if "objective" in r and not _only_ce(r):
+                verdict = "better" if r["perplexity"] < base["perplexity"] else "not better"
+                lines.append(
+                    f"- {name}: perplexity {r['perplexity']:.2f} vs {base['perplexity']:.2f} by "
+                    f"cross-entropy alone at the same steps ({verdict})."
+                )
+    lines += [
+        "",
+        "Perplexity: exp of the mean next-token loss on the held-out responses. Top-1 "
+        "agreement: share of those positions where the model's most likely token is the "
+        "teacher's. KL: mean per-token KL(teacher ‖ model) at temperature 1. Forward tokens/s: "
+        "one batch of held-out sequences; generation: greedy decoding at batch 1. Measured on "
+        "this machine's CPU in this run; short budgets like this one show early training, not "
+        "converged students.",
+        "",
+        "## Generations (greedy)",
+        "",
+    ]
+    for i, prompt in enumerate(results["prompts"]):
+        lines += [f"**{prompt}**", "", "| model | output |", "|---|---|"]
+        for name, texts in results["generations"].items():
+            text = " ".join(texts[i].split()).replace("|", "\\|")
+            lines.append(f"| {name} | {text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _only_ce(row: dict[str, Any]) -> bool:
+    objective = row.get("objective")
+    return bool(objective) and all(o["kind"] == "ce" for o in objective)
+
+
+def write_lm_report(run_dir: Path, results: dict[str, Any]) -> None:
+    """report.md and a self-contained report.html with the training curves."""
+    from ..report import html_page, plot_metric_curves
+
+    md = lm_markdown(results)
+    curves = {name: run_dir / r["metrics"] for name, r in results["rows"].items() if "metrics" in r}
+    png = plot_metric_curves(curves, "loss", "training loss (each variant's own objective)")
+    atomic_write_text(run_dir / "report.md", md + "\n![training loss](losses.png)\n")
+    (run_dir / "losses.png").write_bytes(base64.b64decode(png))
+    atomic_write_text(run_dir / "report.html", html_page(results["name"], md, {"losses": png}))
+
+
+__all__ = ["TOKEN_KINDS", "LMRecipe", "LMTermSpec", "lm_markdown", "run_lm_recipe"]
