@@ -7,7 +7,7 @@ STAMP := $(VENV)/.potstill-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test data lint bench clean assets-embed embed-demo
+.PHONY: demo test data lint bench clean assets-embed embed-demo llm-demo
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -49,3 +49,7 @@ clean:
 # sentence-embedding distillation: all-mpnet-base-v2 -> 3 layers of all-MiniLM-L6-v2
 embed-demo: assets-embed data
 	$(VENV)/bin/potstill distill minilm-from-mpnet --out runs/minilm-from-mpnet
+
+# LLM distillation: SmolLM2-135M-Instruct -> 10 of its layers, CE vs fkl vs rkl vs jsd (~15 min)
+llm-demo: $(STAMP) data
+	$(VENV)/bin/potstill distill smollm2-fortunes --out runs/smollm2-fortunes --resume

@@ -57,14 +57,16 @@ def distill(
 ) -> None:
     """Run a recipe: teacher, baseline and distilled students, evaluation, report."""
     from .pipeline import run_recipe
-    from .recipe import load_recipe
+    from .recipe import _read_yaml, load_recipe
     from .report import summary_lines
 
     _setup(threads)
     overrides = list(set_ or [])
-    if data_dir:
-        overrides.append(f"data.data_dir={data_dir}")
     try:
+        if data_dir:
+            # text recipes (embed, causal-lm) call the dataset's folder data.folder
+            kind = _read_yaml(recipe)[0].get("kind")
+            overrides.append(f"data.{'folder' if kind else 'data_dir'}={data_dir}")
         r = load_recipe(recipe, overrides)
         run_dir = out or Path("runs") / r.name
         if getattr(r, "kind", None) == "embed":
@@ -76,7 +78,7 @@ def distill(
         if getattr(r, "kind", None) == "causal-lm":
             from .llm.pipeline import run_lm_recipe
 
-            results = run_lm_recipe(r, run_dir)  # type: ignore[arg-type]
+            results = run_lm_recipe(r, run_dir, resume=resume, overwrite=overwrite)  # type: ignore[arg-type]
             typer.echo((run_dir / "report.md").read_text().split("\n![")[0])
             typer.echo(f"report: {run_dir / 'report.md'}  and  {run_dir / 'report.html'}")
             return

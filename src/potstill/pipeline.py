@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import yaml
+from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
@@ -46,7 +47,9 @@ class SubRun:
     info: dict[str, Any]
 
 
-def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+def _check_run_dir(run_dir: Path, recipe: BaseModel, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs in one folder: an existing run continues only with ``resume`` and the
+    same recipe; ``overwrite`` deletes it (only if it is a potstill run folder)."""
     saved = run_dir / "recipe.yaml"
     if saved.exists() and not overwrite:
         if not resume:
@@ -54,7 +57,7 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool)
                 f"{run_dir} already holds a run; pass --resume to continue it "
                 "(finished parts are reused) or --overwrite to start again"
             )
-        before = Recipe.model_validate(yaml.safe_load(saved.read_text())).model_dump()
+        before = type(recipe).model_validate(yaml.safe_load(saved.read_text())).model_dump()
         now = recipe.model_dump()
         diff = sorted(_diff_fields(before, now))
         if diff:
@@ -73,7 +76,7 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool)
         shutil.rmtree(run_dir)
 
 
-def _start_run_dir(run_dir: Path, recipe: Recipe) -> None:
+def _start_run_dir(run_dir: Path, recipe: BaseModel) -> None:
     # written once the data has loaded, so a run that could not start does not block a retry
     run_dir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -78,25 +78,26 @@ def encode_example(
 ) -> tuple[list[int], int]:
     """``(ids, prompt_length)``: the whole example's token ids and how many of them belong to
     the prompt. In ``chat`` format the conversation (system, user, assistant) goes through the
-    chat template, whose tokens must begin with the prompt's; in ``text`` format the response
-    follows the prompt text directly and ends with the EOS token."""
+    chat template, whose tokens must begin with the prompt's; in ``text`` format the response's
+    tokens (tokenized on their own) follow the prompt's and end with the EOS token."""
     head = prompt_ids(tokenizer, example.prompt, fmt, system)
-    if fmt == "chat":
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": example.prompt},
-            {"role": "assistant", "content": example.response},
-        ]
-        ids = _chat(tokenizer, messages, generation_prompt=False)
-    else:
-        text = example.prompt + example.response
-        ids = list(tokenizer(text)["input_ids"]) if text else []
+    if fmt == "text":
+        # prompt and response tokenized apart: a BPE merge across the boundary (a trailing
+        # space joining the response's first word) cannot blur which tokens are the prompt's
+        ids = head + list(tokenizer(example.response, add_special_tokens=False)["input_ids"])
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
+        return ids, len(head)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": example.prompt},
+        {"role": "assistant", "content": example.response},
+    ]
+    ids = _chat(tokenizer, messages, generation_prompt=False)
     if ids[: len(head)] != head:
         raise ValueError(
-            f"the tokens of prompt + response do not begin with the prompt's tokens "
-            f"({head[-5:]} vs {ids[len(head) - 5 : len(head)]} at the boundary), so the "
-            "prompt cannot be masked; in text format end the prompt with a space or newline"
+            f"the chat template's tokens for the conversation do not begin with those of the "
+            f"prompt alone ({head[-5:]} vs {ids[len(head) - 5 : len(head)]} at the boundary), "
+            "so the prompt cannot be masked; use format: text or another chat template"
         )
     return ids, len(head)
 

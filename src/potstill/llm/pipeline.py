@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import Field, model_validator
 
 from .. import __version__
@@ -36,6 +35,7 @@ from ..io import atomic_write_text
 from ..losses.causal import next_token_ce_term, token_term
 from ..losses.objective import Objective, Term
 from ..models import count_parameters
+from ..pipeline import _check_run_dir, _start_run_dir
 from ..recipe import _Strict
 from ..students import derive
 from ..teachers import LiveTeacher
@@ -45,6 +45,7 @@ from .evaluate import causal_lm_forward, forward_tokens_per_s, generate, lm_figu
 log = logging.getLogger("potstill")
 
 TOKEN_KINDS = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "mse")
+RESERVED_ROWS = ("teacher", "derived, not distilled", "student, not distilled")
 
 
 class LMTermSpec(_Strict):
@@ -158,7 +159,17 @@ class LMRecipe(_Strict):
             self.train.seed = self.seed
         if not self.variants:
             raise ValueError("variants: give at least one, e.g. {fkl: [{kind: fkl}]}")
+        folders: dict[str, str] = {}
         for name, terms in self.variants.items():
+            if name in RESERVED_ROWS:
+                raise ValueError(f"variants: {name!r} names a row of the report; rename it")
+            folder = _folder_name(name)
+            if folder in folders:
+                raise ValueError(
+                    f"variants: {folders[folder]!r} and {name!r} would share the folder "
+                    f"{folder!r}; rename one"
+                )
+            folders[folder] = name
             if not terms:
                 raise ValueError(f"variants.{name}: needs at least one term")
             names = [t.name or t.kind for t in terms]
@@ -180,14 +191,19 @@ def _size_row(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
-def run_lm_recipe(recipe: LMRecipe, run_dir: str | Path) -> dict[str, Any]:
+def run_lm_recipe(
+    recipe: LMRecipe, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
     """Run a causal-LM recipe in ``run_dir``; returns the results (also in results.json), and
-    writes report.md / report.html and each distilled student's export folder."""
+    writes report.md / report.html and each distilled student's export folder.
+
+    An existing run folder is continued only with ``resume`` (finished variants are reloaded
+    from their exports, an interrupted one continues from its last checkpoint) or deleted with
+    ``overwrite``.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
-        run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-    )
+    _check_run_dir(run_dir, recipe, resume, overwrite)
+    _start_run_dir(run_dir, recipe)
     t_start = time.perf_counter()
     t_path = resolve(recipe.teacher.model)
     teacher = load_model(
@@ -232,11 +248,18 @@ def run_lm_recipe(recipe: LMRecipe, run_dir: str | Path) -> dict[str, Any]:
     source = LiveTeacher(teacher, forward=causal_lm_forward)
     prompts = [prompt_ids(tok, p, d.format, d.system) for p in recipe.generate.prompts]
 
-    students: dict[str, torch.nn.Module] = {"derived, not distilled": init}
+    untrained = "derived, not distilled" if init is not base else "student, not distilled"
+    students: dict[str, torch.nn.Module] = {untrained: init}
     trained: dict[str, dict[str, Any]] = {}
     for name, terms in recipe.variants.items():
-        objective = Objective([t.build(recipe.chunk_size) for t in terms])
         folder = run_dir / _folder_name(name)
+        done = folder / "done.json"
+        if resume and done.exists():
+            log.info("%s: finished before, reloading %s", name, folder / "export")
+            trained[name] = json.loads(done.read_text())
+            students[name] = load_model(folder / "export", "causal-lm", dtype=init.dtype)
+            continue
+        objective = Objective([t.build(recipe.chunk_size) for t in terms])
         student = copy.deepcopy(init)
         student.train()
         fit = Distiller(
@@ -248,7 +271,7 @@ def run_lm_recipe(recipe: LMRecipe, run_dir: str | Path) -> dict[str, Any]:
             run_dir=folder,
             student_forward=causal_lm_forward,
             name=name,
-        ).fit()
+        ).fit(resume=resume)
         students[name] = fit.student
         trained[name] = {
             "steps": fit.steps,
@@ -258,6 +281,7 @@ def run_lm_recipe(recipe: LMRecipe, run_dir: str | Path) -> dict[str, Any]:
             "export": str(folder.relative_to(run_dir) / "export"),
         }
         export_pretrained(fit.student, folder / "export", tokenizer=tok)
+        atomic_write_text(done, json.dumps(trained[name], indent=1))
         if not recipe.keep_checkpoints:
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)
 
