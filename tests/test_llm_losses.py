@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import randn as _randn
 from conftest import random_mask as _random_mask
 
+from potstill.losses import llm
 from potstill.losses.divergences import SKEW_DIVERGENCES, divergence
 from potstill.losses.llm import TopK, chunked_divergence, fused_linear_divergence, sparse_divergence
 
@@ -406,3 +407,339 @@ def test_chunked_no_positions_gives_zero():
     assert value.item() == 0.0
     value.backward()
     assert student.grad.shape == (0, 5)
+
+
+# --- gradient computed in forward: no_grad, grad_output scaling, reuse of the graph ---
+
+
+def _count_chunk_calls(monkeypatch) -> list[int]:
+    """Count the calls of the dense per-chunk function (forward passes over a chunk)."""
+    calls = []
+    original = llm._dense_chunk
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(llm, "_dense_chunk", counting)
+    return calls
+
+
+def test_chunked_backward_recomputes_nothing(monkeypatch):
+    calls = _count_chunk_calls(monkeypatch)
+    student = _randn(10, 7, seed=70).requires_grad_()
+    value = chunked_divergence(student, _randn(10, 7, seed=71), "jsd", chunk_size=4)
+    assert len(calls) == 3
+    value.backward()
+    assert len(calls) == 3  # backward only scaled the stored gradient
+    hidden, weight = _randn(10, 3, seed=72).requires_grad_(), _randn(7, 3, seed=73)
+    fused_linear_divergence(hidden, weight, _randn(10, 7, seed=74), "fkl", chunk_size=5).backward()
+    assert len(calls) == 5
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_chunked_backward_hands_over_the_gradient_without_a_copy(monkeypatch, scale):
+    buffers = []
+    original = llm._chunked_mean
+
+    def recording(*args, **kwargs):
+        value, grad = original(*args, **kwargs)
+        buffers.append(grad)
+        return value, grad
+
+    monkeypatch.setattr(llm, "_chunked_mean", recording)
+    student = _randn(6, 9, seed=75).requires_grad_()
+    (scale * chunked_divergence(student, _randn(6, 9, seed=76), "fkl", chunk_size=4)).backward()
+    assert student.grad.data_ptr() == buffers[0].data_ptr()
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_chunked_under_no_grad_gives_the_value_only(monkeypatch, kind):
+    student = _randn(2, 5, 9, seed=77).requires_grad_()
+    teacher = _randn(2, 5, 9, seed=78)
+    mask = _random_mask((2, 5), seed=79)
+    opts = {"temperature": 1.3, "beta": 0.3, "skew": 0.2, "mask": mask}
+    want = divergence(student, teacher, kind, **opts).detach()
+    computed_grads = []
+    original = llm._chunked_mean
+
+    def recording(*args, **kwargs):
+        value, grad = original(*args, **kwargs)
+        computed_grads.append(grad)
+        return value, grad
+
+    monkeypatch.setattr(llm, "_chunked_mean", recording)
+    with torch.no_grad():
+        got = chunked_divergence(student, teacher, kind, chunk_size=3, **opts)
+    assert not got.requires_grad and got.grad_fn is None
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # nor when the student does not require grad
+    got = chunked_divergence(student.detach(), teacher, kind, chunk_size=3, **opts)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert computed_grads == [None, None]
+
+
+def test_fused_under_no_grad_gives_the_value_only():
+    hidden = _randn(2, 5, 6, seed=80, scale=1.0).requires_grad_()
+    weight = _randn(9, 6, seed=81, scale=0.5).requires_grad_()
+    bias = _randn(9, seed=82, scale=0.5).requires_grad_()
+    teacher = _randn(2, 5, 9, seed=83)
+    mask = _random_mask((2, 5), seed=84)
+    want = divergence(F.linear(hidden, weight, bias), teacher, "skl", mask=mask).detach()
+    with torch.no_grad():
+        got = fused_linear_divergence(
+            hidden, weight, teacher, "skl", bias=bias, mask=mask, chunk_size=4
+        )
+    assert got.grad_fn is None
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def _chunked(s, teacher, kind):
+    return chunked_divergence(s, teacher, kind, temperature=1.4, chunk_size=3)
+
+
+def _sparse_chunked(s, teacher, kind):
+    topk = TopK.from_logits(teacher, 3)
+    return sparse_divergence(s, topk, kind, temperature=1.4, chunk_size=3)
+
+
+@pytest.mark.parametrize("loss_fn", [_chunked, _sparse_chunked])
+@pytest.mark.parametrize("kind", ["fkl", "jsd", "srkl"])
+def test_chunked_grad_output_scaling_and_reuse(loss_fn, kind):
+    teacher = _randn(7, 6, seed=85)
+    student = _randn(7, 6, seed=86).requires_grad_()
+    (base,) = torch.autograd.grad(loss_fn(student, teacher, kind), student)
+
+    def grad_of(combine):
+        student.grad = None
+        combine(loss_fn(student, teacher, kind)).backward()
+        return student.grad
+
+    torch.testing.assert_close(grad_of(lambda v: 3.0 * v), 3.0 * base)
+    torch.testing.assert_close(grad_of(lambda v: -0.25 * v), -0.25 * base)
+    torch.testing.assert_close(grad_of(lambda v: v * 2.0 + v * 0.5), 2.5 * base)  # used twice
+    torch.testing.assert_close(grad_of(lambda v: v * 0.0), torch.zeros_like(base))
+    value = loss_fn(student, teacher, kind).detach()
+    torch.testing.assert_close(grad_of(lambda v: v.square()), 2 * value * base)
+
+    # a retained graph: the second backward recomputes, the first result is left alone
+    student.grad = None
+    value = loss_fn(student, teacher, kind)
+    (first,) = torch.autograd.grad(value, student, retain_graph=True)
+    kept = first.clone()
+    (second,) = torch.autograd.grad(2.0 * value, student, retain_graph=True)
+    value.backward(retain_graph=True)
+    value.backward()
+    assert torch.equal(first, kept)
+    torch.testing.assert_close(first, base)
+    torch.testing.assert_close(second, 2.0 * base)
+    torch.testing.assert_close(student.grad, 2.0 * base)
+    with pytest.raises(RuntimeError, match="second time"):
+        value.backward()
+
+
+def test_fused_grad_output_scaling_and_reuse():
+    hidden = _randn(7, 3, seed=87, scale=1.0).requires_grad_()
+    weight = _randn(5, 3, seed=88, scale=0.5).requires_grad_()
+    bias = _randn(5, seed=89, scale=0.5).requires_grad_()
+    teacher = _randn(7, 5, seed=90)
+    leaves = (hidden, weight, bias)
+
+    def loss():
+        return fused_linear_divergence(hidden, weight, teacher, "rkl", bias=bias, chunk_size=3)
+
+    base = torch.autograd.grad(loss(), leaves)
+    scaled = torch.autograd.grad(loss() * 1.5 + loss() * 0.5 + 0 * loss(), leaves)
+    for got, want in zip(scaled, base, strict=True):
+        torch.testing.assert_close(got, 2.0 * want)
+    value = loss()
+    value.backward(retain_graph=True)
+    value.backward(retain_graph=True)
+    (-value).backward()
+    for leaf, want in zip(leaves, base, strict=True):
+        torch.testing.assert_close(leaf.grad, want)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "jsd", "mse"])
+def test_chunked_masked_out_rows_may_hold_non_finite_logits(kind):
+    student = _randn(3, 5, seed=113)
+    student[2, 1] = float("inf")
+    teacher = _randn(3, 5, seed=114)
+    mask = torch.tensor([True, True, False])
+    want = divergence(student[:2], teacher[:2], kind)
+    got, grad = _value_and_grad(
+        lambda s: chunked_divergence(s, teacher, kind, mask=mask, chunk_size=2), student
+    )
+    torch.testing.assert_close(got, want)
+    assert torch.equal(grad[2], torch.zeros(5, dtype=grad.dtype))
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("kind", DISTRIBUTION_KINDS)
+def test_chunked_vocabulary_entries_at_minus_infinity_on_both_sides_are_absent(kind):
+    """Padding rows of an output matrix give -inf logits to both models: the value and the
+    gradient are those without these entries, and their gradient is 0 (divergence's autograd
+    gives NaN there for the mixture kinds)."""
+    student, teacher = _randn(5, 9, seed=119), _randn(5, 9, seed=120)
+    student[:, -2:] = teacher[:, -2:] = float("-inf")
+    opts = {"temperature": 1.3, "beta": 0.3, "skew": 0.2}
+    want, want_grad = _value_and_grad(
+        lambda s: divergence(s, teacher[:, :-2], kind, **opts), student[:, :-2]
+    )
+    got, got_grad = _value_and_grad(
+        lambda s: chunked_divergence(s, teacher, kind, chunk_size=2, **opts), student
+    )
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got_grad[:, :-2], want_grad, atol=1e-12, rtol=1e-10)
+    assert torch.equal(got_grad[:, -2:], torch.zeros(5, 2, dtype=got_grad.dtype))
+
+
+def test_chunked_gradient_has_no_graph():
+    """Double backward is not supported: even with create_graph the gradient is a constant."""
+    student = _randn(4, 5, seed=91).requires_grad_()
+    value = chunked_divergence(student, _randn(4, 5, seed=92), "fkl", chunk_size=2)
+    (grad,) = torch.autograd.grad(value, student, create_graph=True)
+    assert not grad.requires_grad
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+@pytest.mark.parametrize("mix", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize(("scale", "temperature"), [(1e4, 0.5), (1e4, 3.0), (30.0, 1.0)])
+def test_chunked_closed_form_gradient_at_extremes(kind, mix, scale, temperature):
+    """Mixture weights at their ends (beta for jsd, skew for skl/srkl) and huge logits."""
+    student = _randn(6, 11, seed=93, scale=scale).requires_grad_()
+    teacher = _randn(6, 11, seed=94, scale=scale)
+    opts = {"temperature": temperature, "beta": mix, "skew": mix}
+    want = divergence(student, teacher, kind, **opts)
+    want_grad = (
+        torch.autograd.grad(want, student)[0] if want.requires_grad else torch.zeros_like(student)
+    )
+    got, got_grad = _value_and_grad(
+        lambda s: chunked_divergence(s, teacher, kind, chunk_size=4, **opts), student
+    )
+    torch.testing.assert_close(got, want.detach(), atol=1e-9, rtol=1e-9)
+    assert torch.isfinite(got_grad).all()
+    # absolute: with huge logits at T = 3 some gradients are ~1e-150, where autograd's and the
+    # closed form's roundings differ relatively but not absolutely
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-12, rtol=1e-6)
+
+
+def test_fused_half_precision_matches_unfused():
+    hidden = _randn(6, 4, seed=95, scale=1.0, dtype=torch.bfloat16).requires_grad_()
+    weight = _randn(10, 4, seed=96, scale=0.5, dtype=torch.bfloat16).requires_grad_()
+    bias = _randn(10, seed=97, scale=0.5, dtype=torch.bfloat16).requires_grad_()
+    teacher = _randn(6, 10, seed=98, dtype=torch.bfloat16)
+    want = divergence(F.linear(hidden, weight, bias), teacher, "fkl")
+    want_grads = torch.autograd.grad(want, (hidden, weight, bias))
+    got = fused_linear_divergence(hidden, weight, teacher, "fkl", bias=bias, chunk_size=4)
+    got_grads = torch.autograd.grad(got, (hidden, weight, bias))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)
+
+
+# --- sparse_divergence by chunks ---
+
+
+@pytest.mark.parametrize("kind", DISTRIBUTION_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(13, 11), (2, 5, 9)])
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_sparse_chunked_equals_unchunked(kind, dtype, shape, chunk_size, use_mask):
+    student = _randn(*shape, seed=100, dtype=dtype)
+    topk = TopK.from_logits(_randn(*shape, seed=101, dtype=dtype), 3)
+    mask = _random_mask(shape[:-1], seed=102) if use_mask else None
+    opts = {"temperature": 1.7, "beta": 0.3, "skew": 0.2, "mask": mask}
+    want, want_grad = _value_and_grad(lambda s: sparse_divergence(s, topk, kind, **opts), student)
+    got, got_grad = _value_and_grad(
+        lambda s: sparse_divergence(s, topk, kind, chunk_size=chunk_size, **opts), student
+    )
+    tol = 1e-6 if dtype == torch.float64 else 1e-5
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    assert got_grad.dtype == dtype
+    torch.testing.assert_close(got_grad, want_grad, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", DISTRIBUTION_KINDS)
+def test_sparse_chunked_with_k_equal_v_is_dense(kind):
+    student = _randn(2, 4, 7, seed=103).requires_grad_()
+    teacher = _randn(2, 4, 7, seed=104)
+    mask = _random_mask((2, 4), seed=105)
+    opts = {"temperature": 0.8, "beta": 0.3, "skew": 0.2, "mask": mask}
+    got = sparse_divergence(student, TopK.from_logits(teacher, 7), kind, chunk_size=3, **opts)
+    want = divergence(student, teacher, kind, **opts)
+    torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)
+    (got_grad,) = torch.autograd.grad(got, student)
+    (want_grad,) = torch.autograd.grad(want, student)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-8, rtol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "tvd", "skl"])
+def test_sparse_chunked_gradcheck(kind):
+    student = _randn(7, 6, seed=106).requires_grad_()
+    topk = TopK.from_logits(_randn(7, 6, seed=107), 2)
+    mask = _random_mask((7,), seed=108)
+
+    def fn(s):
+        return sparse_divergence(
+            s, topk, kind, temperature=1.3, beta=0.3, skew=0.2, mask=mask, chunk_size=3
+        )
+
+    assert torch.autograd.gradcheck(fn, (student,))
+
+
+@pytest.mark.parametrize("kind", DISTRIBUTION_KINDS)
+def test_sparse_chunked_empty_mask_no_grad_and_no_positions(kind):
+    student = _randn(2, 3, 6, seed=109).requires_grad_()
+    topk = TopK.from_logits(_randn(2, 3, 6, seed=110), 2)
+    empty = torch.zeros(2, 3, dtype=torch.bool)
+    value = sparse_divergence(student, topk, kind, mask=empty, chunk_size=2)
+    assert value.item() == 0.0
+    value.backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
+    with torch.no_grad():
+        got = sparse_divergence(student, topk, kind, chunk_size=4)
+    assert got.grad_fn is None
+    torch.testing.assert_close(got, sparse_divergence(student, topk, kind).detach())
+    none = torch.zeros(0, 6, requires_grad=True)
+    value = sparse_divergence(none, TopK.from_logits(torch.zeros(0, 6), 2), kind, chunk_size=2)
+    assert value.item() == 0.0
+    value.backward()
+    assert none.grad.shape == (0, 6)
+
+
+def test_sparse_chunked_half_precision_and_no_teacher_gradient():
+    student = _randn(6, 10, seed=111, dtype=torch.bfloat16).requires_grad_()
+    teacher = _randn(6, 10, seed=112, dtype=torch.bfloat16)
+    topk = TopK.from_logits(teacher, 3)
+    topk.logprobs.requires_grad_()
+    got = sparse_divergence(student, topk, "fkl", chunk_size=4)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, sparse_divergence(student, topk, "fkl"))
+    got.backward()
+    assert student.grad.dtype == torch.bfloat16
+    assert topk.logprobs.grad is None
+    with pytest.raises(ValueError, match="chunk_size"):
+        sparse_divergence(student, topk, "fkl", chunk_size=0)
+
+
+def test_default_chunk_size_holds_a_fixed_number_of_logits(monkeypatch):
+    assert llm.default_chunk_size(49152) == llm.DEFAULT_CHUNK_ELEMENTS // 49152 == 170
+    assert llm.default_chunk_size(2**30) == 1
+    # the default in use: 24 logits per chunk, so 2 rows of 11 per chunk, 4 chunks for 7 rows
+    monkeypatch.setattr(llm, "DEFAULT_CHUNK_ELEMENTS", 24)
+    calls = _count_chunk_calls(monkeypatch)
+    student, teacher = _randn(7, 11, seed=115), _randn(7, 11, seed=116)
+    want, want_grad = _value_and_grad(lambda s: divergence(s, teacher, "rkl"), student)
+    got, got_grad = _value_and_grad(lambda s: chunked_divergence(s, teacher, "rkl"), student)
+    assert len(calls) == 4
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-6)
+    hidden, weight = _randn(7, 3, seed=117).requires_grad_(), _randn(11, 3, seed=118)
+    fused_linear_divergence(hidden, weight, teacher, "fkl").backward()
+    assert len(calls) == 8
