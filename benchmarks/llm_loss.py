@@ -27,11 +27,12 @@ The machine may be shared: compare the ratios, not the seconds.
 Goals (the chunked divergence against the straightforward one): peak memory ≤ 0.25× and time
 ≤ 1.2×; the fused form is checked against the same goals, against linear+straightforward. The
 chunked divergence returns the student's ``N × V`` gradient, so its memory ratio is at least
-one over the straightforward peak in ``N × V`` units: about 1/7 for fkl, rkl, skl and srkl, 1/12
-for jsd, but 1/5 for tvd and 1/4 for mse, whose straightforward graphs are small (the printed
-``× N×V`` column), so for mse the memory goal cannot be met by any method that returns the
-gradient. ``chunk_size`` is potstill's default, :func:`potstill.losses.llm.default_chunk_size`
-(170 positions at V = 49,152), unless ``--chunk`` is given.
+one over the straightforward peak in ``N × V`` units (the printed ``× N×V`` column): 1/7 for fkl
+and rkl, about 1/12 for jsd, skl and srkl, but 1/5 for tvd and 1/4 for mse, whose
+straightforward graphs are small; for mse no method that returns the gradient can meet the
+memory goal, and tvd sits at about 0.25 with the default chunk. ``chunk_size`` is potstill's
+default, :func:`potstill.losses.llm.default_chunk_size` (170 positions at V = 49,152), unless
+``--chunk`` is given.
 
     .venv/bin/python benchmarks/llm_loss.py                     # fkl, N=2048, V=49152, H=576
     .venv/bin/python benchmarks/llm_loss.py --all-kinds         # every divergence kind
