@@ -9,7 +9,6 @@ import json
 import logging
 import random
 import re
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +32,7 @@ from .embed import (
     similarity_correlation,
     tokenize_pair,
 )
-from .evaluate import file_size
+from .evaluate import file_size, median_seconds
 from .hf import check_aligned_positions, export_pretrained, load_model, load_tokenizer
 from .io import atomic_write_text
 from .losses.objective import Objective
@@ -101,14 +100,7 @@ def _speed(
     forward = encoder_forward(prefix)
     batch = make_batch(ds, torch.arange(min(batch_size, len(ds))))
     with torch.no_grad():
-        for _ in range(2):
-            forward(model, batch)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            forward(model, batch)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        return median_seconds(lambda: forward(model, batch), repeats, warmup=2)
 
 
 def run_embed_recipe(recipe: EmbedRecipe, run_dir: str | Path) -> dict[str, Any]:

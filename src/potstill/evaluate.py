@@ -75,6 +75,18 @@ def file_size(model: nn.Module) -> int:
         return os.path.getsize(path)
 
 
+def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``call()`` over ``repeats`` runs, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 @torch.no_grad()
 def measure_speed(
     model: nn.Module,

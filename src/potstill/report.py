@@ -97,7 +97,7 @@ def describe_term(term: dict[str, Any]) -> str:
     opts = [f"weight {term.get('weight', 1.0)}"]
     if "temperature" in term:
         opts.append(f"T={term['temperature']}")
-    for key in ("beta", "loss", "layer_map", "p", "relation_heads"):
+    for key in ("beta", "skew", "loss", "layer_map", "p", "relation_heads"):
         if key in term:
             opts.append(f"{key} {term[key]}")
     return f"{text} ({', '.join(opts)})"

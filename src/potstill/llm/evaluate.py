@@ -4,9 +4,8 @@ mean per-token KL to the teacher, greedy generations side by side, and measured 
 from __future__ import annotations
 
 import math
-import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import TensorDictDataset, iterate_batches, make_batch
+from ..evaluate import median_seconds
 from ..losses.causal import batch_token_mask, next_token_nll, shared_vocabulary
 from ..losses.divergences import divergence
 
@@ -82,18 +82,6 @@ def lm_figures(
     return out
 
 
-def perplexity_eval(
-    data: TensorDictDataset, batch_size: int = 8
-) -> Callable[[nn.Module], dict[str, float]]:
-    """An evaluation function for the Distiller: held-out ``val_nll`` and ``val_perplexity``."""
-
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        row = lm_figures({"m": model}, data, batch_size=batch_size, progress=False)["m"]
-        return {"val_nll": row["nll"], "val_perplexity": row["perplexity"]}
-
-    return evaluate
-
-
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -133,10 +121,4 @@ def forward_tokens_per_s(
     model.eval()
     batch = make_batch(data, torch.arange(min(batch_size, len(data))))
     tokens = int(batch["attention_mask"].sum())
-    causal_lm_forward(model, batch)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        causal_lm_forward(model, batch)
-        times.append(time.perf_counter() - start)
-    return tokens / statistics.median(times)
+    return tokens / median_seconds(lambda: causal_lm_forward(model, batch), repeats, warmup=1)

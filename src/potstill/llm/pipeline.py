@@ -37,6 +37,7 @@ from ..losses.objective import Objective, Term
 from ..models import count_parameters
 from ..pipeline import _check_run_dir, _start_run_dir
 from ..recipe import _Strict
+from ..report import describe_term
 from ..students import derive
 from ..teachers import LiveTeacher
 from .data import fortune_examples, prompt_ids, tokenize_examples
@@ -44,7 +45,6 @@ from .evaluate import causal_lm_forward, forward_tokens_per_s, generate, lm_figu
 
 log = logging.getLogger("potstill")
 
-TOKEN_KINDS = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "mse")
 RESERVED_ROWS = ("teacher", "derived, not distilled", "student, not distilled")
 
 
@@ -311,7 +311,7 @@ def run_lm_recipe(
             f"{d.train} fortunes ({response_tokens} response tokens), {row['steps']} steps.\n\n"
             f"Held-out perplexity {rows[name]['perplexity']:.2f} (teacher "
             f"{rows['teacher']['perplexity']:.2f}); objective: "
-            + ", ".join(_describe(o) for o in row["objective"])
+            + ", ".join(describe_term(o) for o in row["objective"])
             + ".\n"
         )
         atomic_write_text(run_dir / row["export"] / "README.md", card)
@@ -337,14 +337,6 @@ def run_lm_recipe(
     return results
 
 
-def _describe(term: dict[str, Any]) -> str:
-    opts = [f"weight {term.get('weight', 1.0)}"]
-    for key, label in (("temperature", "T"), ("beta", "β"), ("skew", "skew")):
-        if key in term:
-            opts.append(f"{label}={term[key]}")
-    return f"{term['kind']} ({', '.join(opts)})"
-
-
 def lm_markdown(results: dict[str, Any]) -> str:
     """The causal-LM run's report as Markdown."""
     d, t = results["data"], results["train"]
@@ -365,7 +357,7 @@ def lm_markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["rows"].items():
-        objective = ", ".join(_describe(o) for o in r.get("objective", [])) or "—"
+        objective = ", ".join(describe_term(o) for o in r.get("objective", [])) or "—"
         train_s = f"{r['train_time_s']:.0f}" if "train_time_s" in r else "—"
         lines.append(
             f"| {name} | {objective} | {r['layers']} | {r['parameters'] / 1e6:.1f}M | "
@@ -430,4 +422,4 @@ def write_lm_report(run_dir: Path, results: dict[str, Any]) -> None:
     atomic_write_text(run_dir / "report.html", html_page(results["name"], md, {"losses": png}))
 
 
-__all__ = ["TOKEN_KINDS", "LMRecipe", "LMTermSpec", "lm_markdown", "run_lm_recipe"]
+__all__ = ["LMRecipe", "LMTermSpec", "lm_markdown", "run_lm_recipe"]

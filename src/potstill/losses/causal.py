@@ -76,26 +76,10 @@ def token_divergence(
     their shared part. ``chunk_size`` bounds memory (see ``chunked_divergence``)."""
     student_logits, teacher_logits = shared_vocabulary(student_logits, teacher_logits)
     teacher_logits = teacher_logits.detach()
+    opts: dict[str, Any] = {"temperature": temperature, "beta": beta, "skew": skew, "mask": mask}
     if chunk_size is None:
-        return divergence(
-            student_logits,
-            teacher_logits,
-            kind,
-            temperature=temperature,
-            beta=beta,
-            skew=skew,
-            mask=mask,
-        )
-    return chunked_divergence(
-        student_logits,
-        teacher_logits,
-        kind,
-        temperature=temperature,
-        beta=beta,
-        skew=skew,
-        mask=mask,
-        chunk_size=chunk_size,
-    )
+        return divergence(student_logits, teacher_logits, kind, **opts)
+    return chunked_divergence(student_logits, teacher_logits, kind, chunk_size=chunk_size, **opts)
 
 
 def batch_token_mask(batch: Mapping[str, Any], ignore_index: int = -100) -> Tensor:
