@@ -41,7 +41,8 @@ from potstill.pipeline import run_recipe
 from potstill.recipe import Recipe, RecipeError, TermSpec
 from potstill.signal import Signal, StudentView
 from potstill.taps import Taps, tap_counts, tapped_forward
-from potstill.teachers import CachedTeacher, LiveTeacher, build_logit_cache
+from potstill.cache import CachedTeacher, build_logit_cache
+from potstill.teachers import LiveTeacher
 
 TEACHER_ARCH = ArchSpec(kind="cnn", channels=[8, 16], hidden=[32], input_shape=[1, 8, 8])
 STUDENT_ARCH = ArchSpec(kind="cnn", channels=[4, 8], hidden=[16], input_shape=[1, 8, 8])
@@ -217,7 +218,7 @@ def test_missing_student_feature_is_refused_at_construction(digits):
 
 def test_cached_teacher_cannot_serve_feature_terms(digits, tmp_path):
     teacher = _model(TEACHER_ARCH, 5)
-    path = build_logit_cache(teacher, digits.train, tmp_path / "logits.safetensors")
+    path = build_logit_cache(teacher, digits.train, tmp_path / "logits-cache")
     cached = CachedTeacher(path, dataset=digits.train, teacher=teacher)
     with pytest.raises(ValueError) as err:
         Distiller(
@@ -235,7 +236,7 @@ def test_cached_teacher_cannot_serve_feature_terms(digits, tmp_path):
 def test_cached_teacher_serves_relations_on_logits(digits, tmp_path):
     """rkd on "logits" needs no tap, so the logit cache serves it."""
     teacher = _model(TEACHER_ARCH, 5)
-    path = build_logit_cache(teacher, digits.train, tmp_path / "logits.safetensors")
+    path = build_logit_cache(teacher, digits.train, tmp_path / "logits-cache")
     student = _model(STUDENT_ARCH, 7)
     objective = Objective([relational_term("rkd_distance")])
     distiller = Distiller(
@@ -644,7 +645,7 @@ def test_hint_stage_feeds_the_distilled_stage(hint_run):
     live.close()
     _assert_bitwise(_state(hint_again.student), _state(hint_final))
 
-    cached = CachedTeacher(run_dir / "teacher" / "logits-train.safetensors")
+    cached = CachedTeacher(run_dir / "teacher" / "cache-train")
 
     def distill(start: nn.Module) -> nn.Module:
         return (

@@ -25,7 +25,8 @@ from potstill.losses.objective import hinton_objective, labels_only_objective
 from potstill.models import ArchSpec, build_model, count_parameters, load_model
 from potstill.pipeline import run_recipe
 from potstill.recipe import Recipe, RecipeError, load_recipe
-from potstill.teachers import CachedTeacher, LiveTeacher
+from potstill.cache import CachedTeacher
+from potstill.teachers import LiveTeacher
 
 ROW_LABELS = ("teacher", "student without teacher", "student, distilled")
 _SCRIPT = Path(sys.executable).parent / "potstill"
@@ -140,7 +141,7 @@ def test_saved_models_reproduce_the_reported_figures(run):
             assert agreement(logits, t_logits) == row["agreement"], (s["name"], kind)
     # the teacher cache describes the training set and this teacher
     CachedTeacher(
-        run_dir / "teacher" / "logits-train.safetensors", dataset=splits.train, teacher=teacher
+        run_dir / "teacher" / "cache-train", dataset=splits.train, teacher=teacher
     )
 
 
@@ -476,7 +477,7 @@ def test_api_distill_with_cache_matches_live(digits, teacher_model, tmp_path):
         run_dir=tmp_path,
         **kw,
     )
-    assert (tmp_path / "teacher-logits.safetensors").exists()
+    assert (tmp_path / "teacher-cache" / "manifest.json").exists()
     assert live.metrics == {} and live.baseline is None
     for (name, a), (_, b) in zip(
         live.student.state_dict().items(), cached.student.state_dict().items(), strict=True

@@ -1,11 +1,10 @@
-"""Tests for teacher sources: the logit cache against the live teacher, its fingerprints and
-checksums, rebuilding a stale cache, and training with a cache versus live."""
+"""Tests for teacher sources: a classifier's logit cache (an ``example`` cache of
+potstill.cache) against the live teacher, its fingerprints and checksums, rebuilding a stale
+cache, and training with a cache versus live. Token caches are tested in test_cache.py."""
 
 from __future__ import annotations
 
 import copy
-import json
-import struct
 from pathlib import Path
 
 import pytest
@@ -14,40 +13,39 @@ from conftest import make_mlp, quiet_config, state_equal
 from torch.utils.data import Dataset, TensorDataset
 
 from potstill.config import OptimizerConfig
-from potstill.data import IGNORE_INDEX, fingerprint, make_batch
-from potstill.distiller import Distiller
-from potstill.losses.objective import hinton_objective
-from potstill.teachers import (
+from potstill.cache import (
     CachedTeacher,
     CacheError,
-    LiveTeacher,
     build_logit_cache,
     cached_or_live,
-    model_fingerprint,
+    data_fingerprint,
 )
+from potstill.data import IGNORE_INDEX, make_batch
+from potstill.distiller import Distiller
+from potstill.losses.objective import hinton_objective
+from potstill.teachers import LiveTeacher, model_fingerprint
 
 
 @pytest.fixture
 def cache(digits, teacher_model, tmp_path) -> Path:
     return build_logit_cache(
-        teacher_model, digits.train, tmp_path / "logits.safetensors", batch_size=500, progress=False
+        teacher_model, digits.train, tmp_path / "logits-cache", batch_size=500, progress=False
     )
 
 
-def _data_region(path: Path) -> tuple[int, dict]:
-    """Offset of the first tensor byte of a safetensors file, and its JSON header."""
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    return 8 + n, json.loads(raw[8 : 8 + n])
+def _shard(cache: Path) -> Path:
+    (shard,) = (cache / "shards").glob("*.safetensors")  # a logit cache this small is one shard
+    return shard
 
 
 def test_cached_signal_equals_live_teacher(digits, teacher_model, cache):
     cached = CachedTeacher(cache, dataset=digits.train, teacher=teacher_model)
     live = LiveTeacher(teacher_model)
     assert len(cached) == len(digits.train)
-    assert cached.metadata["num_examples"] == str(len(digits.train))
-    assert cached.metadata["dataset_sha256"] == fingerprint(digits.train, inputs_only=True)
-    assert cached.metadata["teacher_sha256"] == model_fingerprint(teacher_model)
+    assert cached.meaning["num_examples"] == len(digits.train)
+    assert cached.meaning["data"] == data_fingerprint(digits.train, "example")
+    assert cached.meaning["teacher_weights"] == model_fingerprint(teacher_model)
+    assert (cached.unit, cached.k) == ("example", None)
     order = torch.randperm(len(digits.train), generator=torch.Generator().manual_seed(0))
     for index in (order[:64], order[64:65], torch.tensor([len(digits.train) - 1, 0, 7, 7])):
         batch = make_batch(digits.train, index)
@@ -59,13 +57,13 @@ def test_cached_signal_equals_live_teacher(digits, teacher_model, cache):
 
 
 def test_cache_of_another_dataset_is_refused(digits, cache):
-    with pytest.raises(CacheError, match="dataset_sha256"):
+    with pytest.raises(CacheError, match="num_examples differs"):
         CachedTeacher(cache, dataset=digits.val)
     # one changed pixel is another dataset
     x, y = digits.train.tensors
     x = x.clone()
     x[10, 0, 3, 3] += 1 / 16
-    with pytest.raises(CacheError, match="dataset_sha256"):
+    with pytest.raises(CacheError, match="data differs"):
         CachedTeacher(cache, dataset=TensorDataset(x, y))
 
 
@@ -73,7 +71,7 @@ def test_cache_of_another_teacher_is_refused(digits, teacher_model, cache):
     other = copy.deepcopy(teacher_model)
     with torch.no_grad():
         next(other.parameters())[0, 0] += 1e-3
-    with pytest.raises(CacheError, match="teacher_sha256"):
+    with pytest.raises(CacheError, match="teacher_weights differs"):
         CachedTeacher(cache, dataset=digits.train, teacher=other)
     CachedTeacher(cache, dataset=digits.train, teacher=copy.deepcopy(teacher_model))
 
@@ -87,28 +85,25 @@ def test_cache_accepts_the_same_inputs_with_other_labels(digits, cache):
 
 
 def test_damaged_logits_are_detected(digits, cache):
-    start, header = _data_region(cache)
-    lo, hi = header["logits"]["data_offsets"]
-    raw = bytearray(cache.read_bytes())
-    raw[start + (lo + hi) // 2] ^= 0x10
-    cache.write_bytes(bytes(raw))
-    with pytest.raises(CacheError, match="checksum"):
+    shard = _shard(cache)
+    raw = bytearray(shard.read_bytes())
+    raw[-100] ^= 0x10  # inside the logits
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match=r"shard 0 \(shards/shard-000000.safetensors\) is damaged"):
         CachedTeacher(cache)
 
 
-def test_truncated_or_foreign_file_is_refused(tmp_path, cache):
-    truncated = tmp_path / "truncated.safetensors"
-    truncated.write_bytes(cache.read_bytes()[:-100])
-    with pytest.raises(CacheError, match="damaged or unreadable"):
-        CachedTeacher(truncated)
+def test_truncated_or_foreign_cache_is_refused(tmp_path, cache):
+    shard = _shard(cache)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CacheError, match="is damaged"):
+        CachedTeacher(cache, verify=False)  # the size alone shows it
     with pytest.raises(CacheError, match="does not exist"):
-        CachedTeacher(tmp_path / "missing.safetensors")
-
-    from safetensors.torch import save_file
-
-    foreign = tmp_path / "foreign.safetensors"
-    save_file({"logits": torch.zeros(3, 10)}, str(foreign))
-    with pytest.raises(CacheError, match="not a potstill logit cache"):
+        CachedTeacher(tmp_path / "missing")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "logits.safetensors").write_bytes(b"x")
+    with pytest.raises(CacheError, match="not a potstill teacher cache"):
         CachedTeacher(foreign)
 
 
@@ -119,24 +114,24 @@ def test_cached_or_live_rebuilds_a_stale_or_damaged_cache(digits, teacher_model,
             p.mul_(0.5)
     source = cached_or_live(other, digits.train, cache)
     assert isinstance(source, CachedTeacher)
-    assert source.metadata["teacher_sha256"] == model_fingerprint(other)
+    assert source.meaning["teacher_weights"] == model_fingerprint(other)
     batch = make_batch(digits.train, torch.arange(50))
     torch.testing.assert_close(
         source.signal(batch).logits, LiveTeacher(other).signal(batch).logits, atol=1e-6, rtol=0
     )
 
     # damage it: rebuilt again, for the teacher asked for
-    cache.write_bytes(cache.read_bytes()[:200])
+    _shard(cache).write_bytes(_shard(cache).read_bytes()[:200])
     source = cached_or_live(teacher_model, digits.train, cache)
-    assert source.metadata["teacher_sha256"] == model_fingerprint(teacher_model)
+    assert source.meaning["teacher_weights"] == model_fingerprint(teacher_model)
     CachedTeacher(cache, dataset=digits.train, teacher=teacher_model)
 
 
 def test_cached_or_live_reuses_a_matching_cache(digits, teacher_model, cache):
-    before = cache.stat().st_mtime_ns
+    before = _shard(cache).stat().st_mtime_ns
     source = cached_or_live(teacher_model, digits.train, cache)
     assert isinstance(source, CachedTeacher)
-    assert cache.stat().st_mtime_ns == before
+    assert _shard(cache).stat().st_mtime_ns == before
     assert isinstance(cached_or_live(teacher_model, digits.train, None), LiveTeacher)
 
 
@@ -167,11 +162,12 @@ class _ItemDataset(Dataset):
 def test_cache_of_a_generic_dataset_matches_live(digits, teacher_model, tmp_path):
     x, y = digits.val.tensors
     ds = _ItemDataset(digits.val)
-    path = build_logit_cache(teacher_model, ds, tmp_path / "c.safetensors", batch_size=100)
+    path = build_logit_cache(teacher_model, ds, tmp_path / "c", batch_size=100)
     cached = CachedTeacher(path, dataset=ds, teacher=teacher_model)
     with torch.no_grad():
         want = teacher_model.eval()(x)
-    torch.testing.assert_close(cached.logits, want, atol=1e-6, rtol=1e-6)
+    got = cached.signal({"index": torch.arange(len(ds))}).logits
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 def test_training_with_the_cache_equals_training_live(digits, teacher_model, cache):

@@ -3,16 +3,18 @@
 __version__ = "0.1.0"
 
 from .api import DistillResult, distill  # noqa: E402
+from .cache import CachedTeacher, Encoding, build_logit_cache, write_cache  # noqa: E402
 from .config import OptimizerConfig, ScheduleConfig, TrainConfig  # noqa: E402
 from .distiller import Distiller, FitResult  # noqa: E402
 from .losses import divergence, kd_loss  # noqa: E402
 from .losses.objective import Objective, Term, ce_term, divergence_term, kd_term  # noqa: E402
 from .signal import Signal, StudentView  # noqa: E402
-from .teachers import CachedTeacher, LiveTeacher, build_logit_cache  # noqa: E402
+from .teachers import LiveTeacher  # noqa: E402
 
 __all__ = [
     "CachedTeacher",
     "DistillResult",
+    "Encoding",
     "Distiller",
     "FitResult",
     "LiveTeacher",
@@ -30,4 +32,5 @@ __all__ = [
     "divergence_term",
     "kd_loss",
     "kd_term",
+    "write_cache",
 ]

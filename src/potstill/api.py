@@ -13,11 +13,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .cache import cached_or_live
 from .config import OptimizerConfig, ScheduleConfig, TrainConfig
 from .distiller import Distiller, FitResult
 from .evaluate import accuracy, agreement, predict_logits
-from .losses.objective import hinton_objective, labels_only_objective
-from .teachers import LiveTeacher, TeacherSource, cached_or_live
+from .losses.objective import Objective, hinton_objective, labels_only_objective
+from .teachers import LiveTeacher, TeacherSource
 
 
 @dataclass
@@ -97,18 +98,48 @@ def distill(
     )
     init = copy.deepcopy(student) if baseline else None
     source: TeacherSource = LiveTeacher(teacher)
-    if cache_teacher:
-        # without a run_dir the cache goes to a temporary folder, deleted once CachedTeacher
-        # holds the verified logits in memory
-        with tempfile.TemporaryDirectory(prefix="potstill-cache-") as tmp:
-            folder = Path(run_dir) if run_dir else Path(tmp)
-            source = cached_or_live(teacher, train_data, folder / "teacher-logits.safetensors")
+    # without a run_dir the cache lives in a temporary folder for the length of the call
+    tmp = tempfile.TemporaryDirectory(prefix="potstill-cache-") if cache_teacher else None
+    try:
+        if cache_teacher:
+            folder = Path(run_dir) if run_dir else Path(tmp.name)  # type: ignore[union-attr]
+            source = cached_or_live(teacher, train_data, folder / "teacher-cache")
+        objective = hinton_objective(temperature, alpha)
+        return _fit_both(
+            student,
+            teacher,
+            objective,
+            train_data,
+            source,
+            config,
+            run_dir,
+            eval_data,
+            init,
+            resume,
+        )
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _fit_both(
+    student: nn.Module,
+    teacher: nn.Module,
+    objective: Objective,
+    train_data: Dataset,
+    source: TeacherSource,
+    config: TrainConfig,
+    run_dir: str | Path | None,
+    eval_data: Dataset | None,
+    init: nn.Module | None,
+    resume: bool,
+) -> DistillResult:
     evaluate = None
     if eval_data is not None:
         evaluate = _eval_with_teacher(predict_logits(teacher, eval_data)[0], eval_data)
     fit = Distiller(
         student,
-        hinton_objective(temperature, alpha),
+        objective,
         train_data,
         teacher=source,
         config=config,

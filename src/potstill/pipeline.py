@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from . import __version__
+from .cache import CachedTeacher, cached_or_live
 from .config import TrainConfig
 from .data import Splits, hide_labels, labelled_only, load_splits
 from .distiller import Distiller, FitResult
@@ -31,7 +32,7 @@ from .losses.objective import Objective, labels_only_objective
 from .models import ArchSpec, build_model, load_model, save_model
 from .recipe import Recipe, RecipeError
 from .taps import TapsLike, tap_counts
-from .teachers import CachedTeacher, LiveTeacher, TeacherSource, cached_or_live
+from .teachers import LiveTeacher, TeacherSource
 
 log = logging.getLogger("potstill")
 
@@ -227,7 +228,7 @@ def run_recipe(
         **teacher_info,
     }
 
-    cache_path = run_dir / "teacher" / "logits-train.safetensors" if recipe.teacher.cache else None
+    cache_path = run_dir / "teacher" / "cache-train" if recipe.teacher.cache else None
     t = time.perf_counter()
     source = cached_or_live(teacher, splits.train, cache_path)
     cache_info: dict[str, Any] = {"enabled": cache_path is not None}

@@ -7,19 +7,26 @@ A teacher (live or cached) turns a batch into a :class:`Signal`; the student's f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .losses.llm import TopK
 
 
 @dataclass
 class Signal:
     """What a teacher says about one batch.
 
-    ``logits`` holds dense logits of shape ``(..., V)``; ``features`` holds named intermediate
-    outputs (filled by taps). Every tensor is detached: a signal never carries a graph.
+    ``logits`` holds dense logits of shape ``(..., V)``; ``topk`` the sparse form (the k most
+    likely tokens' ids and log-probabilities and the tail mass, as a teacher cache stores them);
+    a signal carries one or the other. ``features`` holds named intermediate outputs (filled by
+    taps). Every tensor is detached: a signal never carries a graph.
     """
 
     logits: torch.Tensor | None = None
+    topk: TopK | None = None
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
 

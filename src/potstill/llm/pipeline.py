@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +22,9 @@ from pydantic import Field, model_validator
 
 from .. import __version__
 from ..assets import resolve
+from ..cache import CachedTeacher, Encoding, cache_status, write_cache
 from ..config import TrainConfig
+from ..data import TensorDictDataset
 from ..distiller import Distiller
 from ..evaluate import file_size
 from ..hf import (
@@ -39,7 +42,7 @@ from ..pipeline import _check_run_dir, _start_run_dir
 from ..recipe import _Strict
 from ..report import describe_term
 from ..students import derive
-from ..teachers import LiveTeacher
+from ..teachers import LiveTeacher, TeacherSource
 from .data import fortune_examples, prompt_ids, tokenize_examples
 from .evaluate import causal_lm_forward, forward_tokens_per_s, generate, lm_figures
 
@@ -82,6 +85,37 @@ class LMModelSpec(_Strict):
     model: str
     dtype: str = "float32"
     trust_remote_code: bool = False
+
+
+class LMCacheSpec(_Strict):
+    """Train from a teacher cache (``potstill cache``) instead of running the teacher every
+    step: the teacher's top-``k`` next-token distributions over the training data, computed once.
+    ``path`` (default ``<run>/teacher-cache``) may name a shared cache; a missing or unfinished
+    one is filled first (finished shards are kept), unless ``allow_incomplete``: then the run
+    trains on the examples the cache holds. A cache built for another teacher, tokenizer, data,
+    length, k or encoding is an error naming the field."""
+
+    path: str | None = None
+    k: int = Field(64, gt=0)
+    logprobs: Literal["float32", "float16", "q8"] = "q8"
+    compression: Literal["none", "zlib"] = "zlib"
+    shard_size: int | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0, description="teacher batch size while filling the cache")
+    allow_incomplete: bool = False
+
+
+class LMTeacherSpec(LMModelSpec):
+    """The teacher; ``cache: true`` (or cache options) trains from its cached top-k instead of
+    running it live every step."""
+
+    cache: LMCacheSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cache_switch(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("cache"), bool):
+            data = {**data, "cache": {} if data["cache"] else None}
+        return data
 
 
 class LMStudentSpec(_Strict):
@@ -129,7 +163,7 @@ class LMRecipe(_Strict):
     kind: Literal["causal-lm"]
     name: str = "causal-lm"
     seed: int = 0
-    teacher: LMModelSpec
+    teacher: LMTeacherSpec
     student: LMStudentSpec = Field(default_factory=LMStudentSpec)
     data: LMDataSpec = Field(default_factory=LMDataSpec)
     variants: dict[str, list[LMTermSpec]]
@@ -245,7 +279,10 @@ def run_lm_recipe(
     response_tokens = int(
         (train.tensors["attention_mask"].sum(1) - train.tensors["prompt_length"]).sum()
     )
-    source = LiveTeacher(teacher, forward=causal_lm_forward)
+    source: TeacherSource = LiveTeacher(teacher, forward=causal_lm_forward)
+    cache_info: dict[str, Any] | None = None
+    if recipe.teacher.cache is not None:
+        source, train, cache_info = _cached_source(recipe, run_dir, teacher, tok, train)
     prompts = [prompt_ids(tok, p, d.format, d.system) for p in recipe.generate.prompts]
 
     untrained = "derived, not distilled" if init is not base else "student, not distilled"
@@ -329,12 +366,53 @@ def run_lm_recipe(
             "steps": recipe.train.max_steps, "batch_size": recipe.train.batch_size,
             "lr": recipe.train.optimizer.lr, "chunk_size": recipe.chunk_size,
         },
+        "teacher_cache": cache_info,
         "prompts": recipe.generate.prompts, "generations": generations,
         "eval_s": eval_s, "rows": rows, "wall_time_s": time.perf_counter() - t_start,
     }  # fmt: skip
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1, default=str))
     write_lm_report(run_dir, results)
     return results
+
+
+def _cached_source(
+    recipe: LMRecipe,
+    run_dir: Path,
+    teacher: torch.nn.Module,
+    tok: Any,
+    train: TensorDictDataset,
+) -> tuple[CachedTeacher, TensorDictDataset, dict[str, Any]]:
+    """The recipe's teacher cache over ``train`` (filled first unless ``allow_incomplete``),
+    the training data it covers, and its figures for the results."""
+    c = recipe.teacher.cache
+    assert c is not None
+    path = Path(c.path) if c.path else run_dir / "teacher-cache"
+    encoding = Encoding(logprobs=c.logprobs, compression=c.compression)
+    t0 = time.perf_counter()
+    if not c.allow_incomplete:
+        write_cache(
+            teacher, train, path, unit="token", k=c.k, encoding=encoding,
+            forward=causal_lm_forward, tokenizer=tok, shard_size=c.shard_size,
+            batch_size=c.batch_size, teacher_name=recipe.teacher.model,
+        )  # fmt: skip
+    cached = CachedTeacher(
+        path,
+        expect={"k": c.k, "encoding": asdict(encoding)},
+        teacher=teacher,
+        tokenizer=tok,
+        dataset=train,
+        allow_incomplete=c.allow_incomplete,
+    )
+    if c.allow_incomplete:
+        train = cached.subset(train)
+        log.info("teacher cache %s: training on the %d examples it holds", path, len(train))
+    status = cache_status(path)
+    info = {
+        "path": str(path), "k": c.k, "encoding": asdict(encoding), "bytes": status.bytes,
+        "positions": status.positions, "bytes_per_token": status.bytes / max(1, status.positions),
+        "examples": len(train), "ready_s": time.perf_counter() - t0,
+    }  # fmt: skip
+    return cached, train, info
 
 
 def lm_markdown(results: dict[str, Any]) -> str:
@@ -351,6 +429,7 @@ def lm_markdown(results: dict[str, Any]) -> str:
         f"objective. Held-out: {d['val']} fortunes ({d['val_tokens']} response tokens). Seed "
         f"{results['seed']}, {results['threads']} threads, whole run "
         f"{results['wall_time_s'] / 60:.1f} min.",
+        *_cache_lines(results.get("teacher_cache")),
         "",
         "| model | objective | layers | parameters | size (MB) | perplexity | top-1 agreement "
         "| KL(teacher‖model) | forward tokens/s | generation tokens/s | train time (s) |",
@@ -403,6 +482,20 @@ def lm_markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | {text} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _cache_lines(cache: dict[str, Any] | None) -> list[str]:
+    if not cache:
+        return ["", "Teacher: run live on every training batch."]
+    e = cache["encoding"]
+    return [
+        "",
+        f"Teacher: read from its cache `{cache['path']}` (top-{cache['k']}, log-probs "
+        f"{e['logprobs']}, compression {e['compression']}; {cache['bytes'] / 1e6:.1f} MB for "
+        f"{cache['positions']:,} tokens, {cache['bytes_per_token']:.0f} bytes per token; ready "
+        f"in {cache['ready_s']:.0f} s, filling included). The token terms compare the student "
+        f"with the teacher on k + 1 buckets (the top-{cache['k']} tokens and the rest).",
+    ]
 
 
 def _only_ce(row: dict[str, Any]) -> bool:

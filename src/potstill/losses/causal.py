@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..signal import Signal, StudentView
 from .divergences import divergence
-from .llm import chunked_divergence
+from .llm import TopK, chunked_divergence, sparse_divergence
 from .objective import Term
 
 log = logging.getLogger("potstill")
@@ -62,7 +62,7 @@ def shared_vocabulary(student_logits: Tensor, teacher_logits: Tensor) -> tuple[T
 
 def token_divergence(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | TopK,
     mask: Tensor,
     kind: str = "fkl",
     *,
@@ -73,10 +73,15 @@ def token_divergence(
 ) -> Tensor:
     """A divergence between student and teacher next-token distributions, averaged over the
     positions where ``mask`` (from :func:`next_token_mask`) is true; the vocabularies are cut to
-    their shared part. ``chunk_size`` bounds memory (see ``chunked_divergence``)."""
+    their shared part. ``chunk_size`` bounds memory (see ``chunked_divergence``). The teacher
+    may be dense logits or a :class:`~potstill.losses.llm.TopK` (a teacher cache's form: then
+    ``sparse_divergence`` on k+1 buckets)."""
+    opts: dict[str, Any] = {"temperature": temperature, "beta": beta, "skew": skew, "mask": mask}
+    if isinstance(teacher_logits, TopK):
+        topk = teacher_logits
+        return sparse_divergence(student_logits, topk, kind, chunk_size=chunk_size, **opts)
     student_logits, teacher_logits = shared_vocabulary(student_logits, teacher_logits)
     teacher_logits = teacher_logits.detach()
-    opts: dict[str, Any] = {"temperature": temperature, "beta": beta, "skew": skew, "mask": mask}
     if chunk_size is None:
         return divergence(student_logits, teacher_logits, kind, **opts)
     return chunked_divergence(student_logits, teacher_logits, kind, chunk_size=chunk_size, **opts)
@@ -134,14 +139,16 @@ def token_term(
     name: str | None = None,
 ) -> Term:
     """A token-level divergence between the student's and the teacher's next-token
-    distributions (:func:`token_divergence`) on the positions of :func:`batch_token_mask`."""
+    distributions (:func:`token_divergence`) on the positions of :func:`batch_token_mask`; the
+    teacher's signal may be dense (a live teacher) or top-k (a teacher cache)."""
 
     def fn(view: StudentView, signal: Signal | None, batch: Mapping[str, Any]) -> Tensor:
-        if signal is None or signal.logits is None:
-            raise ValueError(f"the {kind!r} token term needs the teacher's logits")
+        target = None if signal is None else (signal.logits if signal.topk is None else signal.topk)
+        if target is None:
+            raise ValueError(f"the {kind!r} token term needs the teacher's logits or top-k")
         return token_divergence(
             view.logits,
-            signal.logits,
+            target,
             batch_token_mask(batch),
             kind,
             temperature=temperature,

