@@ -6,6 +6,7 @@ cache against training live."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -13,11 +14,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import load_file
 from test_llm_pipeline import SMOLLM2, SYSTEM, tiny_llama
 from torch.utils.data import DataLoader
 
@@ -428,3 +431,149 @@ def test_example_cache_stores_tapped_features(digits, teacher_model, tmp_path):
     torch.testing.assert_close(got.logits, want.logits, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got.features["h"], want.features["h"], atol=1e-6, rtol=1e-6)
     live.close()
+
+
+# --- recipes and the command line ---
+
+
+def _lm_recipe(llama_dir: Path, fortunes: Path, cache: Any = None, **over: Any):
+    from test_llm_pipeline import recipe_dict
+
+    from potstill.llm.pipeline import LMRecipe
+
+    data = recipe_dict(
+        llama_dir,
+        data={"folder": str(fortunes), "train": 6, "val": 2},
+        variants={"fkl": [{"kind": "fkl"}], "jsd": [{"kind": "jsd"}]},
+        generate={"prompts": ["A fortune about love."], "max_new_tokens": 2},
+        **{"train": {"max_steps": 3, "batch_size": 3}, **over},
+    )
+    if cache is not None:
+        data["teacher"]["cache"] = cache
+    return LMRecipe.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tok, tmp_path_factory) -> Path:
+    from test_llm_pipeline import save_llama
+
+    return save_llama(tmp_path_factory.mktemp("tiny-llama"), tok, len(tok), seed=0)
+
+
+@pytest.fixture(scope="module")
+def fortunes(tmp_path_factory) -> Path:
+    from test_llm_pipeline import small_fortunes
+
+    return small_fortunes.__wrapped__(tmp_path_factory)
+
+
+def test_recipe_trains_the_same_from_a_full_cache_as_live(llama_dir, fortunes, tmp_path):
+    from potstill.llm.pipeline import run_lm_recipe
+
+    # SGD: Adam divides each gradient by its own running size, so float rounding in gradients
+    # that are nearly 0 (tokens both models find unlikely) would decide whole update steps
+    sgd = {"max_steps": 3, "batch_size": 3, "optimizer": {"name": "sgd", "lr": 0.5}}
+    live = run_lm_recipe(_lm_recipe(llama_dir, fortunes, train=sgd), tmp_path / "live")
+    exact = {"k": 49152, "logprobs": "float32", "compression": "none", "shard_size": 2}
+    recipe = _lm_recipe(llama_dir, fortunes, cache=exact, train=sgd)
+    cached = run_lm_recipe(recipe, tmp_path / "cached")
+    info = cached["teacher_cache"]
+    assert info["path"] == str(tmp_path / "cached" / "teacher-cache")
+    assert cache_status(info["path"]).complete and info["examples"] == 6
+    assert live["teacher_cache"] is None
+    init = load_file(llama_dir / "model.safetensors")
+    for name in ("fkl", "jsd"):
+        a = load_file(tmp_path / "live" / name / "export" / "model.safetensors")
+        b = load_file(tmp_path / "cached" / name / "export" / "model.safetensors")
+        assert not torch.equal(a["model.norm.weight"], init["model.norm.weight"])  # it trained
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    md = (tmp_path / "cached" / "report.md").read_text()
+    assert (
+        "read from its cache" in md
+        and "Teacher: run live" in (tmp_path / "live" / "report.md").read_text()
+    )
+
+
+def test_recipe_with_the_default_top_k_cache_trains_close_to_live(llama_dir, fortunes, tmp_path):
+    from potstill.llm.pipeline import run_lm_recipe
+
+    recipe = _lm_recipe(llama_dir, fortunes, cache=True)
+    assert recipe.teacher.cache.k == 64 and recipe.teacher.cache.logprobs == "q8"
+    results = run_lm_recipe(recipe, tmp_path / "run")
+    assert results["teacher_cache"]["bytes_per_token"] < 200
+    # a second run reuses the shared cache as it is (nothing rewritten)
+    shared = tmp_path / "run" / "teacher-cache"
+    stamps = {p: p.stat().st_mtime_ns for p in (shared / "shards").iterdir()}
+    again = _lm_recipe(llama_dir, fortunes, cache={"path": str(shared)})
+    run_lm_recipe(again, tmp_path / "again")
+    assert {p: p.stat().st_mtime_ns for p in (shared / "shards").iterdir()} == stamps
+    # … but refuses it for another k, naming the field
+    other = _lm_recipe(llama_dir, fortunes, cache={"path": str(shared), "k": 8})
+    with pytest.raises(CacheError, match="k differs"):
+        run_lm_recipe(other, tmp_path / "other")
+
+
+def test_cli_cache_from_a_recipe_in_parts_then_train(llama_dir, fortunes, tmp_path):
+    import yaml
+    from test_llm_pipeline import recipe_dict
+    from typer.testing import CliRunner
+
+    from potstill.cli import app
+
+    cache_dir = tmp_path / "shared-cache"
+    data = recipe_dict(
+        llama_dir,
+        data={"folder": str(fortunes), "train": 6, "val": 2},
+        variants={"fkl": [{"kind": "fkl"}]},
+        train={"max_steps": 2, "batch_size": 3},
+        generate={"prompts": ["A fortune about love."], "max_new_tokens": 2},
+    )
+    data["teacher"]["cache"] = {"path": str(cache_dir), "shard_size": 2, "allow_incomplete": True}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    runner = CliRunner()
+    result = runner.invoke(app, ["cache", str(path), "--shard", "1/2"])
+    assert result.exit_code == 0, result.output
+    assert "1 of 3 shards written" in result.output
+    result = runner.invoke(app, ["cache", str(path), "--status"])
+    assert "1 of 3 shards written" in result.output and "missing shards: 2" in result.output
+    # allow_incomplete: the run trains on the examples the cache holds
+    result = runner.invoke(app, ["distill", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert (
+        json.loads((tmp_path / "run" / "results.json").read_text())["teacher_cache"]["examples"]
+        == 2
+    )
+    result = runner.invoke(app, ["cache", str(path), "--shard", "0/2"])
+    assert "3 of 3 shards written" in result.output
+    result = runner.invoke(app, ["cache", str(path), "--shard", "5/2"])
+    assert result.exit_code == 2 and "--shard" in result.output
+
+
+def test_cli_cache_from_teacher_and_jsonl(llama_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from potstill.cli import app
+
+    rows = [{"prompt": "Say hi.", "response": "Hi there!"}, {"text": "Plain text, no prompt."}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "c"
+    args = ["cache", "--teacher", str(llama_dir), "--data", str(data), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--k", "8", "--format", "text", "--max-length", "32"])
+    assert result.exit_code == 0, result.output
+    cached = CachedTeacher(out)
+    assert cached.k == 8 and cached.unit == "token" and len(cached) == 2
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')
+    bad = [
+        "cache",
+        "--teacher",
+        str(llama_dir),
+        "--data",
+        str(tmp_path / "bad.jsonl"),
+        "--out",
+        str(tmp_path / "d"),
+    ]
+    result = CliRunner().invoke(app, bad)
+    assert result.exit_code == 2 and "bad.jsonl:1" in result.output

@@ -1,5 +1,5 @@
-"""The ``potstill`` command: ``distill`` a recipe, ``eval`` a saved model, rebuild a ``report``,
-list built-in ``recipes``."""
+"""The ``potstill`` command: ``distill`` a recipe, ``cache`` a teacher's signal, ``eval`` a saved
+model, rebuild a ``report``, list built-in ``recipes``."""
 
 from __future__ import annotations
 
@@ -92,6 +92,116 @@ def distill(
     for line in summary_lines(results):
         typer.echo(line.replace("**", ""))
     typer.echo(f"report: {run_dir / 'report.md'}  and  {run_dir / 'report.html'}")
+
+
+@app.command()
+def cache(
+    recipe: Annotated[
+        str | None, typer.Argument(help="causal-lm recipe whose training data to cache")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a recipe field: key.sub=value")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="cache folder (recipe default: teacher.cache.path, else runs/<name>/teacher-cache)"
+        ),
+    ] = None,
+    shard: Annotated[
+        str, typer.Option(help="write only part i of N (i from 0), e.g. a Slurm array task")
+    ] = "0/1",
+    teacher: Annotated[
+        str | None, typer.Option(help="without a recipe: teacher model (hub name or folder)")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="without a recipe: JSONL of {prompt, response} or {text}")
+    ] = None,
+    k: Annotated[int, typer.Option(help="top-k tokens kept per position (no recipe)")] = 64,
+    logprobs: Annotated[str, typer.Option(help="q8, float16 or float32")] = "q8",
+    compression: Annotated[str, typer.Option(help="zlib or none")] = "zlib",
+    max_length: Annotated[int, typer.Option(help="tokens per example (longer are cut)")] = 256,
+    format_: Annotated[str, typer.Option("--format", help="chat or text")] = "chat",
+    system: Annotated[str | None, typer.Option(help="system message (chat format)")] = None,
+    batch_size: Annotated[int, typer.Option(help="teacher batch size")] = 8,
+    shard_size: Annotated[int | None, typer.Option(help="examples per shard")] = None,
+    status: Annotated[bool, typer.Option(help="only show how far the cache is filled")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+) -> None:
+    """Run the teacher once over a dataset and write its top-k signal to a sharded cache.
+
+    From a causal-lm recipe (its training data and teacher.cache settings: change them with
+    --set teacher.cache.k=128), or from --teacher and --data with the options below.
+
+    Several machines fill one cache with --shard 0/N … N-1/N; an interrupted run continues
+    when rerun. Train from the cache with teacher.cache in the recipe.
+    """
+    from .cache import Encoding, cache_status, parse_part
+
+    _setup(threads)
+    try:
+        part = parse_part(shard)
+        if recipe is not None:
+            from .llm.pipeline import LMRecipe, cache_lm_recipe, cache_settings
+            from .recipe import load_recipe
+
+            r = load_recipe(recipe, list(set_ or []))
+            if not isinstance(r, LMRecipe):
+                raise ValueError(
+                    f"recipe {recipe!r} is not kind: causal-lm; classic recipes cache their "
+                    "teacher's logits by themselves (teacher.cache: true)"
+                )
+            c = cache_settings(r)
+            path = out or Path(c.path or Path("runs") / r.name / "teacher-cache")
+            st = cache_status(path) if status else cache_lm_recipe(r, path, part=part)
+        else:
+            if out is None:
+                raise ValueError("give --out (the cache folder) with --teacher and --data")
+            if status:
+                st = cache_status(out)
+            else:
+                if teacher is None or data is None:
+                    raise ValueError("give a recipe, or --teacher and --data")
+                st = _cache_jsonl(
+                    teacher, data, out, part=part, k=k, max_length=max_length, fmt=format_,
+                    system=system, batch_size=batch_size, shard_size=shard_size,
+                    encoding=Encoding(logprobs=logprobs, compression=compression),  # type: ignore[arg-type]
+                )  # fmt: skip
+    except _user_errors() as e:
+        _fail(e)
+        return
+    except KeyboardInterrupt:
+        typer.echo("interrupted: rerun the same command to continue", err=True)
+        raise typer.Exit(130) from None
+    per_token = st.bytes / max(1, st.positions)
+    typer.echo(
+        f"{st.path}: {len(st.done)} of {st.num_shards} shards written, {st.positions:,} tokens, "
+        f"{st.bytes / 1e6:.1f} MB ({per_token:.0f} bytes per token)"
+        + ("" if st.complete else f"; missing shards: {len(st.missing)}")
+    )
+
+
+def _cache_jsonl(
+    teacher: str, data: Path, out: Path, *, part: tuple[int, int], k: int, max_length: int,
+    fmt: str, system: str | None, batch_size: int, shard_size: int | None, encoding: object,
+) -> object:  # fmt: skip
+    from .assets import resolve
+    from .cache import write_cache
+    from .hf import load_model, load_tokenizer
+    from .llm.data import read_jsonl_examples, tokenize_examples
+    from .llm.evaluate import causal_lm_forward
+
+    if fmt not in ("chat", "text"):
+        raise ValueError(f"--format must be chat or text, got {fmt!r}")
+    examples = read_jsonl_examples(data)
+    path = resolve(teacher)
+    model, tok = load_model(path, "causal-lm"), load_tokenizer(path)
+    dataset = tokenize_examples(examples, tok, max_length, fmt=fmt, system=system)  # type: ignore[arg-type]
+    return write_cache(
+        model, dataset, out, unit="token", k=k, encoding=encoding, forward=causal_lm_forward,  # type: ignore[arg-type]
+        tokenizer=tok, shard_size=shard_size, batch_size=batch_size, part=part,
+        teacher_name=teacher,
+    )  # fmt: skip
 
 
 @app.command("eval")

@@ -45,6 +45,35 @@ def fortune_examples(
     ]
 
 
+def read_jsonl_examples(path: str | Path) -> list[LMExample]:
+    """Examples from a JSON Lines file: one object per line with ``prompt`` and ``response``,
+    or ``text`` alone (an empty prompt). Errors name the file and line."""
+    import json
+
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{n}: expected an object, got {type(record).__name__}")
+            if "text" in record and "response" not in record:
+                examples.append(LMExample("", str(record["text"])))
+            elif "response" in record:
+                examples.append(LMExample(str(record.get("prompt", "")), str(record["response"])))
+            else:
+                raise ValueError(
+                    f"{path}:{n}: needs 'prompt' and 'response' (or 'text'), has {sorted(record)}"
+                )
+    if not examples:
+        raise ValueError(f"{path} holds no examples")
+    return examples
+
+
 def _chat(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
     text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=generation_prompt

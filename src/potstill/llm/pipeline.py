@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 
 from .. import __version__
 from ..assets import resolve
-from ..cache import CachedTeacher, Encoding, cache_status, write_cache
+from ..cache import CachedTeacher, CacheStatus, Encoding, cache_status, write_cache
 from ..config import TrainConfig
 from ..data import TensorDictDataset
 from ..distiller import Distiller
@@ -239,14 +239,7 @@ def run_lm_recipe(
     _check_run_dir(run_dir, recipe, resume, overwrite)
     _start_run_dir(run_dir, recipe)
     t_start = time.perf_counter()
-    t_path = resolve(recipe.teacher.model)
-    teacher = load_model(
-        t_path,
-        "causal-lm",
-        dtype=recipe.teacher.dtype,
-        trust_remote_code=recipe.teacher.trust_remote_code,
-    )
-    tok = load_tokenizer(t_path, trust_remote_code=recipe.teacher.trust_remote_code)
+    teacher, tok = load_lm_teacher(recipe)
     spec = recipe.student
     if spec.model is None or spec.model == recipe.teacher.model:
         base, s_name = teacher, recipe.teacher.model
@@ -268,14 +261,7 @@ def run_lm_recipe(
     vocab = shared_vocab_size(teacher, init, len(tok))  # raises when the vocabularies differ
 
     d = recipe.data
-    examples = fortune_examples(d.folder, prompt=d.prompt, max_chars=d.max_chars)
-    random.Random(recipe.seed).shuffle(examples)
-    if d.train + d.val > len(examples):
-        raise ValueError(f"data: train + val = {d.train + d.val} but only {len(examples)} texts")
-    train = tokenize_examples(examples[: d.train], tok, d.max_length, fmt=d.format, system=d.system)
-    val = tokenize_examples(
-        examples[d.train : d.train + d.val], tok, d.max_length, fmt=d.format, system=d.system
-    )
+    train, val = lm_datasets(recipe, tok)
     response_tokens = int(
         (train.tensors["attention_mask"].sum(1) - train.tensors["prompt_length"]).sum()
     )
@@ -373,6 +359,56 @@ def run_lm_recipe(
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1, default=str))
     write_lm_report(run_dir, results)
     return results
+
+
+def load_lm_teacher(recipe: LMRecipe) -> tuple[torch.nn.Module, Any]:
+    """The recipe's teacher model and its tokenizer."""
+    t_path = resolve(recipe.teacher.model)
+    teacher = load_model(
+        t_path,
+        "causal-lm",
+        dtype=recipe.teacher.dtype,
+        trust_remote_code=recipe.teacher.trust_remote_code,
+    )
+    return teacher, load_tokenizer(t_path, trust_remote_code=recipe.teacher.trust_remote_code)
+
+
+def lm_datasets(recipe: LMRecipe, tok: Any) -> tuple[TensorDictDataset, TensorDictDataset]:
+    """The recipe's tokenized training and held-out data (shuffled with the recipe's seed)."""
+    d = recipe.data
+    examples = fortune_examples(d.folder, prompt=d.prompt, max_chars=d.max_chars)
+    random.Random(recipe.seed).shuffle(examples)
+    if d.train + d.val > len(examples):
+        raise ValueError(f"data: train + val = {d.train + d.val} but only {len(examples)} texts")
+    fmt = {"fmt": d.format, "system": d.system}
+    train = tokenize_examples(examples[: d.train], tok, d.max_length, **fmt)
+    val = tokenize_examples(examples[d.train : d.train + d.val], tok, d.max_length, **fmt)
+    return train, val
+
+
+def cache_settings(recipe: LMRecipe) -> LMCacheSpec:
+    """The recipe's teacher-cache settings (its defaults when the recipe trains live)."""
+    return recipe.teacher.cache or LMCacheSpec()
+
+
+def cache_lm_recipe(
+    recipe: LMRecipe,
+    path: str | Path,
+    *,
+    part: tuple[int, int] = (0, 1),
+    progress: bool | None = None,
+) -> CacheStatus:
+    """Fill (this ``part`` of) the teacher cache of a recipe's training data at ``path``: what
+    ``potstill cache RECIPE`` does, on one machine or as one of N."""
+    c = cache_settings(recipe)
+    teacher, tok = load_lm_teacher(recipe)
+    train, _ = lm_datasets(recipe, tok)
+    return write_cache(
+        teacher, train, path, unit="token", k=c.k,
+        encoding=Encoding(logprobs=c.logprobs, compression=c.compression),
+        forward=causal_lm_forward, tokenizer=tok, shard_size=c.shard_size,
+        batch_size=c.batch_size, part=part, teacher_name=recipe.teacher.model, progress=progress,
+    )  # fmt: skip
 
 
 def _cached_source(
@@ -515,4 +551,13 @@ def write_lm_report(run_dir: Path, results: dict[str, Any]) -> None:
     atomic_write_text(run_dir / "report.html", html_page(results["name"], md, {"losses": png}))
 
 
-__all__ = ["LMRecipe", "LMTermSpec", "lm_markdown", "run_lm_recipe"]
+__all__ = [
+    "LMCacheSpec",
+    "LMRecipe",
+    "LMTermSpec",
+    "cache_lm_recipe",
+    "lm_datasets",
+    "lm_markdown",
+    "load_lm_teacher",
+    "run_lm_recipe",
+]
