@@ -160,6 +160,26 @@ def test_lossy_encodings_stay_within_their_documented_error(teacher, data, tok, 
             assert kl < {"float32": 1e-7, "float16": 1e-4, "q8": 1e-3}[logprobs], (logprobs, kl)
 
 
+def test_compressed_blocks_read_back_any_example_in_any_order(teacher, data, tmp_path):
+    fixed = _write(teacher, data, tmp_path / "fixed", k=16, encoding=Encoding(compression="none"))
+    blocks = _write(teacher, data, tmp_path / "blocks", k=16, encoding=Encoding(block=2))
+    assert blocks.bytes < fixed.bytes
+    a, b = CachedTeacher(tmp_path / "fixed"), CachedTeacher(tmp_path / "blocks")
+    order = list(range(len(data))) * 2
+    random.Random(1).shuffle(order)
+    for i in order:  # shards of 5 examples: blocks of 2, 2 and 1, read from cold and warm
+        x, y = a[i], b[i]
+        sort_x, sort_y = x["ids"].argsort(-1), y["ids"].argsort(-1)
+        assert torch.equal(x["ids"].gather(-1, sort_x), y["ids"].gather(-1, sort_y)), i
+        # the same stored values; renormalised in blocks or row ranges (last-bit differences)
+        lx, ly = x["logprobs"].gather(-1, sort_x), y["logprobs"].gather(-1, sort_y)
+        torch.testing.assert_close(lx, ly, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(x["tail"], y["tail"], atol=1e-7, rtol=1e-6)
+    y = b[3]
+    y["logprobs"].zero_()  # rows handed out are copies: the reader's kept blocks stay intact
+    assert not torch.equal(b[3]["logprobs"], y["logprobs"])
+
+
 def test_compression_and_small_ids_shrink_the_cache(teacher, data, tmp_path):
     sizes = {}
     for compression in ("none", "zlib"):

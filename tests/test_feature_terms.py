@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 import potstill.pipeline
+from potstill.cache import CachedTeacher, build_logit_cache
 from potstill.config import OptimizerConfig
 from potstill.data import hide_labels, load_splits
 from potstill.distiller import Distiller
@@ -41,7 +42,6 @@ from potstill.pipeline import run_recipe
 from potstill.recipe import Recipe, RecipeError, TermSpec
 from potstill.signal import Signal, StudentView
 from potstill.taps import Taps, tap_counts, tapped_forward
-from potstill.cache import CachedTeacher, build_logit_cache
 from potstill.teachers import LiveTeacher
 
 TEACHER_ARCH = ArchSpec(kind="cnn", channels=[8, 16], hidden=[32], input_shape=[1, 8, 8])

@@ -17,6 +17,7 @@ import yaml
 from conftest import make_mlp, needs_fashion_mnist, quiet_config, state_equal
 
 import potstill
+from potstill.cache import CachedTeacher
 from potstill.config import OptimizerConfig, ScheduleConfig
 from potstill.data import DataError, hide_labels, labelled_only, load_splits
 from potstill.distiller import Distiller
@@ -25,7 +26,6 @@ from potstill.losses.objective import hinton_objective, labels_only_objective
 from potstill.models import ArchSpec, build_model, count_parameters, load_model
 from potstill.pipeline import run_recipe
 from potstill.recipe import Recipe, RecipeError, load_recipe
-from potstill.cache import CachedTeacher
 from potstill.teachers import LiveTeacher
 
 ROW_LABELS = ("teacher", "student without teacher", "student, distilled")
@@ -140,9 +140,7 @@ def test_saved_models_reproduce_the_reported_figures(run):
             assert accuracy(logits, labels) == row["accuracy"], (s["name"], kind)
             assert agreement(logits, t_logits) == row["agreement"], (s["name"], kind)
     # the teacher cache describes the training set and this teacher
-    CachedTeacher(
-        run_dir / "teacher" / "cache-train", dataset=splits.train, teacher=teacher
-    )
+    CachedTeacher(run_dir / "teacher" / "cache-train", dataset=splits.train, teacher=teacher)
 
 
 def test_baseline_and_distilled_start_from_the_same_weights(run):

@@ -12,7 +12,6 @@ import torch
 from conftest import make_mlp, quiet_config, state_equal
 from torch.utils.data import Dataset, TensorDataset
 
-from potstill.config import OptimizerConfig
 from potstill.cache import (
     CachedTeacher,
     CacheError,
@@ -20,6 +19,7 @@ from potstill.cache import (
     cached_or_live,
     data_fingerprint,
 )
+from potstill.config import OptimizerConfig
 from potstill.data import IGNORE_INDEX, make_batch
 from potstill.distiller import Distiller
 from potstill.losses.objective import hinton_objective

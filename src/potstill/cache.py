@@ -14,8 +14,9 @@ keeps one row per real token (``attention_mask`` 1) of each example, the teacher
 distribution at that position. A row is either ``V`` dense logits (``k`` None) or the top-k:
 token ids (uint16 when V ≤ 65,536), log-probabilities (``float32``, ``float16`` or ``q8``: one
 byte, steps of 1/16 nat below the row's largest log-probability, kept in float16) and the tail
-mass (the probability of all other tokens). With ``compression: zlib`` each example's top-k
-rows are stored sorted by token id, the ids as gaps, bytes shuffled and deflated.
+mass (the probability of all other tokens). With ``compression: zlib`` the top-k rows of a few
+consecutive examples (``Encoding.block``) are deflated together, each row's entries sorted by
+token id, the ids as gaps, bytes shuffled; a reader inflates only the blocks a batch needs.
 
 Safety: a shard is written to a temporary file, synced and renamed, and only then recorded (with
 its SHA-256) in its part's record, itself replaced atomically; a shard that is not recorded does
@@ -108,14 +109,18 @@ class Encoding:
     """How rows are stored. ``logprobs``: top-k log-probabilities as ``float32`` (exact),
     ``float16`` or ``q8`` (one byte each, see the module doc); ``logits``: dense logits as
     ``float32`` or ``float16``; ``features``: tapped features; ``compression``: ``zlib`` deflates
-    each example's top-k rows (ids gap-coded), ``none`` keeps them fixed-width."""
+    the top-k rows of ``block`` consecutive examples together (ids gap-coded), ``none`` keeps
+    them fixed-width."""
 
     logprobs: Literal["float32", "float16", "q8"] = "q8"
     logits: Literal["float32", "float16"] = "float32"
     features: Literal["float32", "float16"] = "float16"
     compression: Literal["none", "zlib"] = "zlib"
+    block: int = 8
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.block, int) and self.block >= 1):
+            raise ValueError(f"encoding.block must be a positive int, got {self.block!r}")
         allowed = {
             "logprobs": ("float32", "float16", "q8"),
             "logits": ("float32", "float16"),
@@ -272,8 +277,8 @@ def topk_rows(
 
 
 def _compress(rows: Mapping[str, torch.Tensor]) -> bytes:
-    """One example's top-k rows as one deflated blob: per row, entries sorted by id, ids as
-    gaps; every array byte-shuffled."""
+    """Top-k rows as one deflated blob: per row, entries sorted by id, ids as gaps; every
+    array byte-shuffled."""
     ids = rows["ids"].to(torch.int64)
     order = ids.argsort(dim=-1)
     ids = ids.gather(-1, order)
@@ -606,10 +611,18 @@ def _shard_tensors(
     bar: Any,
 ) -> dict[str, torch.Tensor]:
     """The tensors of one shard: rows of ``examples`` in order, ``offsets`` (rows per example,
-    cumulated), and for compressed top-k rows one ``blob`` with ``blob_offsets``."""
+    cumulated), and for compressed top-k rows one ``blob`` with ``blob_offsets`` (one deflated
+    block per ``encoding.block`` examples)."""
     columns: dict[str, list[torch.Tensor]] = {}
     blobs: list[bytes] = []
+    pending: list[dict[str, torch.Tensor]] = []  # top-k rows of the block being filled
     counts: list[int] = []
+
+    def flush() -> None:
+        if pending:
+            blobs.append(_compress({n: torch.cat([p[n] for p in pending]) for n in pending[0]}))
+            pending.clear()
+
     index = torch.arange(examples.start, examples.stop)
     for lo in range(0, len(index), batch_size):
         batch = make_batch(dataset, index[lo : lo + batch_size])
@@ -625,13 +638,16 @@ def _shard_tensors(
             else:
                 stored = topk_rows(rows, k, vocab, encoding)
                 if encoding.compression == "zlib":
-                    blobs.append(_compress(stored))
+                    pending.append(stored)
                     stored = {}
+                    if len(pending) == encoding.block:
+                        flush()
             for name, feats in feature_rows.items():
                 stored[f"feature.{name}"] = feats[e].to(getattr(torch, encoding.features))
             for name, t in stored.items():
                 columns.setdefault(name, []).append(t.contiguous())
         bar.update(len(batch["index"]))
+    flush()
     tensors = {name: torch.cat(parts) for name, parts in columns.items()}
     tensors["offsets"] = torch.tensor([0, *np.cumsum(counts)], dtype=torch.int64)
     if blobs:
@@ -707,6 +723,7 @@ class CachedTeacher:
         for j in self.records:
             self.available[j * size : (j + 1) * size] = True
         self._open: dict[int, tuple[Any, torch.Tensor, torch.Tensor | None]] = {}
+        self._blocks: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
     def _check_files(self, verify: bool, progress: bool | None) -> None:
         items = sorted(self.records.items())
@@ -733,6 +750,7 @@ class CachedTeacher:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_open"] = {}
+        state["_blocks"] = {}
         return state
 
     def __len__(self) -> int:
@@ -784,17 +802,40 @@ class CachedTeacher:
         if self.k is None:
             out["logits"] = f.get_slice("logits")[a:b].float()
         elif blob_offsets is not None:
-            x, y = int(blob_offsets[local]), int(blob_offsets[local + 1])
-            blob = f.get_slice("blob")[x:y].numpy().tobytes()
-            out.update(_decompress(blob, b - a, self.k, self._dtypes()))
+            g = local // self.encoding.block
+            first = int(offsets[g * self.encoding.block])
+            block = self._block(j, g, f, offsets, blob_offsets)
+            out.update({name: t[a - first : b - first].clone() for name, t in block.items()})
         else:
-            out.update({name: f.get_slice(name)[a:b] for name in self._dtypes()})
-        if self.k is not None:
-            topk = decode_topk(out, self.encoding)
-            out = {"ids": topk.ids, "logprobs": topk.logprobs, "tail": topk.tail_mass}
+            rows = {name: f.get_slice(name)[a:b] for name in self._dtypes()}
+            topk = decode_topk(rows, self.encoding)
+            out.update(ids=topk.ids, logprobs=topk.logprobs, tail=topk.tail_mass)
         for name in self.meaning["features"]:
             out[f"feature.{name}"] = f.get_slice(f"feature.{name}")[a:b].float()
         return out
+
+    def _block(
+        self, j: int, g: int, f: Any, offsets: torch.Tensor, blob_offsets: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The decoded rows of compressed block ``g`` of shard ``j``; the last few blocks read
+        are kept, so neighbouring examples do not inflate their block again."""
+        key = (j, g)
+        if key in self._blocks:
+            self._blocks[key] = self._blocks.pop(key)  # most recent last
+            return self._blocks[key]
+        x, y = int(blob_offsets[g]), int(blob_offsets[g + 1])
+        block = self.encoding.block
+        last = min(len(offsets) - 1, (g + 1) * block)
+        n_rows = int(offsets[last]) - int(offsets[g * block])
+        raw = _decompress(
+            f.get_slice("blob")[x:y].numpy().tobytes(), n_rows, self.k, self._dtypes()
+        )
+        topk = decode_topk(raw, self.encoding)
+        decoded = {"ids": topk.ids, "logprobs": topk.logprobs, "tail": topk.tail_mass}
+        self._blocks[key] = decoded
+        while len(self._blocks) > 8:
+            self._blocks.pop(next(iter(self._blocks)))
+        return decoded
 
     def _dtypes(self) -> dict[str, torch.dtype]:
         e = self.encoding
