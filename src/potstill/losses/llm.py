@@ -734,19 +734,43 @@ def _sparse_chunk(
     tail_mass: Tensor,
     grad_out: Tensor | None,
     grad_scale: float | Tensor,
-    **opts: Any,
+    *,
+    kind: str,
+    temperature: float,
+    beta: float,
+    skew: float,
 ) -> Tensor:
     """Per-position sparse values on rows, in the compute dtype; if ``grad_out`` is given,
-    ``grad_scale`` times the gradient of their sum w.r.t. the student logits (by autograd over
-    this chunk) is written into it."""
+    ``grad_scale`` times the gradient of their sum w.r.t. the student logits is written into it.
+
+    The gradient goes through the k+1 student buckets: with ``g = ∂D/∂s`` over the bucket
+    log-probabilities ``s`` (by autograd over the small ``(n, k+1)`` tensor) and ``G = Σ g``, a
+    token j among the ids gets ``g_j − p_j·G`` and any other token ``p_j·(g_tail/S_tail − G)``
+    (``S_tail`` the student's mass outside the ids), computed in one ``(n, V)`` buffer.
+    """
+    opts = {"kind": kind, "temperature": temperature, "beta": beta, "skew": skew}
     if grad_out is None:
         return _sparse_per_position(student, ids, logprobs, tail_mass, **opts)
+    dtype = _compute_dtype(student, logprobs, tail_mass)
+    full = ids.shape[-1] == student.shape[-1]
+    buf = F.log_softmax(student.detach().to(dtype), dim=-1)  # log p, then p, then the gradient
+    top = buf.gather(-1, ids)
+    buf.exp_()
+    buf.scatter_(-1, ids, 0.0)
+    rest = buf.sum(dim=-1)  # summed directly: no cancellation when the ids hold nearly all mass
+    lowest = torch.finfo(dtype).min
     with torch.enable_grad():
-        dtype = _compute_dtype(student, logprobs, tail_mass)
-        leaf = student.detach().to(dtype).requires_grad_()
-        values = _sparse_per_position(leaf, ids, logprobs, tail_mass, **opts)
-        (grad,) = torch.autograd.grad(values.sum(), leaf)
-    torch.mul(grad, grad_scale, out=grad_out)
+        buckets = torch.cat([top, rest.log().clamp_min(lowest).unsqueeze(-1)], dim=-1)
+        buckets.requires_grad_()
+        teacher = _temper(_teacher_buckets(logprobs, tail_mass, dtype, full), temperature)
+        values = _divergence_fn(kind)(_temper(buckets, temperature), teacher, beta=beta, skew=skew)
+        (g,) = torch.autograd.grad(values.sum(), buckets)
+    total = g.sum(dim=-1)
+    # an empty tail (k = V, or underflow) has p_j = 0 for every other token: no gradient there
+    per_rest = torch.where(rest > 0, g[:, -1] / rest.clamp_min(torch.finfo(dtype).tiny), 0.0)
+    buf.mul_((per_rest - total).unsqueeze(-1))
+    buf.scatter_(-1, ids, g[:, :-1] - top.exp() * total.unsqueeze(-1))
+    torch.mul(buf, grad_scale, out=grad_out)
     return values.detach()
 
 
