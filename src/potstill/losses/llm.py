@@ -16,17 +16,18 @@ time:
 Gradient in forward, one pass. When a gradient will be needed (grad mode on and the student
 requires grad), forward computes each chunk's value *and* its gradient and keeps only the
 gradients: the student-logit gradient (the one ``N × V`` tensor, in the student's dtype, that
-backward would have to create anyway), or for the fused form the gradients of the hidden
-states ``(N × H)``, weight and bias. The dense kinds compute value and closed-form gradient
-together, in place, from the two log-softmaxes (three or four chunk-sized buffers at the peak);
-the sparse one differentiates each chunk with autograd. Backward only scales the stored
-gradients by the incoming gradient, in place (not at all when it is 1), and hands them over
-without a copy: nothing is recomputed. Under ``torch.no_grad()`` (or when nothing requires
-grad) forward computes the value alone, which is cheaper: evaluate under ``no_grad``, or the
-gradient is computed, and held until the loss is freed, for nothing. A second backward through
-a retained graph (``backward(retain_graph=True)`` then ``backward()``) recomputes the gradients
-from the saved inputs. Double backward is not supported: the gradients are constants, with no
-graph even under ``create_graph=True``.
+backward would have to create anyway), or for the fused form the gradients of the hidden states
+``(N × H)``, weight and bias. The dense kinds compute value and closed-form gradient together, in
+place, from the two log-softmaxes (three or four chunk-sized buffers at the peak); the sparse one
+differentiates only the small ``(n, k+1)`` bucket tensor with autograd and carries that to the
+``V`` logits in closed form, in one chunk-sized buffer. Backward only scales the stored gradients
+by the incoming gradient, in place (not at all when it is 1), and hands them over without a copy:
+nothing is recomputed. Under ``torch.no_grad()`` (or when nothing requires grad) forward computes
+the value alone, which is cheaper: evaluate under ``no_grad``, or the gradient is computed, and
+held until the loss is freed, for nothing. A second backward through a retained graph
+(``backward(retain_graph=True)`` then ``backward()``) recomputes the gradients from the saved
+inputs. Double backward is not supported: the gradients are constants, with no graph even under
+``create_graph=True``.
 
 Peak memory is therefore the inputs, the gradients and a few ``chunk_size × V`` buffers;
 ``chunk_size=None`` picks :func:`default_chunk_size`, a fixed number of logits per chunk
@@ -811,8 +812,9 @@ def sparse_divergence(
     ``chunk_size=None`` computes all positions at once, with autograd; gradients then also flow
     to ``topk.logprobs``/``tail_mass`` if they require grad (:meth:`TopK.from_logits` detaches
     them). An int computes ``chunk_size`` flattened positions at a time with the machinery of
-    :func:`chunked_divergence` (the student gradient computed chunk by chunk in forward, here by
-    autograd over each chunk, and only scaled in backward; value only under ``no_grad``), so the
+    :func:`chunked_divergence` (the student gradient computed chunk by chunk in forward, here
+    through the k+1 buckets in closed form, and only scaled in backward; value only under
+    ``no_grad``), so the
     ``V``-wide float32 intermediates exist for one chunk at a time; the top-k targets then get
     no gradient, and double backward is not supported.
     """
