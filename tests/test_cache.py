@@ -581,10 +581,17 @@ def test_cli_cache_from_teacher_and_jsonl(llama_dir, tmp_path):
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "c"
     args = ["cache", "--teacher", str(llama_dir), "--data", str(data), "--out", str(out)]
-    result = CliRunner().invoke(app, [*args, "--k", "8", "--format", "text", "--max-length", "32"])
+    opts = ["--k", "8", "--format", "text", "--max-length", "32", "--tap", "h=model.layers.0"]
+    result = CliRunner().invoke(app, [*args, *opts])
     assert result.exit_code == 0, result.output
+    assert "parts: 0/1 wrote 1" in result.output
     cached = CachedTeacher(out)
     assert cached.k == 8 and cached.unit == "token" and len(cached) == 2
+    assert cached.feature_names == {"h"}
+    rows = cached[1]
+    assert rows["feature.h"].shape == (rows["ids"].shape[0], 32)  # hidden size of the tiny Llama
+    result = CliRunner().invoke(app, [*args, "--tap", "h", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "--tap must look like" in result.output
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')
     bad = [
         "cache",

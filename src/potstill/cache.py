@@ -37,7 +37,7 @@ import socket
 import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -336,6 +336,8 @@ class CacheStatus:
     num_examples: int
     bytes: int
     positions: int
+    parts: dict[str, int] = field(default_factory=dict)
+    """Each part record (``"i/N"``) and how many shards it wrote."""
 
     @property
     def complete(self) -> bool:
@@ -416,6 +418,10 @@ def cache_status(path: str | os.PathLike) -> CacheStatus:
     path = Path(path)
     manifest = read_manifest(path)
     records = shard_records(path, manifest)
+    parts = {}
+    for file in sorted((path / "parts").glob("part-*.json")):
+        part = _read_json(file, "teacher cache part record")
+        parts[f"{part['part']}/{part['parts']}"] = len(part.get("shards", {}))
     return CacheStatus(
         path=path,
         num_shards=manifest["num_shards"],
@@ -423,6 +429,7 @@ def cache_status(path: str | os.PathLike) -> CacheStatus:
         num_examples=manifest["meaning"]["num_examples"],
         bytes=sum(r["bytes"] for r in records.values()),
         positions=sum(r["positions"] for r in records.values()),
+        parts=parts,
     )
 
 

@@ -125,6 +125,10 @@ def cache(
     system: Annotated[str | None, typer.Option(help="system message (chat format)")] = None,
     batch_size: Annotated[int, typer.Option(help="teacher batch size")] = 8,
     shard_size: Annotated[int | None, typer.Option(help="examples per shard")] = None,
+    tap: Annotated[
+        list[str] | None,
+        typer.Option(help="also store a module's output per token: name=module.path (no recipe)"),
+    ] = None,
     status: Annotated[bool, typer.Option(help="only show how far the cache is filled")] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
@@ -166,6 +170,7 @@ def cache(
                     teacher, data, out, part=part, k=k, max_length=max_length, fmt=format_,
                     system=system, batch_size=batch_size, shard_size=shard_size,
                     encoding=Encoding(logprobs=logprobs, compression=compression),  # type: ignore[arg-type]
+                    taps=_parse_taps(tap or []),
                 )  # fmt: skip
     except _user_errors() as e:
         _fail(e)
@@ -179,11 +184,24 @@ def cache(
         f"{st.bytes / 1e6:.1f} MB ({per_token:.0f} bytes per token)"
         + ("" if st.complete else f"; missing shards: {len(st.missing)}")
     )
+    if st.parts:
+        typer.echo("parts: " + ", ".join(f"{p} wrote {n}" for p, n in st.parts.items()))
+
+
+def _parse_taps(items: list[str]) -> dict[str, str] | None:
+    taps = {}
+    for item in items:
+        name, sep, module = item.partition("=")
+        if not sep or not name or not module:
+            raise ValueError(f"--tap must look like name=module.path, got {item!r}")
+        taps[name] = module
+    return taps or None
 
 
 def _cache_jsonl(
     teacher: str, data: Path, out: Path, *, part: tuple[int, int], k: int, max_length: int,
     fmt: str, system: str | None, batch_size: int, shard_size: int | None, encoding: object,
+    taps: dict[str, str] | None,
 ) -> object:  # fmt: skip
     from .assets import resolve
     from .cache import write_cache
@@ -200,7 +218,7 @@ def _cache_jsonl(
     return write_cache(
         model, dataset, out, unit="token", k=k, encoding=encoding, forward=causal_lm_forward,  # type: ignore[arg-type]
         tokenizer=tok, shard_size=shard_size, batch_size=batch_size, part=part,
-        teacher_name=teacher,
+        teacher_name=teacher, taps=taps,
     )  # fmt: skip
 
 
