@@ -604,3 +604,29 @@ def test_cli_cache_from_teacher_and_jsonl(llama_dir, tmp_path):
     ]
     result = CliRunner().invoke(app, bad)
     assert result.exit_code == 2 and "bad.jsonl:1" in result.output
+
+
+def test_classifier_terms_read_a_top_k_example_cache(digits, teacher_model, tmp_path):
+    from potstill.losses.objective import divergence_term, kd_term
+    from potstill.signal import StudentView
+
+    x = digits.val.tensors[0][:40]
+    batch = {"input": x, "index": torch.arange(40)}
+    student = torch.randn(40, 10, generator=torch.Generator().manual_seed(0))
+    live = LiveTeacher(teacher_model).signal(batch)
+    full = tmp_path / "full"
+    write_cache(teacher_model, digits.val, full, k=10, encoding=EXACT, progress=False)
+    cached = CachedTeacher(full, teacher=teacher_model, dataset=digits.val).signal(batch)
+    assert cached.logits is None and cached.topk.k == 10
+    for term in (kd_term(4.0), divergence_term("jsd", temperature=2.0)):
+        want = term.fn(StudentView(student), live, batch)
+        got = term.fn(StudentView(student), cached, batch)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # top-3: the KL on 4 buckets, never more than on all 10 classes (bucketing loses detail)
+    write_cache(teacher_model, digits.val, tmp_path / "k3", k=3, encoding=EXACT, progress=False)
+    top3 = CachedTeacher(tmp_path / "k3").signal(batch)
+    dense = kd_term(1.0).fn(StudentView(student), live, batch)
+    bucketed = kd_term(1.0).fn(StudentView(student), top3, batch)
+    assert 0 < bucketed <= dense + 1e-6
+    with pytest.raises(ValueError, match="'kd' term needs the teacher's logits"):
+        kd_term(1.0).fn(StudentView(student), None, batch)

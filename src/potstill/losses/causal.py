@@ -14,7 +14,7 @@ from torch import Tensor
 from ..signal import Signal, StudentView
 from .divergences import divergence
 from .llm import TopK, chunked_divergence, sparse_divergence
-from .objective import Term
+from .objective import Term, teacher_target
 
 log = logging.getLogger("potstill")
 
@@ -143,12 +143,9 @@ def token_term(
     teacher's signal may be dense (a live teacher) or top-k (a teacher cache)."""
 
     def fn(view: StudentView, signal: Signal | None, batch: Mapping[str, Any]) -> Tensor:
-        target = None if signal is None else (signal.logits if signal.topk is None else signal.topk)
-        if target is None:
-            raise ValueError(f"the {kind!r} token term needs the teacher's logits or top-k")
         return token_divergence(
             view.logits,
-            target,
+            teacher_target(signal, name or kind),
             batch_token_mask(batch),
             kind,
             temperature=temperature,

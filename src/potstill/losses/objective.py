@@ -12,6 +12,7 @@ from torch import nn
 
 from ..signal import Signal, StudentView
 from .divergences import divergence, soft_target_loss
+from .llm import TopK, sparse_divergence
 
 TermFn = Callable[[StudentView, "Signal | None", Mapping[str, Any]], torch.Tensor]
 
@@ -36,12 +37,26 @@ class Term:
     module: nn.Module | None = None
 
 
+def teacher_target(signal: Signal | None, term: str) -> torch.Tensor | TopK:
+    """The teacher's output a logit term compares with: dense logits, or the top-k form of a
+    teacher cache. ValueError naming ``term`` when the signal has neither."""
+    if signal is not None and signal.topk is not None:
+        return signal.topk
+    if signal is None or signal.logits is None:
+        raise ValueError(f"the {term!r} term needs the teacher's logits (or a top-k cache)")
+    return signal.logits
+
+
 def kd_term(temperature: float = 2.0, weight: float = 0.5, name: str = "kd") -> Term:
-    """Hinton's soft-target term: ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, batch mean."""
+    """Hinton's soft-target term: ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, batch mean. With a
+    top-k teacher (a cache) the KL is taken on the k+1 buckets (``sparse_divergence``)."""
 
     def fn(view: StudentView, signal: Signal | None, batch: Mapping[str, Any]) -> torch.Tensor:
-        assert signal is not None and signal.logits is not None
-        return soft_target_loss(view.logits, signal.logits, temperature=temperature)
+        target = teacher_target(signal, name)
+        if isinstance(target, TopK):
+            kl = sparse_divergence(view.logits, target, "fkl", temperature=temperature)
+            return temperature**2 * kl
+        return soft_target_loss(view.logits, target, temperature=temperature)
 
     return Term(name, fn, weight)
 
@@ -74,19 +89,15 @@ def divergence_term(
     name: str | None = None,
     skew: float = 0.1,
 ) -> Term:
-    """A token/row-level divergence between student and teacher logits (see ``divergence``)."""
+    """A token/row-level divergence between student and teacher logits (see ``divergence``);
+    on the k+1 buckets (``sparse_divergence``) when the teacher is a top-k cache."""
 
     def fn(view: StudentView, signal: Signal | None, batch: Mapping[str, Any]) -> torch.Tensor:
-        assert signal is not None and signal.logits is not None
-        return divergence(
-            view.logits,
-            signal.logits,
-            kind,
-            temperature=temperature,
-            beta=beta,
-            skew=skew,
-            mask=batch.get("mask"),
-        )
+        target = teacher_target(signal, name or kind)
+        opts = {"temperature": temperature, "beta": beta, "skew": skew, "mask": batch.get("mask")}
+        if isinstance(target, TopK):
+            return sparse_divergence(view.logits, target, kind, **opts)
+        return divergence(view.logits, target, kind, **opts)
 
     return Term(name or kind, fn, weight)
 
