@@ -349,6 +349,23 @@ def test_a_rerun_skips_finished_shards(teacher, data, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (path / "shards").iterdir()} == before
 
 
+def test_parts_starting_together_share_one_manifest(teacher, data, tmp_path):
+    from potstill.io import atomic_create_text
+
+    assert atomic_create_text(tmp_path / "m.json", "first")
+    assert not atomic_create_text(tmp_path / "m.json", "second")
+    assert (tmp_path / "m.json").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temporary file left
+    # another part got as far as its folders (and a half-written manifest) first: fine
+    path = tmp_path / "c"
+    (path / "parts").mkdir(parents=True)
+    (path / ".manifest.json.x1y2.tmp").write_text("{")
+    _write(teacher, data, path, k=8, part=(0, 2))
+    # a part asking for another shard size than the manifest's is refused, not mixed in
+    with pytest.raises(CacheError, match="shard_size differs"):
+        _write(teacher, data, path, k=8, part=(1, 2), shard_size=7)
+
+
 def test_parse_part():
     assert parse_part("0/4") == (0, 4) and parse_part("3/4") == (3, 4)
     for bad in ("4/4", "1", "a/b", "-1/2"):

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 import zlib
@@ -51,7 +52,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .data import TensorDictDataset, fingerprint, make_batch
-from .io import atomic_save_safetensors, atomic_write_text, sha256_file
+from .io import atomic_create_text, atomic_save_safetensors, atomic_write_text, sha256_file
 from .losses.llm import TopK
 from .signal import Signal
 from .taps import TapsLike
@@ -447,30 +448,42 @@ def _row_bytes(k: int | None, vocab: int, encoding: Encoding) -> int:
 
 def _open_manifest(path: Path, meaning: dict[str, Any], shard_size: int | None, row_bytes: int,
                    rows_per_example: int, teacher_name: str | None) -> dict[str, Any]:  # fmt: skip
-    """The existing manifest (checked against ``meaning``), or a new one written atomically."""
-    if (path / "manifest.json").exists():
-        manifest = read_manifest(path)
-        compare_meaning(path, manifest["meaning"], meaning)
-        if shard_size is not None and shard_size != manifest["shard_size"]:
+    """The cache's manifest, checked against ``meaning``; created first when there is none.
+
+    Several parts may start on an empty folder at once: the manifest is created only if absent
+    (atomically), and a part that loses the race checks the winner's like any other."""
+    file = path / "manifest.json"
+    if not file.exists():
+        foreign = [
+            p.name
+            for p in (path.iterdir() if path.exists() else [])
+            if p.name not in ("parts", "shards") and not p.name.startswith(".manifest.json.")
+        ]
+        if foreign:
             raise CacheError(
-                f"teacher cache {path}: shard_size differs (cache {manifest['shard_size']}, now "
-                f"{shard_size}); leave it out to continue this cache"
+                f"{path} exists and is not a teacher cache (it holds {sorted(foreign)[:3]}); "
+                "choose an empty or new folder"
             )
-        return manifest
-    if path.exists() and any(path.iterdir()):
-        raise CacheError(f"{path} exists and is not a teacher cache; choose an empty or new folder")
-    n = meaning["num_examples"]
-    size = shard_size or _default_shard_size(n, row_bytes, rows_per_example)
-    manifest = {
-        "meaning": meaning,
-        "cache_id": _cache_id(meaning),
-        "shard_size": size,
-        "num_shards": math.ceil(n / size),
-        "teacher_name": teacher_name,
-        "potstill_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    atomic_write_text(path / "manifest.json", json.dumps(manifest, indent=1))
+        n = meaning["num_examples"]
+        size = shard_size or _default_shard_size(n, row_bytes, rows_per_example)
+        manifest = {
+            "meaning": meaning,
+            "cache_id": _cache_id(meaning),
+            "shard_size": size,
+            "num_shards": math.ceil(n / size),
+            "teacher_name": teacher_name,
+            "potstill_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if atomic_create_text(file, json.dumps(manifest, indent=1)):
+            return manifest
+    manifest = read_manifest(path)
+    compare_meaning(path, manifest["meaning"], meaning)
+    if shard_size is not None and shard_size != manifest["shard_size"]:
+        raise CacheError(
+            f"teacher cache {path}: shard_size differs (cache {manifest['shard_size']}, now "
+            f"{shard_size}); leave it out to continue this cache"
+        )
     return manifest
 
 
@@ -978,8 +991,6 @@ def cached_or_live(
 
 
 def _remove_cache(path: Path) -> None:
-    import shutil
-
     if path.is_dir():
         shutil.rmtree(path)
     else:
@@ -987,6 +998,7 @@ def _remove_cache(path: Path) -> None:
 
 
 __all__ = [
+    "CHECKED_FIELDS",
     "CacheError",
     "CacheStatus",
     "CachedTeacher",
@@ -995,5 +1007,14 @@ __all__ = [
     "cache_meaning",
     "cache_status",
     "cached_or_live",
+    "compare_meaning",
+    "config_fingerprint",
+    "data_fingerprint",
+    "decode_topk",
+    "parse_part",
+    "read_manifest",
+    "shard_records",
+    "tokenizer_fingerprint",
+    "topk_rows",
     "write_cache",
 ]

@@ -46,6 +46,27 @@ def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:
     return _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
+def atomic_create_text(path: str | os.PathLike, text: str) -> bool:
+    """Write a text file atomically only if ``path`` does not exist yet; False (and ``path``
+    untouched) when it does, even if another process creates it at the same moment: the
+    complete file is hard-linked into place, which fails when the name is taken."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(tmp)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically."""
 
