@@ -1,5 +1,5 @@
-"""The ``potstill`` command: ``distill`` a recipe, ``cache`` a teacher's signal, ``eval`` a saved
-model, rebuild a ``report``, list built-in ``recipes``."""
+"""The ``potstill`` command: ``distill`` a recipe, ``cache`` a teacher's signal, ``generate``
+teacher answers, ``eval`` a saved model, rebuild a ``report``, list built-in ``recipes``."""
 
 from __future__ import annotations
 
@@ -220,6 +220,54 @@ def _cache_jsonl(
         tokenizer=tok, shard_size=shard_size, batch_size=batch_size, part=part,
         teacher_name=teacher, taps=taps,
     )  # fmt: skip
+
+
+@app.command()
+def generate(
+    prompts: Annotated[
+        Path, typer.Option(help='JSONL: {"prompt": …} or {"messages": […]} per line')
+    ],
+    out: Annotated[Path, typer.Option(help="answers JSONL (appended; rerun to continue)")],
+    teacher: Annotated[str, typer.Option(help="model that answers (hub name or folder)")],
+    max_new_tokens: Annotated[int, typer.Option(help="answer length limit in tokens")] = 128,
+    temperature: Annotated[float, typer.Option(help="sampling temperature; 0: greedy")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 0.95,
+    n: Annotated[int, typer.Option(help="answers per prompt")] = 1,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    format_: Annotated[str, typer.Option("--format", help="chat or text")] = "chat",
+    system: Annotated[str | None, typer.Option(help="system message (chat format)")] = None,
+    batch_size: Annotated[int, typer.Option(help="prompts per batch")] = 8,
+    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+) -> None:
+    """Answer prompts with a teacher model, for response distillation.
+
+    Batched, sampled or greedy, with the model's chat template; one JSON record per answer
+    (prompt, answer, settings, teacher). An interrupted run continues when rerun.
+    """
+    from .assets import resolve
+    from .hf import load_model, load_tokenizer
+    from .llm.generate import GenerationSettings, generate_answers, read_prompts
+
+    _setup(threads)
+    try:
+        settings = GenerationSettings(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed,
+            format=format_, system=system, batch_size=batch_size,  # type: ignore[arg-type]
+        )  # fmt: skip
+        items = read_prompts(prompts)
+        path = resolve(teacher)
+        model, tok = load_model(path, "causal-lm"), load_tokenizer(path)
+        st = generate_answers(model, tok, items, out, settings, teacher_name=teacher)
+    except _user_errors() as e:
+        _fail(e)
+        return
+    except KeyboardInterrupt:
+        typer.echo("interrupted: rerun the same command to continue", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(
+        f"{out}: {st.answers} answers to {st.prompts} prompts ({st.skipped} answered before), "
+        f"{st.new_tokens} new tokens at {st.tokens_per_s:.1f} tokens/s"
+    )
 
 
 @app.command("eval")
