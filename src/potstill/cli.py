@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +31,18 @@ def _setup(threads: int | None) -> None:
 def _fail(e: Exception) -> None:
     typer.echo(f"error: {e}", err=True)
     raise typer.Exit(2)
+
+
+@contextmanager
+def _reported(interrupted: str) -> Iterator[None]:
+    """Input errors become one message and exit 2; Ctrl-C says ``interrupted`` and exits 130."""
+    try:
+        yield
+    except _user_errors() as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: {interrupted}", err=True)
+        raise typer.Exit(130) from None
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -62,7 +76,7 @@ def distill(
 
     _setup(threads)
     overrides = list(set_ or [])
-    try:
+    with _reported(interrupted="continue with the same command and --resume"):
         if data_dir:
             # text recipes (embed, causal-lm) call the dataset's folder data.folder
             kind = _read_yaml(recipe)[0].get("kind")
@@ -83,12 +97,6 @@ def distill(
             typer.echo(f"report: {run_dir / 'report.md'}  and  {run_dir / 'report.html'}")
             return
         results = run_recipe(r, run_dir, resume=resume, overwrite=overwrite)
-    except _user_errors() as e:
-        _fail(e)
-        return
-    except KeyboardInterrupt:
-        typer.echo("interrupted: continue with the same command and --resume", err=True)
-        raise typer.Exit(130) from None
     for line in summary_lines(results):
         typer.echo(line.replace("**", ""))
     typer.echo(f"report: {run_dir / 'report.md'}  and  {run_dir / 'report.html'}")
@@ -143,7 +151,7 @@ def cache(
     from .cache import Encoding, cache_status, parse_part
 
     _setup(threads)
-    try:
+    with _reported(interrupted="rerun the same command to continue"):
         part = parse_part(shard)
         if recipe is not None:
             from .llm.pipeline import LMRecipe, cache_lm_recipe, cache_settings
@@ -172,12 +180,6 @@ def cache(
                     encoding=Encoding(logprobs=logprobs, compression=compression),  # type: ignore[arg-type]
                     taps=_parse_taps(tap or []),
                 )  # fmt: skip
-    except _user_errors() as e:
-        _fail(e)
-        return
-    except KeyboardInterrupt:
-        typer.echo("interrupted: rerun the same command to continue", err=True)
-        raise typer.Exit(130) from None
     per_token = st.bytes / max(1, st.positions)
     typer.echo(
         f"{st.path}: {len(st.done)} of {st.num_shards} shards written, {st.positions:,} tokens, "
@@ -249,7 +251,7 @@ def generate(
     from .llm.generate import GenerationSettings, generate_answers, read_prompts
 
     _setup(threads)
-    try:
+    with _reported(interrupted="rerun the same command to continue"):
         settings = GenerationSettings(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed,
             format=format_, system=system, batch_size=batch_size,  # type: ignore[arg-type]
@@ -258,12 +260,6 @@ def generate(
         path = resolve(teacher)
         model, tok = load_model(path, "causal-lm"), load_tokenizer(path)
         st = generate_answers(model, tok, items, out, settings, teacher_name=teacher)
-    except _user_errors() as e:
-        _fail(e)
-        return
-    except KeyboardInterrupt:
-        typer.echo("interrupted: rerun the same command to continue", err=True)
-        raise typer.Exit(130) from None
     typer.echo(
         f"{out}: {st.answers} answers to {st.prompts} prompts ({st.skipped} answered before), "
         f"{st.new_tokens} new tokens at {st.tokens_per_s:.1f} tokens/s"

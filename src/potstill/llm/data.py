@@ -3,8 +3,9 @@ as plain text) and tokenized together with the prompt length, so losses read onl
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -45,12 +46,9 @@ def fortune_examples(
     ]
 
 
-def read_jsonl_examples(path: str | Path) -> list[LMExample]:
-    """Examples from a JSON Lines file: one object per line with ``prompt`` and ``response``,
-    or ``text`` alone (an empty prompt). Errors name the file and line."""
-    import json
-
-    examples = []
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-empty line of a JSON Lines file; ValueError naming
+    the file and line for a line that is not a JSON object."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -61,14 +59,22 @@ def read_jsonl_examples(path: str | Path) -> list[LMExample]:
                 raise ValueError(f"{path}:{n}: not JSON ({e})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{n}: expected an object, got {type(record).__name__}")
-            if "text" in record and "response" not in record:
-                examples.append(LMExample("", str(record["text"])))
-            elif "response" in record:
-                examples.append(LMExample(str(record.get("prompt", "")), str(record["response"])))
-            else:
-                raise ValueError(
-                    f"{path}:{n}: needs 'prompt' and 'response' (or 'text'), has {sorted(record)}"
-                )
+            yield n, record
+
+
+def read_jsonl_examples(path: str | Path) -> list[LMExample]:
+    """Examples from a JSON Lines file: one object per line with ``prompt`` and ``response``,
+    or ``text`` alone (an empty prompt). Errors name the file and line."""
+    examples = []
+    for n, record in iter_jsonl(path):
+        if "text" in record and "response" not in record:
+            examples.append(LMExample("", str(record["text"])))
+        elif "response" in record:
+            examples.append(LMExample(str(record.get("prompt", "")), str(record["response"])))
+        else:
+            raise ValueError(
+                f"{path}:{n}: needs 'prompt' and 'response' (or 'text'), has {sorted(record)}"
+            )
     if not examples:
         raise ValueError(f"{path} holds no examples")
     return examples

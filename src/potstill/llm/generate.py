@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..teachers import model_fingerprint
-from .data import prompt_ids
+from .data import iter_jsonl, prompt_ids
 
 log = logging.getLogger("potstill")
 
@@ -75,37 +75,28 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     """Prompts from JSON Lines: ``{"prompt": ...}`` or ``{"messages": [...]}`` per line, with an
     optional ``"id"`` (default: the line number). Errors name the file and line."""
     prompts, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-            if not isinstance(record, dict) or not ("prompt" in record or "messages" in record):
-                raise ValueError(f"{path}:{n}: needs 'prompt' or 'messages'")
-            pid = str(record.get("id", n))
-            if pid in seen:
-                raise ValueError(f"{path}:{n}: id {pid!r} appears twice")
-            seen.add(pid)
-            messages = record.get("messages")
-            if messages is not None:
-                if not (
-                    isinstance(messages, list)
-                    and messages
-                    and all(
-                        isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages
-                    )
-                    and messages[-1]["role"] == "user"
-                ):
-                    raise ValueError(
-                        f"{path}:{n}: messages must be a list of {{role, content}} ending with "
-                        "the user's turn"
-                    )
-                prompts.append(Prompt(pid, messages=tuple(dict(m) for m in messages)))
-            else:
-                prompts.append(Prompt(pid, prompt=str(record["prompt"])))
+    for n, record in iter_jsonl(path):
+        if "prompt" not in record and "messages" not in record:
+            raise ValueError(f"{path}:{n}: needs 'prompt' or 'messages'")
+        pid = str(record.get("id", n))
+        if pid in seen:
+            raise ValueError(f"{path}:{n}: id {pid!r} appears twice")
+        seen.add(pid)
+        messages = record.get("messages")
+        if messages is None:
+            prompts.append(Prompt(pid, prompt=str(record["prompt"])))
+            continue
+        if not (
+            isinstance(messages, list)
+            and messages
+            and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages)
+            and messages[-1]["role"] == "user"
+        ):
+            raise ValueError(
+                f"{path}:{n}: messages must be a list of {{role, content}} ending with the "
+                "user's turn"
+            )
+        prompts.append(Prompt(pid, messages=tuple(dict(m) for m in messages)))
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return prompts
