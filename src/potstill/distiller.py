@@ -102,7 +102,10 @@ class Distiller:
     best checkpoint. With ``run_dir`` set, metrics go to ``run_dir/metrics.jsonl`` (and
     TensorBoard when installed) and checkpoints to ``run_dir/checkpoints``. Each callback is
     called as ``callback(step, row)`` after every optimizer step; ``row`` is the logged row on
-    logging steps and empty otherwise.
+    logging steps and empty otherwise. ``batch_transform(batch, micro)`` (optional) replaces each
+    training batch before the teacher and the student see it, ``micro`` counting micro-batches
+    from the start of training (so a resumed run transforms as an uninterrupted one would): how
+    on-policy distillation swaps in the student's own completions.
 
     >>> result = Distiller(student, hinton_objective(4.0, 0.5), train_set,   # doctest: +SKIP
     ...                    teacher=LiveTeacher(teacher), config=TrainConfig(epochs=5)).fit()
@@ -124,6 +127,7 @@ class Distiller:
         callbacks: list[StepCallback] | None = None,
         name: str = "student",
         student_taps: TapsLike | None = None,
+        batch_transform: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
     ) -> None:
         if objective.needs_teacher and teacher is None:
             raise ValueError(
@@ -146,6 +150,7 @@ class Distiller:
         self.callbacks = callbacks or []
         self.name = name
         self.student_taps = student_taps
+        self.batch_transform = batch_transform
 
         self.n = len(train_data)  # type: ignore[arg-type]
         if self.n == 0:
@@ -274,6 +279,8 @@ class Distiller:
             epoch, start = divmod(micro, self.batches_per_epoch)
             order = epoch_order(self.n, cfg.seed, epoch, cfg.shuffle)
             for batch in iterate_batches(self.train_data, order, cfg.batch_size, start):
+                if self.batch_transform is not None:
+                    batch = self.batch_transform(batch, micro)
                 signal = self.teacher.signal(batch) if self.teacher is not None else None
                 view = self._view(taps, batch)
                 loss, values = self.objective(view, signal, batch)

@@ -1,0 +1,106 @@
+"""On-policy distillation (GKD, Agarwal et al. 2024): with probability λ a training batch's
+responses are replaced by completions the current student samples for its prompts; the teacher
+then scores those tokens and the divergence is taken on them. λ = 0 is supervised distillation
+on the given responses, λ = 1 fully on-policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How the student samples its completions: ``temperature`` 0 is greedy."""
+
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+class OnPolicySampler:
+    """A ``Distiller`` batch transform: with probability ``lam`` (drawn per micro-batch from a
+    stream seeded by ``seed`` and the micro-batch number, so resumed runs draw the same), the
+    batch's responses become the student's own completions of its prompts, sampled with the
+    student's current weights (in eval mode, without gradients). The returned batch keeps
+    ``prompt_length`` and is right-padded; ``on_policy`` says which kind it is.
+
+    Batches carry ``input_ids``, ``attention_mask`` (right padding) and ``prompt_length``.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        *,
+        lam: float,
+        pad_token_id: int,
+        eos_token_id: int | None,
+        sampling: SamplingSpec | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"on_policy (λ) must lie in [0, 1], got {lam}")
+        self.student = student
+        self.lam = lam
+        self.pad = pad_token_id
+        self.eos = eos_token_id
+        self.sampling = sampling or SamplingSpec()
+        self.seed = seed
+        self.sampled_batches = 0
+
+    def __call__(self, batch: dict[str, Any], micro: int) -> dict[str, Any]:
+        """``batch`` with the student's completions, or unchanged (see the class doc)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + micro)
+        if self.lam == 0 or float(torch.rand((), generator=g)) >= self.lam:
+            return {**batch, "on_policy": False}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=g)))
+            out = self._complete(batch)
+        self.sampled_batches += 1
+        return out
+
+    @torch.no_grad()
+    def _complete(self, batch: dict[str, Any]) -> dict[str, Any]:
+        ids, lengths = batch["input_ids"], batch["prompt_length"]
+        prompts = [ids[b, : int(n)].tolist() for b, n in enumerate(lengths)]
+        width = max(len(p) for p in prompts)
+        left = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        s = self.sampling
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            generated = self.student.generate(
+                input_ids=left,
+                attention_mask=mask,
+                max_new_tokens=s.max_new_tokens,
+                do_sample=s.temperature > 0,
+                temperature=s.temperature if s.temperature > 0 else None,
+                top_p=s.top_p if s.temperature > 0 else None,
+                pad_token_id=self.pad,
+            )[:, width:].tolist()
+        finally:
+            self.student.train(was_training)
+        rows = []
+        for prompt, new in zip(prompts, generated, strict=True):
+            if self.eos is not None and self.eos in new:
+                new = new[: new.index(self.eos) + 1]  # the end token is a target too
+            rows.append(prompt + new)
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), self.pad, dtype=ids.dtype)
+        attention = torch.zeros((len(rows), length), dtype=batch["attention_mask"].dtype)
+        for b, row in enumerate(rows):
+            input_ids[b, : len(row)] = torch.tensor(row, dtype=ids.dtype)
+            attention[b, : len(row)] = 1
+        return {
+            **batch,
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "on_policy": True,
+        }
+
+
+__all__ = ["OnPolicySampler", "SamplingSpec"]
