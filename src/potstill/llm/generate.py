@@ -116,6 +116,38 @@ def encode_prompt(tokenizer: Any, p: Prompt, settings: GenerationSettings) -> li
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+@torch.no_grad()
+def sample_completions(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    n: int = 1,
+) -> list[list[int]]:
+    """The new tokens ``model`` generates after each prompt (token ids), ``n`` per prompt in
+    prompt order, in one left-padded batch: greedy when ``temperature`` is 0, else sampled with
+    ``top_p`` from the global torch RNG. Sequences that stop early are padded after their end
+    token; cut them at it."""
+    width = max(len(x) for x in prompts)
+    input_ids = torch.tensor([[pad_token_id] * (width - len(x)) + list(x) for x in prompts])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts])
+    sample = temperature > 0
+    generated = model.generate(
+        input_ids=input_ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        top_p=top_p if sample else None,
+        num_return_sequences=n,
+        pad_token_id=pad_token_id,
+    )
+    return generated[:, width:].tolist()
+
+
 @dataclass
 class GenerationStats:
     """What one call did: prompts answered now, answers written, new tokens, seconds."""
@@ -217,27 +249,18 @@ def generate_answers(
     try:
         for b, batch in todo:
             ids = [encode_prompt(tokenizer, p, settings) for p in batch]
-            width = max(len(x) for x in ids)
-            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
             t0 = time.perf_counter()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(settings.seed * 1_000_003 + b)
-                generated = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    max_new_tokens=settings.max_new_tokens,
-                    do_sample=settings.temperature > 0,
-                    temperature=settings.temperature if settings.temperature > 0 else None,
-                    top_p=settings.top_p if settings.temperature > 0 else None,
-                    num_return_sequences=settings.n,
-                    pad_token_id=pad,
-                )
+                generated = sample_completions(
+                    model, ids, pad_token_id=pad, max_new_tokens=settings.max_new_tokens,
+                    temperature=settings.temperature, top_p=settings.top_p, n=settings.n,
+                )  # fmt: skip
             stats.seconds += time.perf_counter() - t0
             lines = []
             for row, p in enumerate(batch):
                 for j in range(settings.n):
-                    new = generated[row * settings.n + j, width:].tolist()
+                    new = generated[row * settings.n + j]
                     stop = new.index(eos) if eos is not None and eos in new else None
                     tokens = new[:stop] if stop is not None else new
                     stats.new_tokens += len(tokens) + (stop is not None)
@@ -287,4 +310,5 @@ __all__ = [
     "generate_answers",
     "read_answers",
     "read_prompts",
+    "sample_completions",
 ]

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .generate import sample_completions
+
 
 @dataclass(frozen=True)
 class SamplingSpec:
@@ -66,22 +68,14 @@ class OnPolicySampler:
     def _complete(self, batch: dict[str, Any]) -> dict[str, Any]:
         ids, lengths = batch["input_ids"], batch["prompt_length"]
         prompts = [ids[b, : int(n)].tolist() for b, n in enumerate(lengths)]
-        width = max(len(p) for p in prompts)
-        left = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         s = self.sampling
         was_training = self.student.training
         self.student.eval()
         try:
-            generated = self.student.generate(
-                input_ids=left,
-                attention_mask=mask,
-                max_new_tokens=s.max_new_tokens,
-                do_sample=s.temperature > 0,
-                temperature=s.temperature if s.temperature > 0 else None,
-                top_p=s.top_p if s.temperature > 0 else None,
-                pad_token_id=self.pad,
-            )[:, width:].tolist()
+            generated = sample_completions(
+                self.student, prompts, pad_token_id=self.pad, max_new_tokens=s.max_new_tokens,
+                temperature=s.temperature, top_p=s.top_p,
+            )  # fmt: skip
         finally:
             self.student.train(was_training)
         rows = []
