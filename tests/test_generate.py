@@ -163,3 +163,37 @@ def test_cli_generate(model, tok, prompts_file, tmp_path):
     assert result.exit_code == 2 and "top_p" in result.output
     assert all(isinstance(r, dict) for r in read_answers(out))
     assert Prompt("x", prompt="hi").text() == "hi"
+
+
+# --- evaluating answers to held-out prompts ---
+
+
+def test_answer_tokens_teacher_likelihood_and_rouge(model, tok):
+    import torch.nn.functional as F
+
+    from potstill.llm.evaluate import answer_tokens, rouge_l, teacher_log_likelihood
+
+    settings = GenerationSettings(temperature=0)
+    prompts = [
+        encode_prompt(tok, Prompt(str(i), prompt=p), settings) for i, p in enumerate(PROMPTS)
+    ]
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    answers = answer_tokens(model, prompts, pad_token_id=pad, eos_token_id=eos, max_new_tokens=7,
+                            batch_size=2)  # fmt: skip
+    teacher = tiny_llama(len(tok), seed=9)
+    want_total, want_count = 0.0, 0
+    for p, a in zip(prompts, answers, strict=True):
+        ids = torch.tensor([p])
+        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=7,
+                             do_sample=False, pad_token_id=pad)[0, len(p):].tolist()  # fmt: skip
+        assert a == (ref[: ref.index(eos) + 1] if eos in ref else ref)
+        # the teacher's log-probabilities of the answer tokens, one unpadded sequence at a time
+        with torch.no_grad():
+            logp = F.log_softmax(teacher(input_ids=torch.tensor([p + a])).logits[0].float(), -1)
+        want_total += sum(float(logp[len(p) - 1 + i, t]) for i, t in enumerate(a))
+        want_count += len(a)
+    mean, count = teacher_log_likelihood(teacher, prompts, answers, pad_token_id=pad, batch_size=3)
+    assert count == want_count
+    assert mean == pytest.approx(want_total / want_count, abs=1e-4)
+    assert rouge_l(["the cat sat on the mat"], ["the cat lay on a mat"]) == pytest.approx(4 / 6)
+    assert rouge_l(["same words here", "x"], ["same words here", "y"]) == pytest.approx(0.5)

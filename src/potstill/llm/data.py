@@ -46,6 +46,20 @@ def fortune_examples(
     ]
 
 
+def right_pad(
+    rows: Sequence[Sequence[int]], pad_token_id: int, dtype: torch.dtype = torch.long
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as ``(input_ids, attention_mask)`` of shape ``(len(rows), longest)``, padded on
+    the right."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=dtype)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(list(row), dtype=dtype)
+        mask[b, : len(row)] = 1
+    return ids, mask
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for each non-empty line of a JSON Lines file; ValueError naming
     the file and line for a line that is not a JSON object."""

@@ -1,5 +1,7 @@
 """Evidence for a causal LM against its teacher: held-out perplexity, top-1 next-token agreement,
-mean per-token KL to the teacher, greedy generations side by side, and measured tokens/s."""
+mean per-token KL to the teacher, greedy generations side by side, and measured tokens/s; for
+answers to held-out prompts, the teacher's log-likelihood of them, ROUGE-L against the
+teacher's own answers, and their length."""
 
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from tqdm.auto import tqdm
 
 from ..data import TensorDictDataset, iterate_batches, make_batch
 from ..evaluate import median_seconds
-from ..losses.causal import batch_token_mask, next_token_nll, shared_vocabulary
+from ..losses.causal import batch_token_mask, next_token_mask, next_token_nll, shared_vocabulary
 from ..losses.divergences import divergence
+from .data import right_pad
 
 
 def causal_lm_forward(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -122,3 +125,78 @@ def forward_tokens_per_s(
     batch = make_batch(data, torch.arange(min(batch_size, len(data))))
     tokens = int(batch["attention_mask"].sum())
     return tokens / median_seconds(lambda: causal_lm_forward(model, batch), repeats, warmup=1)
+
+
+@torch.no_grad()
+def answer_tokens(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    eos_token_id: int | None,
+    max_new_tokens: int,
+    batch_size: int = 8,
+) -> list[list[int]]:
+    """Greedy answers (token ids, the end token kept when the model stopped) to each prompt."""
+    from .generate import sample_completions
+
+    was_training = model.training
+    model.eval()
+    answers: list[list[int]] = []
+    try:
+        for lo in range(0, len(prompts), batch_size):
+            chunk = [list(p) for p in prompts[lo : lo + batch_size]]
+            for new in sample_completions(
+                model, chunk, pad_token_id=pad_token_id, max_new_tokens=max_new_tokens
+            ):
+                if eos_token_id is not None and eos_token_id in new:
+                    new = new[: new.index(eos_token_id) + 1]
+                answers.append(new)
+    finally:
+        model.train(was_training)
+    return answers
+
+
+@torch.no_grad()
+def teacher_log_likelihood(
+    teacher: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 8,
+) -> tuple[float, int]:
+    """``(mean log-probability per answer token, token count)`` of ``answers`` under
+    ``teacher``, each given its prompt: how likely the teacher finds what a model wrote."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    was_training = teacher.training
+    teacher.eval()
+    total, count = 0.0, 0
+    try:
+        for lo in range(0, len(prompts), batch_size):
+            heads = prompts[lo : lo + batch_size]
+            tails = answers[lo : lo + batch_size]
+            rows = [list(p) + list(a) for p, a in zip(heads, tails, strict=True)]
+            ids, mask = right_pad(rows, pad_token_id)
+            logits = causal_lm_forward(teacher, {"input_ids": ids, "attention_mask": mask})
+            scored = next_token_mask(mask, prompt_lengths=torch.tensor([len(p) for p in heads]))
+            nll, n = next_token_nll(logits.float(), ids, scored)
+            total -= float(nll)
+            count += int(n)
+    finally:
+        teacher.train(was_training)
+    return total / max(count, 1), count
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 of ``predictions`` against ``references`` (rouge-score, no stemming)."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as e:  # an optional dependency of the LLM tools
+        raise ImportError("ROUGE-L needs rouge-score: pip install 'potstill[hf]'") from e
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [
+        scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)
+    ]
+    return sum(scores) / max(len(scores), 1)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import right_pad
 from .generate import sample_completions
 
 
@@ -83,12 +84,7 @@ class OnPolicySampler:
             if self.eos is not None and self.eos in new:
                 new = new[: new.index(self.eos) + 1]  # the end token is a target too
             rows.append(prompt + new)
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), self.pad, dtype=ids.dtype)
-        attention = torch.zeros((len(rows), length), dtype=batch["attention_mask"].dtype)
-        for b, row in enumerate(rows):
-            input_ids[b, : len(row)] = torch.tensor(row, dtype=ids.dtype)
-            attention[b, : len(row)] = 1
+        input_ids, attention = right_pad(rows, self.pad, dtype=ids.dtype)
         return {
             **batch,
             "input_ids": input_ids,
