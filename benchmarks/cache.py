@@ -141,7 +141,7 @@ def main() -> None:
     args.recipe = load_recipe("smollm2-fortunes")
     t0 = time.perf_counter()
     teacher, tok = load_lm_teacher(args.recipe)
-    train, _ = lm_datasets(args.recipe, tok)
+    train, _, _ = lm_datasets(args.recipe, tok)
     data = _subset(train, args.examples)
     real_tokens = int(data.tensors["attention_mask"].sum())
     print(f"{len(data)} examples, {real_tokens:,} real tokens, V = {len(tok):,}", flush=True)

@@ -632,7 +632,7 @@ def test_cli_distill_and_report(llama_dir, small_fortunes, tmp_path):
     ("change", "field"),
     [
         ({"variants": {}}, "variants"),
-        ({"variants": {"x": [{"kind": "kd"}]}}, "variants.x.0.kind"),
+        ({"variants": {"x": [{"kind": "kd"}]}}, "variants.x.terms.0.kind"),
         ({"variants": {"x": []}}, "variants.x"),
         ({"data": {"max_length": 2}}, "data.max_length"),
     ],
@@ -657,7 +657,7 @@ def test_builtin_smollm2_recipe_validates():
     r = load_recipe("smollm2-fortunes")
     assert isinstance(r, LMRecipe) and r.kind == "causal-lm"
     assert r.teacher.model == SMOLLM2 and r.student.keep == 10
-    kinds = {name: [t.kind for t in terms] for name, terms in r.variants.items()}
+    kinds = {name: [t.kind for t in v.terms] for name, v in r.variants.items()}
     assert sorted(k for v in kinds.values() for k in v) == ["ce", "fkl", "jsd", "rkl"]
     assert len(kinds) == 4
     assert r.train.seed == r.seed and r.train.max_steps == 60

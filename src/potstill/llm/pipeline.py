@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import json
 import logging
 import random
@@ -43,8 +44,26 @@ from ..recipe import _Strict
 from ..report import describe_term
 from ..students import derive
 from ..teachers import LiveTeacher, TeacherSource
-from .data import fortune_examples, prompt_ids, tokenize_examples
-from .evaluate import causal_lm_forward, forward_tokens_per_s, generate, lm_figures
+from .data import LMExample, fortune_examples, prompt_ids, tokenize_examples
+from .evaluate import (
+    answer_tokens,
+    causal_lm_forward,
+    forward_tokens_per_s,
+    generate,
+    lm_figures,
+    rouge_l,
+    teacher_log_likelihood,
+)
+from .generate import (
+    GenerationSettings,
+    Prompt,
+    encode_prompt,
+    generate_answers,
+    read_answers,
+    read_prompts,
+)
+from .instructions import instructions
+from .onpolicy import OnPolicySampler, SamplingSpec
 
 log = logging.getLogger("potstill")
 
@@ -128,12 +147,28 @@ class LMStudentSpec(_Strict):
     trust_remote_code: bool = False
 
 
+class AnswerSpec(_Strict):
+    """How the teacher answers prompt data (response distillation): the training answers are
+    sampled with these settings; the held-out reference answers are greedy."""
+
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    seed: int = 0
+    batch_size: int = Field(8, gt=0)
+
+
 class LMDataSpec(_Strict):
-    """Prompt/response pairs from Debian's fortunes: ``prompt`` may name ``{category}``;
+    """Training data. ``fortunes``: prompt/response pairs from Debian's fortunes (``prompt`` may
+    name ``{category}``). ``instructions`` (potstill's built-in set) or ``prompts`` (a JSONL file
+    of ``{"prompt"}`` or ``{"messages"}``): prompts the teacher answers first (``answers``),
+    written to ``<run>/answers/`` and reused on resume; the student learns those answers.
     ``format: chat`` uses the tokenizer's chat template (with ``system`` when given), ``text``
     plain text. Only response tokens are predicted."""
 
-    name: Literal["fortunes"] = "fortunes"
+    name: Literal["fortunes", "instructions", "prompts"] = "fortunes"
+    prompts: str | None = None
+    answers: AnswerSpec = Field(default_factory=AnswerSpec)
     folder: str | None = None
     format: Literal["chat", "text"] = "chat"
     system: str | None = None
@@ -157,6 +192,23 @@ class GenerateSpec(_Strict):
     max_new_tokens: int = Field(40, gt=0)
 
 
+class SamplingOptions(_Strict):
+    """How an on-policy student samples its completions (``temperature`` 0: greedy)."""
+
+    max_new_tokens: int = Field(48, gt=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class LMVariantSpec(_Strict):
+    """One trained student: its objective ``terms`` and, for on-policy distillation (GKD), the
+    probability ``on_policy`` (λ) that a batch's responses are the student's own samples."""
+
+    terms: list[LMTermSpec]
+    on_policy: float = Field(0.0, ge=0, le=1)
+    sampling: SamplingOptions = Field(default_factory=SamplingOptions)
+
+
 class LMRecipe(_Strict):
     """A causal-LM distillation run (``kind: causal-lm``)."""
 
@@ -166,7 +218,7 @@ class LMRecipe(_Strict):
     teacher: LMTeacherSpec
     student: LMStudentSpec = Field(default_factory=LMStudentSpec)
     data: LMDataSpec = Field(default_factory=LMDataSpec)
-    variants: dict[str, list[LMTermSpec]]
+    variants: dict[str, LMVariantSpec]
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=60, batch_size=8))
     chunk_size: int | None = Field(
         1024, gt=0, description="positions per chunk of the divergences; null: unchunked"
@@ -176,6 +228,20 @@ class LMRecipe(_Strict):
     keep_checkpoints: bool = Field(
         False, description="keep each variant's training checkpoints (optimizer state included)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _variant_lists(cls, data: Any) -> Any:
+        # a variant given as a plain list of terms is {terms: that list}
+        if isinstance(data, dict) and isinstance(data.get("variants"), dict):
+            data = {
+                **data,
+                "variants": {
+                    k: {"terms": v} if isinstance(v, list) else v
+                    for k, v in data["variants"].items()
+                },
+            }
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -194,7 +260,15 @@ class LMRecipe(_Strict):
         if not self.variants:
             raise ValueError("variants: give at least one, e.g. {fkl: [{kind: fkl}]}")
         folders: dict[str, str] = {}
-        for name, terms in self.variants.items():
+        if self.data.name == "prompts" and not self.data.prompts:
+            raise ValueError("data.prompts: give the JSONL file of prompts for name: prompts")
+        for name, variant in self.variants.items():
+            terms = variant.terms
+            if variant.on_policy > 0 and self.teacher.cache is not None:
+                raise ValueError(
+                    f"variants.{name}: on-policy samples need the live teacher to score them; "
+                    "drop teacher.cache or on_policy"
+                )
             if name in RESERVED_ROWS:
                 raise ValueError(f"variants: {name!r} names a row of the report; rename it")
             folder = _folder_name(name)
@@ -261,7 +335,7 @@ def run_lm_recipe(
     vocab = shared_vocab_size(teacher, init, len(tok))  # raises when the vocabularies differ
 
     d = recipe.data
-    train, val = lm_datasets(recipe, tok)
+    train, val, heldout = lm_datasets(recipe, tok, teacher=teacher, run_dir=run_dir)
     response_tokens = int(
         (train.tensors["attention_mask"].sum(1) - train.tensors["prompt_length"]).sum()
     )
@@ -274,7 +348,8 @@ def run_lm_recipe(
     untrained = "derived, not distilled" if init is not base else "student, not distilled"
     students: dict[str, torch.nn.Module] = {untrained: init}
     trained: dict[str, dict[str, Any]] = {}
-    for name, terms in recipe.variants.items():
+    for name, variant in recipe.variants.items():
+        terms = variant.terms
         folder = run_dir / _folder_name(name)
         done = folder / "done.json"
         if resume and done.exists():
@@ -285,6 +360,13 @@ def run_lm_recipe(
         objective = Objective([t.build(recipe.chunk_size) for t in terms])
         student = copy.deepcopy(init)
         student.train()
+        sampler = None
+        if variant.on_policy > 0:
+            sampler = OnPolicySampler(
+                student, lam=variant.on_policy, pad_token_id=_pad_id(tok),
+                eos_token_id=tok.eos_token_id, seed=recipe.seed,
+                sampling=SamplingSpec(**variant.sampling.model_dump()),
+            )  # fmt: skip
         fit = Distiller(
             student,
             objective,
@@ -294,12 +376,14 @@ def run_lm_recipe(
             run_dir=folder,
             student_forward=causal_lm_forward,
             name=name,
+            batch_transform=sampler,
         ).fit(resume=resume)
         students[name] = fit.student
         trained[name] = {
             "steps": fit.steps,
             "train_time_s": fit.train_time_s,
             "objective": [t.model_dump(exclude_unset=True) for t in terms],
+            "on_policy": variant.on_policy,
             "metrics": str(folder.relative_to(run_dir) / "metrics.jsonl"),
             "export": str(folder.relative_to(run_dir) / "export"),
         }
@@ -327,11 +411,22 @@ def run_lm_recipe(
             "generate_tokens_per_s": gen_speed,
             **trained.get(name, {}),
         }
+    answers_s = time.perf_counter()
+    answers = (
+        _answer_figures({"teacher": teacher, **students}, teacher, tok, heldout, recipe)
+        if heldout is not None
+        else None
+    )
+    if answers is not None:
+        for name, row in answers["rows"].items():
+            rows[name].update(row)
+    answers_s = time.perf_counter() - answers_s
+    data_name = "fortunes" if d.name == "fortunes" else "prompts answered by the teacher"
     for name, row in trained.items():
         card = (
             f"# {recipe.name}: {name}\n\nDistilled by potstill {__version__} from "
             f"`{recipe.teacher.model}` into {init.config.num_hidden_layers} of its layers on "
-            f"{d.train} fortunes ({response_tokens} response tokens), {row['steps']} steps.\n\n"
+            f"{d.train} {data_name} ({response_tokens} response tokens), {row['steps']} steps.\n\n"
             f"Held-out perplexity {rows[name]['perplexity']:.2f} (teacher "
             f"{rows['teacher']['perplexity']:.2f}); objective: "
             + ", ".join(describe_term(o) for o in row["objective"])
@@ -345,7 +440,8 @@ def run_lm_recipe(
         "derived_layers": getattr(init.config, "potstill_derived_from", None),
         "vocabulary": vocab,
         "data": {
-            "train": d.train, "val": d.val, "max_length": d.max_length, "format": d.format,
+            "name": d.name, "train": len(train), "val": d.val, "max_length": d.max_length,
+            "format": d.format,
             "response_tokens": response_tokens, "val_tokens": int(figures["teacher"]["tokens"]),
         },
         "train": {
@@ -354,6 +450,7 @@ def run_lm_recipe(
         },
         "teacher_cache": cache_info,
         "prompts": recipe.generate.prompts, "generations": generations,
+        "answers": answers, "answers_eval_s": answers_s,
         "eval_s": eval_s, "rows": rows, "wall_time_s": time.perf_counter() - t_start,
     }  # fmt: skip
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1, default=str))
@@ -373,9 +470,28 @@ def load_lm_teacher(recipe: LMRecipe) -> tuple[torch.nn.Module, Any]:
     return teacher, load_tokenizer(t_path, trust_remote_code=recipe.teacher.trust_remote_code)
 
 
-def lm_datasets(recipe: LMRecipe, tok: Any) -> tuple[TensorDictDataset, TensorDictDataset]:
-    """The recipe's tokenized training and held-out data (shuffled with the recipe's seed)."""
+def _pad_id(tok: Any) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def lm_datasets(
+    recipe: LMRecipe,
+    tok: Any,
+    *,
+    teacher: torch.nn.Module | None = None,
+    run_dir: Path | None = None,
+) -> tuple[TensorDictDataset, TensorDictDataset, dict[str, Any] | None]:
+    """The recipe's tokenized training and held-out data (shuffled with the recipe's seed), and
+    for prompt data the held-out prompts with the teacher's greedy answers (else None).
+
+    Prompt data (``instructions``, ``prompts``) needs ``teacher`` and ``run_dir``: the teacher's
+    answers are generated into ``run_dir/answers/`` first (an interrupted run continues there).
+    """
     d = recipe.data
+    if d.name != "fortunes":
+        if teacher is None or run_dir is None:
+            raise ValueError(f"data.name: {d.name} needs the teacher to answer its prompts")
+        return _prompt_datasets(recipe, tok, teacher, run_dir)
     examples = fortune_examples(d.folder, prompt=d.prompt, max_chars=d.max_chars)
     random.Random(recipe.seed).shuffle(examples)
     if d.train + d.val > len(examples):
@@ -383,7 +499,79 @@ def lm_datasets(recipe: LMRecipe, tok: Any) -> tuple[TensorDictDataset, TensorDi
     fmt = {"fmt": d.format, "system": d.system}
     train = tokenize_examples(examples[: d.train], tok, d.max_length, **fmt)
     val = tokenize_examples(examples[d.train : d.train + d.val], tok, d.max_length, **fmt)
-    return train, val
+    return train, val, None
+
+
+def _prompt_datasets(
+    recipe: LMRecipe, tok: Any, teacher: torch.nn.Module, run_dir: Path
+) -> tuple[TensorDictDataset, TensorDictDataset, dict[str, Any]]:
+    d, a = recipe.data, recipe.data.answers
+    if d.name == "instructions":
+        train_p = [Prompt(f"train-{i}", prompt=t) for i, t in enumerate(instructions("train"))]
+        val_p = [Prompt(f"val-{i}", prompt=t) for i, t in enumerate(instructions("val"))]
+    else:
+        assert d.prompts is not None
+        every = read_prompts(d.prompts)
+        random.Random(recipe.seed + 1).shuffle(every)
+        val_p, train_p = every[: d.val], every[d.val :]
+    random.Random(recipe.seed).shuffle(train_p)
+    if d.train > len(train_p) or d.val > len(val_p):
+        raise ValueError(
+            f"data: train {d.train} / val {d.val} but only {len(train_p)} / {len(val_p)} prompts"
+        )
+    train_p, val_p = train_p[: d.train], val_p[: d.val]
+    sampled = GenerationSettings(
+        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+        format=d.format, system=d.system, batch_size=a.batch_size,
+    )  # fmt: skip
+    greedy = dataclasses.replace(sampled, temperature=0.0)
+    folder = run_dir / "answers"
+    by_split = {}
+    for split, prompts, settings in (("train", train_p, sampled), ("val", val_p, greedy)):
+        out = folder / f"{split}.jsonl"
+        generate_answers(teacher, tok, prompts, out, settings, teacher_name=recipe.teacher.model)
+        answers = {r["id"]: r["answer"] for r in read_answers(out)}
+        by_split[split] = [LMExample(p.text(), answers[p.id]) for p in prompts]
+    fmt = {"fmt": d.format, "system": d.system}
+    train = tokenize_examples(by_split["train"], tok, d.max_length, **fmt)
+    val = tokenize_examples(by_split["val"], tok, d.max_length, **fmt)
+    heldout = {
+        "texts": [p.text() for p in val_p],
+        "ids": [encode_prompt(tok, p, greedy) for p in val_p],
+        "references": [e.response for e in by_split["val"]],
+        "max_new_tokens": a.max_new_tokens,
+    }
+    return train, val, heldout
+
+
+def _answer_figures(
+    models: dict[str, torch.nn.Module],
+    teacher: torch.nn.Module,
+    tok: Any,
+    heldout: dict[str, Any],
+    recipe: LMRecipe,
+) -> dict[str, Any]:
+    """Each model's greedy answers to the held-out prompts: the teacher's mean log-probability
+    per answer token, ROUGE-L against the teacher's own greedy answers, mean length; and the
+    first answers for the report."""
+    pad, eos = _pad_id(tok), tok.eos_token_id
+    rows, shown = {}, {}
+    for name, model in models.items():
+        answers = answer_tokens(
+            model, heldout["ids"], pad_token_id=pad, eos_token_id=eos,
+            max_new_tokens=heldout["max_new_tokens"], batch_size=recipe.eval_batch_size,
+        )  # fmt: skip
+        logp, count = teacher_log_likelihood(
+            teacher, heldout["ids"], answers, pad_token_id=pad, batch_size=recipe.eval_batch_size
+        )
+        texts = [tok.decode(x, skip_special_tokens=True).strip() for x in answers]
+        rows[name] = {
+            "answer_teacher_logp": logp,
+            "answer_rouge_l": rouge_l(texts, heldout["references"]),
+            "answer_tokens": count / max(len(answers), 1),
+        }
+        shown[name] = texts[:4]
+    return {"prompts": heldout["texts"][:4], "answers": shown, "rows": rows}
 
 
 def cache_settings(recipe: LMRecipe) -> LMCacheSpec:
@@ -402,7 +590,7 @@ def cache_lm_recipe(
     ``potstill cache RECIPE`` does, on one machine or as one of N."""
     c = cache_settings(recipe)
     teacher, tok = load_lm_teacher(recipe)
-    train, _ = lm_datasets(recipe, tok)
+    train, _, _ = lm_datasets(recipe, tok, teacher=teacher, run_dir=Path(path).parent)
     return write_cache(
         teacher, train, path, unit="token", k=c.k,
         encoding=Encoding(logprobs=c.logprobs, compression=c.compression),
@@ -455,14 +643,19 @@ def lm_markdown(results: dict[str, Any]) -> str:
     """The causal-LM run's report as Markdown."""
     d, t = results["data"], results["train"]
     teacher = results["rows"]["teacher"]
+    what = (
+        "fortunes"
+        if d.get("name", "fortunes") == "fortunes"
+        else "prompts with the teacher's answers (sampled for training, greedy held out)"
+    )
     lines = [
         f"# potstill report: {results['name']}",
         "",
         f"Teacher `{results['teacher']}`; students derived from `{results['student']}` "
-        f"(layers kept: {results['derived_layers']}). Training: {d['train']} fortunes in "
+        f"(layers kept: {results['derived_layers']}). Training: {d['train']} {what} in "
         f"{d['format']} format ({d['response_tokens']} response tokens, prompts masked), "
         f"{t['steps']} steps of {t['batch_size']} sequences, lr {t['lr']}, the same for every "
-        f"objective. Held-out: {d['val']} fortunes ({d['val_tokens']} response tokens). Seed "
+        f"objective. Held-out: {d['val']} ({d['val_tokens']} response tokens). Seed "
         f"{results['seed']}, {results['threads']} threads, whole run "
         f"{results['wall_time_s'] / 60:.1f} min.",
         *_cache_lines(results.get("teacher_cache")),
@@ -473,6 +666,8 @@ def lm_markdown(results: dict[str, Any]) -> str:
     ]
     for name, r in results["rows"].items():
         objective = ", ".join(describe_term(o) for o in r.get("objective", [])) or "—"
+        if r.get("on_policy"):
+            objective += f", on-policy λ = {r['on_policy']:g}"
         train_s = f"{r['train_time_s']:.0f}" if "train_time_s" in r else "—"
         lines.append(
             f"| {name} | {objective} | {r['layers']} | {r['parameters'] / 1e6:.1f}M | "
@@ -508,16 +703,47 @@ def lm_markdown(results: dict[str, Any]) -> str:
         "this machine's CPU in this run; short budgets like this one show early training, not "
         "converged students.",
         "",
+        *_answer_lines(results.get("answers"), results["rows"]),
         "## Generations (greedy)",
         "",
+        *_side_by_side(results["prompts"], results["generations"], "output"),
     ]
-    for i, prompt in enumerate(results["prompts"]):
-        lines += [f"**{prompt}**", "", "| model | output |", "|---|---|"]
-        for name, texts in results["generations"].items():
-            text = " ".join(texts[i].split()).replace("|", "\\|")
+    return "\n".join(lines)
+
+
+def _side_by_side(prompts: list[str], texts: dict[str, list[str]], column: str) -> list[str]:
+    """One table per prompt: each model's text on one line."""
+    lines: list[str] = []
+    for i, prompt in enumerate(prompts):
+        lines += [f"**{prompt}**", "", f"| model | {column} |", "|---|---|"]
+        for name, by_prompt in texts.items():
+            text = " ".join(by_prompt[i].split()).replace("|", "\\|")
             lines.append(f"| {name} | {text} |")
         lines.append("")
-    return "\n".join(lines)
+    return lines
+
+
+def _answer_lines(answers: dict[str, Any] | None, rows: dict[str, Any]) -> list[str]:
+    if not answers:
+        return []
+    lines = [
+        "## Answers to held-out prompts",
+        "",
+        "Greedy answers of each model to the held-out prompts. Teacher log-prob: the teacher's "
+        "mean log-probability per answer token (higher: the teacher finds the answer likelier). "
+        "ROUGE-L: F1 against the teacher's own greedy answers. Length: mean answer tokens.",
+        "",
+        "| model | on-policy λ | teacher log-prob per token | ROUGE-L vs teacher | length |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in answers["rows"].items():
+        lam = rows[name].get("on_policy")
+        lines.append(
+            f"| {name} | {'—' if lam is None else f'{lam:g}'} | {r['answer_teacher_logp']:.3f} | "
+            f"{r['answer_rouge_l']:.3f} | {r['answer_tokens']:.1f} |"
+        )
+    lines.append("")
+    return lines + _side_by_side(answers["prompts"], answers["answers"], "answer")
 
 
 def _cache_lines(cache: dict[str, Any] | None) -> list[str]:

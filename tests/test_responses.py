@@ -1,0 +1,110 @@
+"""Response and on-policy distillation recipes end to end with a tiny random Llama teacher and the
+real SmolLM2 tokenizer: the teacher answers the built-in instructions (or a prompts file), the
+students learn those answers (cross-entropy, token-level KD, on-policy λ = 1), and every model's
+answers to held-out prompts are scored by the teacher and by ROUGE-L against its answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from test_llm_pipeline import recipe_dict, save_llama
+
+from potstill.llm.generate import read_answers
+from potstill.llm.instructions import instructions
+from potstill.llm.pipeline import LMRecipe, run_lm_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tok, tmp_path_factory) -> Path:
+    return save_llama(tmp_path_factory.mktemp("tiny-llama"), tok, len(tok), seed=0)
+
+
+def _recipe(llama_dir: Path, **over: Any) -> LMRecipe:
+    fields: dict[str, Any] = {
+        "data": {"name": "instructions", "train": 6, "val": 3, "max_length": 64,
+                 "answers": {"max_new_tokens": 5, "batch_size": 3}},
+        "variants": {
+            "response": [{"kind": "ce"}],
+            "token KD": [{"kind": "fkl"}],
+            "on-policy": {"terms": [{"kind": "fkl"}], "on_policy": 1.0,
+                          "sampling": {"max_new_tokens": 4}},
+        },
+        "train": {"max_steps": 2, "batch_size": 3},
+        "generate": {"prompts": ["Say hi."], "max_new_tokens": 2},
+    }  # fmt: skip
+    teacher = over.pop("teacher", None)
+    data = recipe_dict(llama_dir, **{**fields, **over})
+    if teacher is not None:
+        data["teacher"] = teacher
+    return LMRecipe.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def run(llama_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("responses")
+    return run_dir, run_lm_recipe(_recipe(llama_dir), run_dir)
+
+
+def test_the_teacher_answers_first_and_students_learn_its_answers(run, tok):
+    run_dir, results = run
+    train = read_answers(run_dir / "answers" / "train.jsonl")
+    val = read_answers(run_dir / "answers" / "val.jsonl")
+    assert len(train) == 6 and len(val) == 3
+    assert {r["prompt"] for r in train} <= set(instructions("train"))
+    assert {r["prompt"] for r in val} <= set(instructions("val"))
+    assert all(r["settings"]["temperature"] == 0.7 for r in train)
+    assert all(r["settings"]["temperature"] == 0 for r in val)  # held-out references: greedy
+    assert results["data"]["name"] == "instructions" and results["data"]["train"] == 6
+    assert results["rows"]["on-policy"]["on_policy"] == 1.0
+    assert results["rows"]["response"]["on_policy"] == 0.0
+
+
+def test_answers_to_held_out_prompts_are_scored(run):
+    run_dir, results = run
+    answers = results["answers"]
+    assert set(answers["rows"]) == {"teacher", "derived, not distilled", "response",
+                                    "token KD", "on-policy"}  # fmt: skip
+    for name, row in answers["rows"].items():
+        assert row["answer_teacher_logp"] < 0 and 0 <= row["answer_rouge_l"] <= 1, name
+        assert 0 < row["answer_tokens"] <= 5
+    # the teacher's greedy answers are the references: its own ROUGE-L is 1
+    assert answers["rows"]["teacher"]["answer_rouge_l"] == pytest.approx(1.0)
+    md = (run_dir / "report.md").read_text()
+    assert "## Answers to held-out prompts" in md and "on-policy λ = 1" in md
+    assert json.loads((run_dir / "results.json").read_text())["answers"]["prompts"]
+
+
+def test_resume_reuses_the_teachers_answers(run, llama_dir):
+    run_dir, _ = run
+    files = {p: p.stat().st_mtime_ns for p in (run_dir / "answers").iterdir()}
+    run_lm_recipe(_recipe(llama_dir), run_dir, resume=True)
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "answers").iterdir()} == files
+
+
+def test_prompts_file_and_recipe_errors(llama_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(8)))
+    recipe = _recipe(
+        llama_dir,
+        data={"name": "prompts", "prompts": str(prompts), "train": 5, "val": 2,
+              "answers": {"max_new_tokens": 3}},
+        variants={"response": [{"kind": "ce"}]},
+    )  # fmt: skip
+    results = run_lm_recipe(recipe, tmp_path / "run")
+    assert results["data"]["train"] == 5 and len(results["answers"]["prompts"]) == 2
+    with pytest.raises(ValidationError, match="data.prompts"):
+        _recipe(llama_dir, data={"name": "prompts"})
+    with pytest.raises(ValidationError, match="on-policy samples need the live teacher"):
+        _recipe(llama_dir, teacher={"model": str(llama_dir), "cache": True})
+    with pytest.raises(ValueError, match="train 9 / val 1 but only 7 / 1 prompts"):
+        run_lm_recipe(
+            _recipe(llama_dir, data={"name": "prompts", "prompts": str(prompts), "train": 9,
+                                     "val": 1}),
+            tmp_path / "too-many",
+        )  # fmt: skip
