@@ -108,3 +108,73 @@ def test_prompts_file_and_recipe_errors(llama_dir, tmp_path):
                                      "val": 1}),
             tmp_path / "too-many",
         )  # fmt: skip
+
+
+# --- packing ---
+
+
+def _unpacked(tok):
+    from potstill.llm.data import LMExample, tokenize_examples
+
+    texts = instructions("train")[:7]
+    examples = [LMExample(t, "Answer number " + "x " * (i % 4)) for i, t in enumerate(texts)]
+    return tokenize_examples(examples, tok, 64, fmt="chat")
+
+
+def test_packed_rows_give_each_example_its_unpacked_logits_and_loss(tok):
+    import torch
+    from test_llm_pipeline import tiny_llama
+
+    from potstill.llm.data import pack_examples
+    from potstill.llm.evaluate import causal_lm_forward
+    from potstill.losses.causal import batch_token_mask, next_token_ce_term, token_term
+    from potstill.signal import Signal, StudentView
+
+    data = _unpacked(tok)
+    packed = pack_examples(data, 128)
+    assert len(packed) < len(data)
+    model, teacher = tiny_llama(len(tok), seed=2), tiny_llama(len(tok), seed=3)
+    full = data.batch(torch.arange(len(data)))
+    rows = packed.batch(torch.arange(len(packed)))
+    with torch.no_grad():
+        separate = causal_lm_forward(model, full)
+        together = causal_lm_forward(model, rows)
+    lengths = full["attention_mask"].sum(1)
+    for r in range(len(packed)):
+        for s in rows["segment"][r].unique().tolist():
+            if s == 0:
+                continue
+            where = rows["segment"][r] == s
+            ids = rows["input_ids"][r][where]
+            i = next(i for i in range(len(data)) if int(lengths[i]) == len(ids)
+                     and torch.equal(full["input_ids"][i, : len(ids)], ids))  # fmt: skip
+            torch.testing.assert_close(
+                together[r][where], separate[i, : len(ids)], atol=2e-5, rtol=1e-4
+            )
+    # the same tokens are scored (no loss across an example's start), and the losses agree
+    assert int(batch_token_mask(rows).sum()) == int(batch_token_mask(full).sum())
+    ce = next_token_ce_term()
+    torch.testing.assert_close(
+        ce.fn(StudentView(together), None, rows), ce.fn(StudentView(separate), None, full)
+    )
+    with torch.no_grad():
+        t_sep, t_tog = causal_lm_forward(teacher, full), causal_lm_forward(teacher, rows)
+    kd = token_term("fkl", chunk_size=50)
+    torch.testing.assert_close(
+        kd.fn(StudentView(together), Signal(logits=t_tog), rows),
+        kd.fn(StudentView(separate), Signal(logits=t_sep), full),
+        atol=1e-5, rtol=1e-5,
+    )  # fmt: skip
+
+
+def test_recipe_with_packing(llama_dir, tmp_path):
+    recipe = _recipe(
+        llama_dir,
+        data={"name": "instructions", "train": 6, "val": 2, "max_length": 96, "packing": True,
+              "answers": {"max_new_tokens": 3}},
+        variants={"response": [{"kind": "ce"}], "token KD": [{"kind": "fkl"}]},
+    )  # fmt: skip
+    results = run_lm_recipe(recipe, tmp_path / "run")
+    assert results["data"]["packing"] and results["data"]["rows"] < results["data"]["train"] == 6
+    with pytest.raises(ValidationError, match="drop data.packing or on_policy"):
+        _recipe(llama_dir, data={"name": "instructions", "packing": True})

@@ -46,6 +46,54 @@ def fortune_examples(
     ]
 
 
+def pack_examples(data: TensorDictDataset, max_length: int | None = None) -> TensorDictDataset:
+    """Short examples packed into rows of at most ``max_length`` tokens (default: the data's
+    width), first fit in order, so batches carry far less padding.
+
+    A row holds ``input_ids``, ``attention_mask`` (1 on real tokens), ``position_ids`` (from 0
+    in each example), ``segment`` (1, 2, … per example; 0 on padding) and ``labels`` (the ids,
+    with -100 on every prompt token and on each example's first token, so no loss crosses an
+    example's start). :func:`~potstill.llm.evaluate.causal_lm_forward` turns ``segment`` into a
+    block-diagonal causal mask: each example sees only itself, as unpacked.
+    """
+    width = max_length or int(data.tensors["input_ids"].shape[1])
+    lengths = data.tensors["attention_mask"].sum(1).tolist()
+    if max(lengths) > width:
+        raise ValueError(f"an example has {max(lengths)} tokens, more than max_length={width}")
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i, n in enumerate(lengths):
+        for r, total in enumerate(used):
+            if total + n <= width:
+                rows[r].append(i)
+                used[r] += n
+                break
+        else:
+            rows.append([i])
+            used.append(n)
+    shape = (len(rows), width)
+    out = {
+        "input_ids": torch.zeros(shape, dtype=torch.long),
+        "attention_mask": torch.zeros(shape, dtype=torch.long),
+        "position_ids": torch.zeros(shape, dtype=torch.long),
+        "segment": torch.zeros(shape, dtype=torch.long),
+        "labels": torch.full(shape, -100, dtype=torch.long),
+    }
+    ids, prompts = data.tensors["input_ids"], data.tensors["prompt_length"]
+    for r, members in enumerate(rows):
+        at = 0
+        for s, i in enumerate(members, 1):
+            n, p = int(lengths[i]), int(prompts[i])
+            span = slice(at, at + n)
+            out["input_ids"][r, span] = ids[i, :n]
+            out["attention_mask"][r, span] = 1
+            out["position_ids"][r, span] = torch.arange(n)
+            out["segment"][r, span] = s
+            out["labels"][r, at + max(p, 1) : at + n] = ids[i, max(p, 1) : n]
+            at += n
+    return TensorDictDataset(out, trim_by="attention_mask")
+
+
 def right_pad(
     rows: Sequence[Sequence[int]], pad_token_id: int, dtype: torch.dtype = torch.long
 ) -> tuple[torch.Tensor, torch.Tensor]:

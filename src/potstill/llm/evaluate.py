@@ -22,8 +22,26 @@ from .data import right_pad
 
 
 def causal_lm_forward(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """Next-token logits ``(B, T, V)`` of a Hugging Face causal LM on a tokenized batch."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Next-token logits ``(B, T, V)`` of a Hugging Face causal LM on a tokenized batch. A packed
+    batch (with ``segment`` and ``position_ids``, see :func:`potstill.llm.data.pack_examples`)
+    gets a block-diagonal causal mask, so packed examples never attend to each other."""
+    if "segment" not in batch:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=packed_attention(batch["segment"]),
+        position_ids=batch["position_ids"],
+    ).logits
+
+
+def packed_attention(segment: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, T, T)`` boolean mask from segment ids ``(B, T)`` (0 = padding): a position sees
+    the earlier positions of its own segment; padding sees only itself (no empty rows)."""
+    T = segment.shape[1]
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=segment.device))
+    same = segment.unsqueeze(2) == segment.unsqueeze(1)
+    real = (segment > 0).unsqueeze(2) | torch.eye(T, dtype=torch.bool, device=segment.device)
+    return (same & causal & real).unsqueeze(1)
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ from ..recipe import _Strict
 from ..report import describe_term
 from ..students import derive
 from ..teachers import LiveTeacher, TeacherSource
-from .data import LMExample, fortune_examples, prompt_ids, tokenize_examples
+from .data import LMExample, fortune_examples, pack_examples, prompt_ids, tokenize_examples
 from .evaluate import (
     answer_tokens,
     causal_lm_forward,
@@ -175,6 +175,9 @@ class LMDataSpec(_Strict):
     prompt: str = "Tell me a fortune about {category}."
     max_chars: int = Field(300, gt=20)
     max_length: int = Field(96, gt=4)
+    packing: bool = Field(
+        False, description="pack short training examples into rows of max_length tokens"
+    )
     train: int = Field(2000, gt=0)
     val: int = Field(200, gt=0)
 
@@ -264,6 +267,11 @@ class LMRecipe(_Strict):
             raise ValueError("data.prompts: give the JSONL file of prompts for name: prompts")
         for name, variant in self.variants.items():
             terms = variant.terms
+            if variant.on_policy > 0 and self.data.packing:
+                raise ValueError(
+                    f"variants.{name}: on-policy batches are rebuilt from their prompts one "
+                    "example per row; drop data.packing or on_policy"
+                )
             if variant.on_policy > 0 and self.teacher.cache is not None:
                 raise ValueError(
                     f"variants.{name}: on-policy samples need the live teacher to score them; "
@@ -339,6 +347,10 @@ def run_lm_recipe(
     response_tokens = int(
         (train.tensors["attention_mask"].sum(1) - train.tensors["prompt_length"]).sum()
     )
+    n_examples = len(train)
+    if d.packing:
+        train = pack_examples(train, d.max_length)
+        log.info("packed %d training examples into %d rows", n_examples, len(train))
     source: TeacherSource = LiveTeacher(teacher, forward=causal_lm_forward)
     cache_info: dict[str, Any] | None = None
     if recipe.teacher.cache is not None:
@@ -440,7 +452,8 @@ def run_lm_recipe(
         "derived_layers": getattr(init.config, "potstill_derived_from", None),
         "vocabulary": vocab,
         "data": {
-            "name": d.name, "train": len(train), "val": d.val, "max_length": d.max_length,
+            "name": d.name, "train": n_examples, "rows": len(train), "packing": d.packing,
+            "val": d.val, "max_length": d.max_length,
             "format": d.format,
             "response_tokens": response_tokens, "val_tokens": int(figures["teacher"]["tokens"]),
         },
