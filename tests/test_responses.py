@@ -65,6 +65,29 @@ def test_the_teacher_answers_first_and_students_learn_its_answers(run, tok):
     assert results["rows"]["response"]["on_policy"] == 0.0
 
 
+def test_only_the_teachers_answer_tokens_carry_loss(run, llama_dir, tok):
+    import torch
+
+    from potstill.llm.pipeline import lm_datasets, load_lm_teacher
+    from potstill.losses.causal import batch_token_mask
+
+    run_dir, _ = run
+    recipe = _recipe(llama_dir)
+    teacher, _ = load_lm_teacher(recipe)
+    train, _, _ = lm_datasets(recipe, tok, teacher=teacher, run_dir=run_dir)  # answers reused
+    answers = {r["prompt"]: r["answer"] for r in read_answers(run_dir / "answers" / "train.jsonl")}
+    batch = train.batch(torch.arange(len(train)))
+    scored = batch_token_mask(batch)
+    for b in range(len(train)):
+        targets = batch["input_ids"][b, 1:][scored[b, :-1]].tolist()
+        head = batch["input_ids"][b, : int(batch["prompt_length"][b])].tolist()
+        prompt = tok.decode(head, skip_special_tokens=True)
+        answer = next(a for p, a in answers.items() if p in prompt)
+        # the scored targets are exactly the answer and its end of turn, nothing of the prompt
+        assert tok.decode(targets, skip_special_tokens=True).strip() == answer.strip()
+        assert targets[-2:] == tok("<|im_end|>\n", add_special_tokens=False)["input_ids"]
+
+
 def test_answers_to_held_out_prompts_are_scored(run):
     run_dir, results = run
     answers = results["answers"]
