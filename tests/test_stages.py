@@ -84,3 +84,70 @@ def test_chain_each_student_teaches_the_next(digits, teacher_model):
     x, y = digits.test.tensors
     for model in trained:
         assert accuracy(model.eval()(x), y) > 0.85
+
+
+# --- chain recipes (kind: chain) on digits ---
+
+
+def _chain(**over):
+    from potstill.chain import ChainRecipe
+
+    base = {
+        "data": {"name": "digits", "val_size": 200},
+        "teacher": {"arch": {"hidden": [96, 96]},
+                    "train": {"epochs": 4, "batch_size": 64, "progress": False}},
+        "student": {"arch": {"hidden": [8]}},
+        "objective": [{"kind": "kd", "weight": 0.9, "temperature": 2.0},
+                      {"kind": "ce", "weight": 0.1}],
+        "train": {"epochs": 3, "batch_size": 64, "progress": False},
+        "settings": [{"name": "main"}],
+        "evaluation": {"measure_cache_speedup": False},
+    }  # fmt: skip
+    return ChainRecipe.model_validate({"kind": "chain", "name": "tiny-chain", "base": base, **over})
+
+
+def test_chain_recipe_plans_assistants_and_runs_each_stage(tmp_path):
+    import json
+
+    from potstill.chain import run_chain
+
+    chain = _chain(assistants=1, direct=True)
+    assert [s.name for s in chain.planned()] == ["assistant-1", "student"]
+    assert chain.planned()[0].set["student"]["arch"]["hidden"] == [round((96 * 8) ** 0.5)]  # [28]
+    out = run_chain(chain, tmp_path / "run")
+    assert out["stages"] == ["assistant-1", "student", "direct"]
+    # stage 2's teacher is stage 1's distilled student; 'direct' learns from the first teacher
+    student_recipe = (tmp_path / "run" / "student" / "recipe.yaml").read_text()
+    assert str(tmp_path / "run" / "assistant-1" / "main" / "distilled" / "final") in student_recipe
+    direct_recipe = (tmp_path / "run" / "direct" / "recipe.yaml").read_text()
+    assert str(tmp_path / "run" / "assistant-1" / "teacher" / "final") in direct_recipe
+    models = [r["model"] for r in out["rows"]]
+    assert models[0] == "teacher" and "assistant-1 (distilled)" in models
+    assert "student (without teacher)" in models and "direct (distilled)" in models
+    params = {r["model"]: r["parameters"] for r in out["rows"]}
+    assert params["teacher"] > params["assistant-1 (distilled)"] > params["student (distilled)"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "change from its teacher" in md and "| direct (distilled) |" in md
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["setting"] == "main"
+    # a resumed chain retrains nothing: every trained model file stays as it was
+    trained = sorted((tmp_path / "run").glob("**/final/*.safetensors"))
+    assert len(trained) == 7  # the teacher, and per stage the distilled student and its baseline
+    stamps = {p: p.stat().st_mtime_ns for p in trained}
+    again = run_chain(chain, tmp_path / "run", resume=True)
+    assert {p: p.stat().st_mtime_ns for p in trained} == stamps
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in out["rows"]]
+    with pytest.raises(ValueError, match="already holds a run"):
+        run_chain(chain, tmp_path / "run")
+
+
+def test_chain_recipe_generations_and_errors():
+    chain = _chain(generations=2)
+    assert [s.name for s in chain.planned()] == ["generation-1", "generation-2"]
+    with pytest.raises(ValueError, match="exactly one of stages, assistants or generations"):
+        _chain(generations=2, assistants=1)
+    with pytest.raises(ValueError, match="from_setting"):
+        _chain(generations=2, from_setting="nope")
+    with pytest.raises(ValueError, match="unique"):
+        _chain(stages=[{"name": "a"}, {"name": "a"}])
+    with pytest.raises(ValueError, match="student.arch.hidden"):
+        _chain(stages=[{"name": "a", "set": {"student": {"arch": {"hidden": "x"}}}}])

@@ -89,6 +89,12 @@ def distill(
             results = run_embed_recipe(r, run_dir)  # type: ignore[arg-type]
             typer.echo((run_dir / "report.md").read_text())
             return
+        if getattr(r, "kind", None) == "chain":
+            from .chain import run_chain
+
+            run_chain(r, run_dir, resume=resume, overwrite=overwrite)  # type: ignore[arg-type]
+            typer.echo((run_dir / "report.md").read_text())
+            return
         if getattr(r, "kind", None) == "causal-lm":
             from .llm.pipeline import run_lm_recipe
 

@@ -387,6 +387,10 @@ def load_recipe(source: str | os.PathLike, overrides: list[str] | None = None) -
             from .llm.pipeline import LMRecipe
 
             return LMRecipe.model_validate(data)  # type: ignore[return-value]
+        if data.get("kind") == "chain":
+            from .chain import ChainRecipe
+
+            return ChainRecipe.model_validate(data)  # type: ignore[return-value]
         return Recipe.model_validate(data)
     except ValidationError as e:
         raise RecipeError(format_validation_error(e, where)) from None

@@ -48,8 +48,8 @@ def plan_layers(teacher_layers: int, student_layers: int, assistants: int = 1) -
 
 def plan_arch(teacher: ArchSpec, student: ArchSpec, assistants: int = 1) -> list[ArchSpec]:
     """Built-in architectures (``mlp``/``cnn``) between ``teacher`` and ``student``: depth (hidden
-    layers, conv stages) and widths interpolated geometrically, largest first. Both must be of
-    the same kind and task (input shape, classes)."""
+    layers, conv stages) and widths interpolated geometrically, largest first; the rest (dropout)
+    as the student's. Both must be of the same kind and task (input shape, classes)."""
     if teacher.kind != student.kind:
         raise ValueError(f"teacher is a {teacher.kind}, student a {student.kind}: plan one kind")
     if teacher.input_shape != student.input_shape or teacher.num_classes != student.num_classes:
@@ -64,8 +64,9 @@ def plan_arch(teacher: ArchSpec, student: ArchSpec, assistants: int = 1) -> list
 
     hidden = between(teacher.hidden, student.hidden)
     channels = between(teacher.channels, student.channels) if teacher.kind == "cnn" else None
+    # an assistant is trained like the student (its dropout and the rest), only larger
     return [
-        teacher.model_copy(
+        student.model_copy(
             update={"hidden": hidden[i], "channels": channels[i] if channels else []}
         )
         for i in range(assistants)
