@@ -140,6 +140,27 @@ def test_chain_recipe_plans_assistants_and_runs_each_stage(tmp_path):
         run_chain(chain, tmp_path / "run")
 
 
+def test_born_again_chain_with_the_ensemble_of_generations(tmp_path):
+    import yaml
+
+    from potstill.chain import run_chain
+
+    out = run_chain(_chain(generations=2, ensemble=True), tmp_path / "run")
+    assert out["stages"] == ["generation-1", "generation-2", "ensemble"]
+    teacher = yaml.safe_load((tmp_path / "run" / "ensemble" / "recipe.yaml").read_text())["teacher"]
+    assert teacher["path"] == [
+        str(tmp_path / "run" / f"generation-{i}" / "main" / "distilled" / "final") for i in (1, 2)
+    ]
+    rows = {r["model"]: r for r in out["rows"]}
+    assert (
+        rows["ensemble (distilled)"]["parameters"] == rows["generation-1 (distilled)"]["parameters"]
+    )
+    results = yaml.safe_load((tmp_path / "run" / "ensemble" / "results.json").read_text())
+    assert results["teacher"]["source"].startswith("ensemble of ")
+    # the ensemble teacher is twice a generation's size: both members run on each batch
+    assert results["teacher"]["parameters"] == 2 * rows["generation-1 (distilled)"]["parameters"]
+
+
 def test_chain_recipe_generations_and_errors():
     chain = _chain(generations=2)
     assert [s.name for s in chain.planned()] == ["generation-1", "generation-2"]
@@ -149,5 +170,7 @@ def test_chain_recipe_generations_and_errors():
         _chain(generations=2, from_setting="nope")
     with pytest.raises(ValueError, match="unique"):
         _chain(stages=[{"name": "a"}, {"name": "a"}])
+    with pytest.raises(ValueError, match="give generations"):
+        _chain(assistants=1, ensemble=True)
     with pytest.raises(ValueError, match="student.arch.hidden"):
         _chain(stages=[{"name": "a", "set": {"student": {"arch": {"hidden": "x"}}}}])

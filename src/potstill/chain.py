@@ -38,7 +38,8 @@ class ChainRecipe(_Strict):
     ``base.student.arch``). Stage 1 learns from the base teacher; each later stage from the
     previous stage's distilled student in setting ``from_setting`` (default: the first).
     ``direct: true`` adds a stage that distills the last stage's student straight from the base
-    teacher, for comparison."""
+    teacher, for comparison; ``ensemble: true`` (with ``generations``) a last stage taught by
+    the ensemble of all generations (the mean of their logits)."""
 
     kind: Literal["chain"]
     name: str = "chain"
@@ -48,16 +49,21 @@ class ChainRecipe(_Strict):
     generations: int | None = Field(None, ge=1)
     from_setting: str | None = None
     direct: bool = False
+    ensemble: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> ChainRecipe:
         given = [x is not None for x in (self.stages, self.assistants, self.generations)]
         if sum(given) != 1:
             raise ValueError("give exactly one of stages, assistants or generations")
+        if self.ensemble and self.generations is None:
+            raise ValueError("ensemble: true combines born-again generations; give generations")
         base = self.base_recipe()
         names = [s.name for s in self.planned()]
-        if len(set(names)) != len(names) or "direct" in names:
-            raise ValueError(f"stage names must be unique and not 'direct', got {names}")
+        if len(set(names)) != len(names) or {"direct", "ensemble"} & set(names):
+            raise ValueError(
+                f"stage names must be unique and not 'direct' or 'ensemble', got {names}"
+            )
         settings = [s.name for s in base.settings]
         if self.from_setting is not None and self.from_setting not in settings:
             raise ValueError(f"from_setting: {self.from_setting!r} is not a setting ({settings})")
@@ -118,17 +124,24 @@ def run_chain(
     teacher_dir: Path | None = None
     first_teacher: Path | None = None
     done: dict[str, dict[str, Any]] = {}
-    order = [(s.name, s.set, True) for s in stages]
+    order: list[tuple[str, dict[str, Any], str]] = [(s.name, s.set, "chained") for s in stages]
     if chain.direct:
-        order.append(("direct", stages[-1].set, False))
-    for name, changes, chained in order:
+        order.append(("direct", stages[-1].set, "first"))
+    if chain.ensemble:
+        order.append(("ensemble", stages[-1].set, "ensemble"))
+    generations: list[str] = []
+    for name, changes, source in order:
         data = _merged(chain.base, changes)
         data["name"] = f"{chain.name}/{name}"
-        if chained and teacher_dir is not None:
-            data["teacher"] = {**data.get("teacher", {}), "path": str(teacher_dir)}
-        if not chained:
-            assert first_teacher is not None
-            data["teacher"] = {**data.get("teacher", {}), "path": str(first_teacher)}
+        teacher_path: str | list[str] | None = None
+        if source == "chained" and teacher_dir is not None:
+            teacher_path = str(teacher_dir)
+        elif source == "first":
+            teacher_path = str(first_teacher)
+        elif source == "ensemble":
+            teacher_path = generations
+        if teacher_path is not None:
+            data["teacher"] = {**data.get("teacher", {}), "path": teacher_path}
         recipe = Recipe.model_validate(data)
         folder = run_dir / name
         log.info("chain %s: stage %s", chain.name, name)
@@ -136,10 +149,11 @@ def run_chain(
         done[name] = results
         if first_teacher is None:
             first_teacher = folder / "teacher" / "final"
-            if recipe.teacher.path:
+            if isinstance(recipe.teacher.path, str):
                 first_teacher = Path(recipe.teacher.path)
-        if chained:
+        if source == "chained":
             teacher_dir = folder / setting / "distilled" / "final"
+            generations.append(str(teacher_dir))
     out = {
         "kind": "chain",
         "name": chain.name,
@@ -175,8 +189,9 @@ def chain_markdown(results: dict[str, Any]) -> str:
         "",
         f"Stages in order: {', '.join(results['stages'])}; each stage's teacher is the previous "
         f"stage's distilled student (setting {results['setting']}); 'direct' (when present) "
-        "learns from the first teacher. Test accuracy; latency at batch 1, throughput at the "
-        f"recipe's batch. Whole chain {results['wall_time_s'] / 60:.1f} min.",
+        "learns from the first teacher, 'ensemble' from the mean of all generations. Test "
+        "accuracy; latency at batch 1, throughput at the recipe's batch. Whole chain "
+        f"{results['wall_time_s'] / 60:.1f} min.",
         "",
         "| model | parameters | test accuracy | change from its teacher | latency (ms) | "
         "throughput (ex/s) |",
@@ -186,10 +201,11 @@ def chain_markdown(results: dict[str, Any]) -> str:
     for row in results["rows"]:
         change = "—"
         if row["model"].endswith("(distilled)"):
-            # a chained stage learned from the stage before it; 'direct' from the first teacher
+            # a chained stage learned from the stage before it; 'direct' from the first
+            # teacher; 'ensemble' from all generations (compared with the last one)
             source = teacher if row["stage"] == "direct" else previous
             change = f"{100 * (row['accuracy'] - source):+.2f} points"
-            if row["stage"] != "direct":
+            if row["stage"] not in ("direct", "ensemble"):
                 previous = row["accuracy"]
         lines.append(
             f"| {row['model']} | {row['parameters']:,} | {100 * row['accuracy']:.2f}% | {change} "

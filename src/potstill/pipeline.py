@@ -141,6 +141,11 @@ def train_classifier(
 
 def _teacher(recipe: Recipe, splits: Splits, run_dir: Path, resume: bool) -> tuple[nn.Module, dict]:
     spec = recipe.teacher
+    if isinstance(spec.path, list):
+        from .stages import Ensemble
+
+        members = [load_model(p)[0] for p in spec.path]
+        return Ensemble(members).eval(), {"source": f"ensemble of {', '.join(spec.path)}"}
     if spec.path:
         model, _ = load_model(spec.path)
         return model, {"source": str(spec.path)}

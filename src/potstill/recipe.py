@@ -49,9 +49,10 @@ class DataSpec(_Strict):
 
 
 class TeacherSpec(_Strict):
-    """A saved teacher (``path``), or an architecture that potstill trains first and keeps."""
+    """A saved teacher (``path``; a list of paths: their ensemble, the mean of their logits), or
+    an architecture that potstill trains first and keeps."""
 
-    path: str | None = None
+    path: str | list[str] | None = None
     arch: ArchSpec = Field(default_factory=lambda: ArchSpec(hidden=[1024, 1024], dropout=0.2))
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=DEFAULT_TEACHER_EPOCHS))
     cache: bool = Field(True, description="compute the teacher's logits once and reuse them")
