@@ -7,7 +7,8 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,6 +21,17 @@ from .models import count_parameters
 from .teachers import ForwardFn, default_forward
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def predict_logits(
     model: nn.Module,
@@ -29,15 +41,13 @@ def predict_logits(
     forward: ForwardFn = default_forward,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits of ``model`` over ``dataset`` in order, and the labels (None when it has none)."""
-    was_training = model.training
-    model.eval()
     n = len(dataset)  # type: ignore[arg-type]
     logits, labels = [], []
-    for batch in iterate_batches(dataset, torch.arange(n), batch_size):
-        logits.append(forward(model, batch).float())
-        if "label" in batch:
-            labels.append(batch["label"])
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in iterate_batches(dataset, torch.arange(n), batch_size):
+            logits.append(forward(model, batch).float())
+            if "label" in batch:
+                labels.append(batch["label"])
     return torch.cat(logits), (torch.cat(labels) if labels else None)
 
 
@@ -99,20 +109,18 @@ def measure_speed(
 ) -> dict[str, float]:
     """Median wall time of a forward pass on ``batch_size`` copies of ``example`` (eval mode, no
     grad, this process's threads), with its spread, and the implied examples per second."""
-    was_training = model.training
-    model.eval()
     x = example.unsqueeze(0).expand(batch_size, *example.shape).contiguous()
-    for _ in range(warmup):
-        model(x)
     times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats or (
-        time.perf_counter() - start < min_time_s and len(times) < 10 * repeats
-    ):
-        t = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t)
-    model.train(was_training)
+    with eval_mode(model):
+        for _ in range(warmup):
+            model(x)
+        start = time.perf_counter()
+        while len(times) < repeats or (
+            time.perf_counter() - start < min_time_s and len(times) < 10 * repeats
+        ):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
     med = statistics.median(times)
     q = statistics.quantiles(times, n=4)
     return {

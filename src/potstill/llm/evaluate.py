@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import TensorDictDataset, iterate_batches, make_batch
-from ..evaluate import median_seconds
+from ..evaluate import eval_mode, median_seconds
 from ..losses.causal import batch_token_mask, next_token_mask, next_token_nll, shared_vocabulary
 from ..losses.divergences import divergence
 from .data import right_pad
@@ -158,20 +158,15 @@ def answer_tokens(
     """Greedy answers (token ids, the end token kept when the model stopped) to each prompt."""
     from .generate import sample_completions
 
-    was_training = model.training
-    model.eval()
     answers: list[list[int]] = []
-    try:
-        for lo in range(0, len(prompts), batch_size):
-            chunk = [list(p) for p in prompts[lo : lo + batch_size]]
-            for new in sample_completions(
-                model, chunk, pad_token_id=pad_token_id, max_new_tokens=max_new_tokens
-            ):
-                if eos_token_id is not None and eos_token_id in new:
-                    new = new[: new.index(eos_token_id) + 1]
-                answers.append(new)
-    finally:
-        model.train(was_training)
+    for lo in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[lo : lo + batch_size]]
+        for new in sample_completions(
+            model, chunk, pad_token_id=pad_token_id, max_new_tokens=max_new_tokens
+        ):
+            if eos_token_id is not None and eos_token_id in new:
+                new = new[: new.index(eos_token_id) + 1]
+            answers.append(new)
     return answers
 
 
@@ -188,10 +183,8 @@ def teacher_log_likelihood(
     ``teacher``, each given its prompt: how likely the teacher finds what a model wrote."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    was_training = teacher.training
-    teacher.eval()
     total, count = 0.0, 0
-    try:
+    with eval_mode(teacher):
         for lo in range(0, len(prompts), batch_size):
             heads = prompts[lo : lo + batch_size]
             tails = answers[lo : lo + batch_size]
@@ -202,8 +195,6 @@ def teacher_log_likelihood(
             nll, n = next_token_nll(logits.float(), ids, scored)
             total -= float(nll)
             count += int(n)
-    finally:
-        teacher.train(was_training)
     return total / max(count, 1), count
 
 

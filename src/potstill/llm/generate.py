@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..evaluate import eval_mode
 from ..teachers import model_fingerprint
 from .data import iter_jsonl, prompt_ids
 
@@ -129,22 +130,23 @@ def sample_completions(
 ) -> list[list[int]]:
     """The new tokens ``model`` generates after each prompt (token ids), ``n`` per prompt in
     prompt order, in one left-padded batch: greedy when ``temperature`` is 0, else sampled with
-    ``top_p`` from the global torch RNG. Sequences that stop early are padded after their end
-    token; cut them at it."""
+    ``top_p`` from the global torch RNG, in eval mode (the model's mode is restored after).
+    Sequences that stop early are padded after their end token; cut them at it."""
     width = max(len(x) for x in prompts)
     input_ids = torch.tensor([[pad_token_id] * (width - len(x)) + list(x) for x in prompts])
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts])
     sample = temperature > 0
-    generated = model.generate(
-        input_ids=input_ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=sample,
-        temperature=temperature if sample else None,
-        top_p=top_p if sample else None,
-        num_return_sequences=n,
-        pad_token_id=pad_token_id,
-    )
+    with eval_mode(model):
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            num_return_sequences=n,
+            pad_token_id=pad_token_id,
+        )
     return generated[:, width:].tolist()
 
 
@@ -230,8 +232,6 @@ def generate_answers(
         done[r["id"]] = done.get(r["id"], 0) + 1
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
     bs = settings.batch_size
     batches = [list(prompts[i : i + bs]) for i in range(0, len(prompts), bs)]
     todo = [(b, batch) for b, batch in enumerate(batches) if any(
@@ -290,7 +290,6 @@ def generate_answers(
             bar.set_postfix(tok_s=f"{stats.tokens_per_s:.1f}")
     finally:
         bar.close()
-        model.train(was_training)
     return stats
 
 

@@ -70,15 +70,10 @@ class OnPolicySampler:
         ids, lengths = batch["input_ids"], batch["prompt_length"]
         prompts = [ids[b, : int(n)].tolist() for b, n in enumerate(lengths)]
         s = self.sampling
-        was_training = self.student.training
-        self.student.eval()
-        try:
-            generated = sample_completions(
-                self.student, prompts, pad_token_id=self.pad, max_new_tokens=s.max_new_tokens,
-                temperature=s.temperature, top_p=s.top_p,
-            )  # fmt: skip
-        finally:
-            self.student.train(was_training)
+        generated = sample_completions(
+            self.student, prompts, pad_token_id=self.pad, max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature, top_p=s.top_p,
+        )  # fmt: skip
         rows = []
         for prompt, new in zip(prompts, generated, strict=True):
             if self.eos is not None and self.eos in new:
