@@ -723,8 +723,28 @@ def _sparse_per_position(
     """Per-position sparse divergence ``(...)`` on the k+1 buckets, in the compute dtype."""
     dtype = _compute_dtype(student_logits, logprobs, tail_mass)
     full = ids.shape[-1] == student_logits.shape[-1]
-    student = _temper(_student_buckets(student_logits, ids, dtype), temperature)
+    student = _student_buckets(student_logits, ids, dtype)
+    opts = {"kind": kind, "temperature": temperature, "beta": beta, "skew": skew}
+    return _bucket_divergence(student, logprobs, tail_mass, full, **opts)
+
+
+def _bucket_divergence(
+    student_buckets: Tensor,
+    logprobs: Tensor,
+    tail_mass: Tensor,
+    full: bool,
+    *,
+    kind: str,
+    temperature: float,
+    beta: float,
+    skew: float,
+) -> Tensor:
+    """The divergence ``kind`` between the student's k+1 bucket log-probabilities (T = 1, last
+    bucket the tail) and the teacher's stored top-k and tail (``full``: k = V, see
+    :func:`_teacher_buckets`), both tempered, per position."""
+    dtype = student_buckets.dtype
     teacher = _temper(_teacher_buckets(logprobs, tail_mass, dtype, full), temperature)
+    student = _temper(student_buckets, temperature)
     return _divergence_fn(kind)(student, teacher, beta=beta, skew=skew)
 
 
@@ -763,8 +783,7 @@ def _sparse_chunk(
     with torch.enable_grad():
         buckets = torch.cat([top, rest.log().clamp_min(lowest).unsqueeze(-1)], dim=-1)
         buckets.requires_grad_()
-        teacher = _temper(_teacher_buckets(logprobs, tail_mass, dtype, full), temperature)
-        values = _divergence_fn(kind)(_temper(buckets, temperature), teacher, beta=beta, skew=skew)
+        values = _bucket_divergence(buckets, logprobs, tail_mass, full, **opts)
         (g,) = torch.autograd.grad(values.sum(), buckets)
     total = g.sum(dim=-1)
     # an empty tail (k = V, or underflow) has p_j = 0 for every other token: no gradient there
