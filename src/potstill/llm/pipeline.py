@@ -626,19 +626,21 @@ def _cached_source(
     path = Path(c.path) if c.path else run_dir / "teacher-cache"
     encoding = Encoding(logprobs=c.logprobs, compression=c.compression)
     t0 = time.perf_counter()
+    # write_cache checks the whole manifest against this teacher, tokenizer and data before it
+    # fills anything; only a cache used as it is needs the reader to hash them
+    checks: dict[str, Any] = {"teacher": teacher, "tokenizer": tok, "dataset": train}
     if not c.allow_incomplete:
         write_cache(
             teacher, train, path, unit="token", k=c.k, encoding=encoding,
             forward=causal_lm_forward, tokenizer=tok, shard_size=c.shard_size,
             batch_size=c.batch_size, teacher_name=recipe.teacher.model,
         )  # fmt: skip
+        checks = {}
     cached = CachedTeacher(
         path,
         expect={"k": c.k, "encoding": asdict(encoding)},
-        teacher=teacher,
-        tokenizer=tok,
-        dataset=train,
         allow_incomplete=c.allow_incomplete,
+        **checks,
     )
     if c.allow_incomplete:
         train = cached.subset(train)
