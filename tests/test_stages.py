@@ -121,6 +121,14 @@ def test_chain_recipe_plans_assistants_and_runs_each_stage(tmp_path):
     assert str(tmp_path / "run" / "assistant-1" / "main" / "distilled" / "final") in student_recipe
     direct_recipe = (tmp_path / "run" / "direct" / "recipe.yaml").read_text()
     assert str(tmp_path / "run" / "assistant-1" / "teacher" / "final") in direct_recipe
+    # same teacher, same data: 'direct' reads the first stage's logit cache (linked, not redone)
+    shards = sorted(
+        (tmp_path / "run" / "assistant-1" / "teacher" / "cache-train").rglob("*.safetensors")
+    )
+    linked = sorted(
+        (tmp_path / "run" / "direct" / "teacher" / "cache-train").rglob("*.safetensors")
+    )
+    assert shards and [p.stat().st_ino for p in linked] == [p.stat().st_ino for p in shards]
     models = [r["model"] for r in out["rows"]]
     assert models[0] == "teacher" and "assistant-1 (distilled)" in models
     assert "student (without teacher)" in models and "direct (distilled)" in models

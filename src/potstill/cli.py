@@ -53,6 +53,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (ValueError, OSError, CheckpointError)
 
 
+def data_dir_override(recipe: str, data_dir: str) -> str:
+    """The ``--set`` that points ``recipe`` at the dataset folder ``data_dir``: ``data.data_dir``
+    in classic recipes, ``data.folder`` in text ones, under ``base.`` in a chain."""
+    from .recipe import _read_yaml
+
+    data = _read_yaml(recipe)[0]
+    prefix = ""
+    if data.get("kind") == "chain":  # a chain's stages share its base recipe's data
+        data, prefix = data.get("base") or {}, "base."
+    field = "folder" if data.get("kind") else "data_dir"
+    return f"{prefix}data.{field}={data_dir}"
+
+
 @app.command()
 def distill(
     recipe: Annotated[
@@ -71,7 +84,7 @@ def distill(
 ) -> None:
     """Run a recipe: teacher, baseline and distilled students, evaluation, report."""
     from .pipeline import run_recipe
-    from .recipe import _read_yaml, load_recipe
+    from .recipe import load_recipe
     from .report import summary_lines
 
     _setup(threads)
@@ -79,8 +92,7 @@ def distill(
     with _reported(interrupted="continue with the same command and --resume"):
         if data_dir:
             # text recipes (embed, causal-lm) call the dataset's folder data.folder
-            kind = _read_yaml(recipe)[0].get("kind")
-            overrides.append(f"data.{'folder' if kind else 'data_dir'}={data_dir}")
+            overrides.append(data_dir_override(recipe, data_dir))
         r = load_recipe(recipe, overrides)
         run_dir = out or Path("runs") / r.name
         if getattr(r, "kind", None) == "embed":

@@ -322,24 +322,7 @@ def run_lm_recipe(
     _start_run_dir(run_dir, recipe)
     t_start = time.perf_counter()
     teacher, tok = load_lm_teacher(recipe)
-    spec = recipe.student
-    if spec.model is None or spec.model == recipe.teacher.model:
-        base, s_name = teacher, recipe.teacher.model
-    else:
-        s_name = spec.model
-        s_path = resolve(spec.model)
-        base = load_model(s_path, "causal-lm", trust_remote_code=spec.trust_remote_code)
-        s_tok = load_tokenizer(s_path, trust_remote_code=spec.trust_remote_code)
-        check_same_tokenization(tok, s_tok)
-    torch.manual_seed(recipe.seed)
-    init = derive(base, keep=spec.keep, layers=spec.layers) if spec.keep or spec.layers else None
-    if init is None:
-        if base is teacher:
-            raise ValueError(
-                "student: give keep or layers to derive a student from the teacher, or another "
-                "model sharing its tokenizer"
-            )
-        init = base
+    init, base, s_name = initial_student(recipe, teacher, tok)
     vocab = shared_vocab_size(teacher, init, len(tok))  # raises when the vocabularies differ
 
     d = recipe.data
@@ -469,6 +452,33 @@ def run_lm_recipe(
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1, default=str))
     write_lm_report(run_dir, results)
     return results
+
+
+def initial_student(
+    recipe: LMRecipe, teacher: torch.nn.Module, tok: Any
+) -> tuple[torch.nn.Module, torch.nn.Module, str]:
+    """The recipe's student before training, the model it comes from and that model's name:
+    ``student.keep``/``layers`` of ``student.model`` (default: the teacher) with weights copied,
+    or ``student.model`` itself. A student model must share the teacher's tokenization."""
+    spec = recipe.student
+    if spec.model is None or spec.model == recipe.teacher.model:
+        base, s_name = teacher, recipe.teacher.model
+    else:
+        s_name = spec.model
+        s_path = resolve(spec.model)
+        base = load_model(s_path, "causal-lm", trust_remote_code=spec.trust_remote_code)
+        s_tok = load_tokenizer(s_path, trust_remote_code=spec.trust_remote_code)
+        check_same_tokenization(tok, s_tok)
+    torch.manual_seed(recipe.seed)
+    init = derive(base, keep=spec.keep, layers=spec.layers) if spec.keep or spec.layers else None
+    if init is None:
+        if base is teacher:
+            raise ValueError(
+                "student: give keep or layers to derive a student from the teacher, or another "
+                "model sharing its tokenizer"
+            )
+        init = base
+    return init, base, s_name
 
 
 def load_lm_teacher(recipe: LMRecipe) -> tuple[torch.nn.Module, Any]:
