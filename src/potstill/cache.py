@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .data import TensorDictDataset, fingerprint, make_batch
 from .io import atomic_create_text, atomic_save_safetensors, atomic_write_text, sha256_file
 from .losses.llm import TopK
@@ -951,9 +951,11 @@ def build_logit_cache(
     forward: ForwardFn = default_forward,
     batch_size: int = 1024,
     progress: bool | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> Path:
     """Cache a classifier teacher's dense float32 logits on ``dataset`` at ``path`` (an
-    ``example`` cache: :func:`write_cache` with ``k=None``); returns the path."""
+    ``example`` cache: :func:`write_cache` with ``k=None``; ``part`` as there); returns the
+    path."""
     write_cache(
         teacher,
         dataset,
@@ -964,6 +966,7 @@ def build_logit_cache(
         forward=forward,
         batch_size=batch_size,
         progress=progress,
+        part=part,
     )
     return Path(path)
 
@@ -980,13 +983,24 @@ def cached_or_live(
     if path is None:
         return LiveTeacher(teacher, forward)
     path = Path(path)
+    rank, world = distributed.setup()
+    cached, error = None, None
     if path.exists():
         try:
-            return CachedTeacher(path, dataset=dataset, teacher=teacher)
+            cached = CachedTeacher(path, dataset=dataset, teacher=teacher)
         except CacheError as e:
-            log.warning("%s; rebuilding it", e)
+            error = e
+    distributed.barrier()  # every process has looked before any of them writes
+    if cached is not None:
+        return cached
+    if error is not None:
+        log.warning("%s; rebuilding it", error)
+        if rank == 0:
             _remove_cache(path)
-    build_logit_cache(teacher, dataset, path, forward=forward)
+        distributed.barrier()
+    # under torchrun each process fills its part of the shards
+    build_logit_cache(teacher, dataset, path, forward=forward, part=(rank, world))
+    distributed.barrier()
     return CachedTeacher(path, verify=False)
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+from . import distributed
 from .io import atomic_write_text
 from .models import ArchSpec
 from .recipe import Recipe, _Strict
@@ -189,7 +190,8 @@ def _link_copy(source: Path, target: Path) -> None:
     """Give ``target`` the files of ``source`` (hard links where possible), when ``source``
     exists and ``target`` does not: a stage with the same teacher and data reuses a cache or
     answers instead of computing them again (its run still checks them)."""
-    if not source.exists() or target.exists():
+    if not source.exists() or target.exists() or not distributed.is_main():
+        distributed.barrier()
         return
 
     def link(src: str, dst: str) -> None:
@@ -203,6 +205,7 @@ def _link_copy(source: Path, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp, copy_function=link)
     os.replace(tmp, target)
+    distributed.barrier()
 
 
 def run_chain(
@@ -217,12 +220,13 @@ def run_chain(
     _start_run_dir(run_dir, chain)
     t0 = time.perf_counter()
     setting = chain.from_setting or chain.settings()[0]
+    main = distributed.is_main()  # every process trains each stage; rank 0 reports
     if chain.causal_lm:
         done, order = _run_lm_stages(chain, run_dir, setting, resume)
-        rows = _lm_rows(chain, run_dir, done, order, setting)
+        rows = _lm_rows(chain, run_dir, done, order, setting) if main else []
     else:
         done, order = _run_classic_stages(chain, run_dir, setting, resume)
-        rows = _rows(done, setting)
+        rows = _rows(done, setting) if main else []
     out = {
         "kind": "chain",
         "name": chain.name,
@@ -232,9 +236,11 @@ def run_chain(
         "rows": rows,
         "wall_time_s": time.perf_counter() - t0,
     }
-    atomic_write_text(run_dir / "results.json", json.dumps(out, indent=1, default=str))
-    report = lm_chain_markdown(out) if chain.causal_lm else chain_markdown(out)
-    atomic_write_text(run_dir / "report.md", report)
+    if main:
+        atomic_write_text(run_dir / "results.json", json.dumps(out, indent=1, default=str))
+        report = lm_chain_markdown(out) if chain.causal_lm else chain_markdown(out)
+        atomic_write_text(run_dir / "report.md", report)
+    distributed.barrier()
     return out
 
 

@@ -20,12 +20,17 @@ app = typer.Typer(
 )
 
 
-def _setup(threads: int | None) -> None:
+def _setup(threads: int | None) -> bool:
+    """Logging, threads, and the process group under torchrun; whether this process speaks
+    (rank 0, or the only process)."""
+    from . import distributed
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+    return distributed.is_main()
 
 
 def _fail(e: Exception) -> None:
@@ -87,7 +92,7 @@ def distill(
     from .recipe import load_recipe
     from .report import summary_lines
 
-    _setup(threads)
+    speaks = _setup(threads)
     overrides = list(set_ or [])
     with _reported(interrupted="continue with the same command and --resume"):
         if data_dir:
@@ -96,8 +101,11 @@ def distill(
         r = load_recipe(recipe, overrides)
         run_dir = out or Path("runs") / r.name
         if getattr(r, "kind", None) == "embed":
+            from . import distributed
             from .embed_pipeline import run_embed_recipe
 
+            if distributed.world_size() > 1:
+                raise ValueError("embed recipes run on one process; launch without torchrun")
             results = run_embed_recipe(r, run_dir)  # type: ignore[arg-type]
             typer.echo((run_dir / "report.md").read_text())
             return
@@ -105,16 +113,20 @@ def distill(
             from .chain import run_chain
 
             run_chain(r, run_dir, resume=resume, overwrite=overwrite)  # type: ignore[arg-type]
-            typer.echo((run_dir / "report.md").read_text())
+            if speaks:
+                typer.echo((run_dir / "report.md").read_text())
             return
         if getattr(r, "kind", None) == "causal-lm":
             from .llm.pipeline import run_lm_recipe
 
             results = run_lm_recipe(r, run_dir, resume=resume, overwrite=overwrite)  # type: ignore[arg-type]
-            typer.echo((run_dir / "report.md").read_text().split("\n![")[0])
-            typer.echo(f"report: {run_dir / 'report.md'}  and  {run_dir / 'report.html'}")
+            if speaks:
+                typer.echo((run_dir / "report.md").read_text().split("\n![")[0])
+                typer.echo(f"report: {run_dir / 'report.md'}  and  {run_dir / 'report.html'}")
             return
         results = run_recipe(r, run_dir, resume=resume, overwrite=overwrite)
+    if not speaks:
+        return
     for line in summary_lines(results):
         typer.echo(line.replace("**", ""))
     typer.echo(f"report: {run_dir / 'report.md'}  and  {run_dir / 'report.html'}")
@@ -163,14 +175,19 @@ def cache(
     From a causal-lm recipe (its training data and teacher.cache settings: change them with
     --set teacher.cache.k=128), or from --teacher and --data with the options below.
 
-    Several machines fill one cache with --shard 0/N … N-1/N; an interrupted run continues
-    when rerun. Train from the cache with teacher.cache in the recipe.
+    Several machines fill one cache with --shard 0/N … N-1/N (under torchrun, its processes
+    split the part further); an interrupted run continues when rerun. Train from the cache
+    with teacher.cache in the recipe.
     """
+    from . import distributed
     from .cache import Encoding, cache_status, parse_part
 
-    _setup(threads)
+    speaks = _setup(threads)
     with _reported(interrupted="rerun the same command to continue"):
-        part = parse_part(shard)
+        i, n = parse_part(shard)
+        # under torchrun the processes split the part they were given
+        rank, world = distributed.setup()
+        part = (i * world + rank, n * world)
         if recipe is not None:
             from .llm.pipeline import LMRecipe, cache_lm_recipe, cache_settings
             from .recipe import load_recipe
@@ -198,6 +215,11 @@ def cache(
                     encoding=Encoding(logprobs=logprobs, compression=compression),  # type: ignore[arg-type]
                     taps=_parse_taps(tap or []),
                 )  # fmt: skip
+        if world > 1 and not status:
+            distributed.barrier()  # every process's part is written: show the whole cache
+            st = cache_status(st.path)
+    if not speaks:
+        return
     per_token = st.bytes / max(1, st.positions)
     typer.echo(
         f"{st.path}: {len(st.done)} of {st.num_shards} shards written, {st.positions:,} tokens, "

@@ -53,6 +53,11 @@ class TrainConfig(_Strict):
     shuffle: bool = True
     progress: bool | None = Field(None, description="progress bar; default: when on a terminal")
     tensorboard: bool = True
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="under torchrun: ddp (a student copy per process) or fsdp (the student's "
+        "weights, gradients and optimizer state sharded across processes)",
+    )
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:

@@ -4,13 +4,15 @@ atomically, and resumes exactly where it stopped."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,15 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import TrainConfig
-from .data import epoch_order, iterate_batches, make_batch
-from .io import atomic_save_module, atomic_torch_save, atomic_write_text, sha256_file
+from .data import epoch_order, make_batch
+from .io import (
+    atomic_save_module,
+    atomic_torch_save,
+    atomic_write_text,
+    sha256_file,
+)
 from .losses.objective import Objective
 from .signal import StudentView
 from .taps import Taps, TapsLike, tapped_forward
@@ -107,6 +115,15 @@ class Distiller:
     from the start of training (so a resumed run transforms as an uninterrupted one would): how
     on-policy distillation swaps in the student's own completions.
 
+    Under ``torchrun`` (see :mod:`potstill.distributed`) every process builds the same
+    Distiller: each global batch of ``config.batch_size`` examples is split into contiguous
+    shares, one per process; the student trains under DDP (``config.distributed: fsdp`` shards
+    it with FSDP2 instead) and the teacher runs replicated on each share; each term's loss is
+    normalised by its item count over the whole optimizer step (all micro-batches, all
+    processes: :attr:`Term.count`), so the update does not depend on the split. Rank 0 alone
+    logs, evaluates and writes checkpoints, which hold full (unsharded) states and resume under
+    any number of processes.
+
     >>> result = Distiller(student, hinton_objective(4.0, 0.5), train_set,   # doctest: +SKIP
     ...                    teacher=LiveTeacher(teacher), config=TrainConfig(epochs=5)).fit()
     """
@@ -169,6 +186,16 @@ class Distiller:
         self.checkpoint_every = self.cfg.checkpoint_every or self.eval_every
 
         self._probe()
+        self.rank, self.world = distributed.setup()
+        self.main = self.rank == 0
+        self.fsdp = self.world > 1 and self.cfg.distributed == "fsdp"
+        if self.fsdp and batch_transform is not None:
+            raise ValueError(
+                "train.distributed: fsdp shards the student, which then cannot sample "
+                "on-policy completions on one process; use ddp"
+            )
+        self._plain: nn.Module | None = None  # FSDP: a full copy the trained weights land in
+        self.model, self._objective = self._wrap()
         params = [p for p in self.student.parameters() if p.requires_grad]
         params += [p for p in self.objective.parameters() if p.requires_grad]
         self.params = params
@@ -218,11 +245,43 @@ class Distiller:
             if taps is not None:
                 taps.remove()
 
-    def _view(self, taps: Taps | None, batch: dict[str, Any]) -> StudentView:
+    def _view(
+        self, taps: Taps | None, batch: dict[str, Any], model: nn.Module | None = None
+    ) -> StudentView:
+        model = self.student if model is None else model
         if taps is None:
-            return StudentView(logits=self.student_forward(self.student, batch))
-        logits, features = tapped_forward(taps, self.student_forward, self.student, batch)
+            return StudentView(logits=self.student_forward(model, batch))
+        logits, features = tapped_forward(taps, self.student_forward, model, batch)
         return StudentView(logits=logits, features=features)
+
+    def _wrap(self) -> tuple[nn.Module, nn.Module]:
+        """The modules the training step calls: the student (under DDP, or sharded in place by
+        FSDP2) and the objective (under DDP when it has trainable parts), or both as they are
+        in a single process."""
+        if self.world == 1:
+            return self.student, self.objective
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        def ddp(module: nn.Module) -> nn.Module:
+            device = next(module.parameters()).device
+            ids = [device] if device.type == "cuda" else None
+            return DDP(module, device_ids=ids)
+
+        has_params = any(p.requires_grad for p in self.objective.parameters())
+        objective = ddp(self.objective) if has_params else self.objective
+        if not self.fsdp:
+            return ddp(self.student), objective
+        from torch.distributed.fsdp import fully_shard
+
+        self._plain = copy.deepcopy(self.student)
+        blocks = set(getattr(self.student, "_no_split_modules", None) or [])
+        inner = [m for m in self.student.modules() if type(m).__name__ in blocks]
+        if not inner:  # no declared blocks: shard each top-level child that holds weights
+            inner = [c for c in self.student.children() if any(True for _ in c.parameters())]
+        for m in inner:
+            fully_shard(m)
+        fully_shard(self.student)
+        return self.student, objective
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -242,7 +301,7 @@ class Distiller:
             initial=self.step,
             desc=self.name,
             unit="step",
-            disable=None if cfg.progress is None else not cfg.progress,
+            disable=(None if cfg.progress is None else not cfg.progress) or not self.main,
             leave=False,
             dynamic_ncols=True,
         )
@@ -255,9 +314,10 @@ class Distiller:
             bar.close()
             if writer is not None:
                 writer.close()
-        self.student.eval()
+        student = self._gathered() if self.fsdp else self.student
+        student.eval()
         return FitResult(
-            self.student,
+            student,
             self.step,
             self.history,
             self.evals,
@@ -267,6 +327,40 @@ class Distiller:
             self.run_dir,
         )
 
+    def _micro_batch(self, micro: int) -> tuple[dict[str, Any], torch.Tensor, int]:
+        """Micro-batch number ``micro`` (counted from the start of training): this process's
+        share of it, the share's item counts per active term (zero for a process whose share
+        is empty: it runs one example of the batch to take part, weighted 0), and the size of
+        the whole micro-batch."""
+        cfg = self.cfg
+        epoch, start = divmod(micro, self.batches_per_epoch)
+        if self._order_epoch != epoch:
+            self._order = epoch_order(self.n, cfg.seed, epoch, cfg.shuffle)
+            self._order_epoch = epoch
+        index = self._order[start * cfg.batch_size : (start + 1) * cfg.batch_size]
+        share = index[distributed.shard_of(len(index))] if self.world > 1 else index
+        empty = len(share) == 0
+        batch = make_batch(self.train_data, index[:1] if empty else share)
+        if self.batch_transform is not None:
+            batch = self.batch_transform(batch, micro)
+        counts = self.objective.counts(batch)
+        return batch, counts * 0 if empty else counts, len(index)
+
+    @contextlib.contextmanager
+    def _sync(self, last: bool) -> Iterator[None]:
+        """Gradient synchronisation only on the step's last micro-batch (DDP's ``no_sync``,
+        FSDP2's ``set_requires_gradient_sync``)."""
+        if self.world == 1:
+            yield
+            return
+        with contextlib.ExitStack() as stack:
+            for module in (self.model, self._objective):
+                if hasattr(module, "no_sync") and not last:
+                    stack.enter_context(module.no_sync())
+                elif hasattr(module, "set_requires_gradient_sync"):
+                    module.set_requires_gradient_sync(last)
+            yield
+
     def _loop(self, taps: Taps | None, writer: Any, bar: Any) -> None:
         cfg = self.cfg
         self.student.train()
@@ -274,69 +368,71 @@ class Distiller:
         micro = self.step * cfg.grad_accum
         interval_examples = 0
         interval_t = t0 = time.perf_counter()
+        self._order_epoch = -1
         self.optimizer.zero_grad(set_to_none=True)
+        names = [t.name for t in self.objective.active_terms]
         while self.step < self.total_steps:
-            epoch, start = divmod(micro, self.batches_per_epoch)
-            order = epoch_order(self.n, cfg.seed, epoch, cfg.shuffle)
-            for batch in iterate_batches(self.train_data, order, cfg.batch_size, start):
-                if self.batch_transform is not None:
-                    batch = self.batch_transform(batch, micro)
-                signal = self.teacher.signal(batch) if self.teacher is not None else None
-                view = self._view(taps, batch)
-                loss, values = self.objective(view, signal, batch)
-                (loss / cfg.grad_accum).backward()
-                values["loss"] = loss.detach()
+            # the whole step's micro-batches first: its item counts normalise every term
+            prepared = [self._micro_batch(micro + j) for j in range(cfg.grad_accum)]
+            totals = distributed.all_reduce_sum(torch.stack([c for _, c, _ in prepared]).sum(0))
+            totals = totals.clamp_min(1)
+            for j, (batch, counts, size) in enumerate(prepared):
+                share = counts / totals  # this micro-batch's part of each term's step mean
+                with self._sync(last=j == cfg.grad_accum - 1):
+                    signal = self.teacher.signal(batch) if self.teacher is not None else None
+                    view = self._view(taps, batch, self.model)
+                    # DDP and FSDP average gradients over processes: scale back up by their number
+                    loss, values = self._objective(view, signal, batch, share * self.world)
+                    loss.backward()
                 sums = self._sums
-                for k, v in values.items():
+                step_values = {n: values[n] * float(share[i]) for i, n in enumerate(names)}
+                step_values["loss"] = loss.detach() / self.world
+                for k, v in step_values.items():
                     sums[k] = sums[k] + v if k in sums else v
-                self._n_sums += 1
-                bs = len(batch["index"])
-                self.examples_seen += bs
-                interval_examples += bs
-                micro += 1
-                if micro % cfg.grad_accum:
-                    continue
-                if cfg.clip_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm)
-                lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                bar.update(1)
-                last = self.step >= self.total_steps
-                row: dict[str, float] = {}
-                if self.step % cfg.log_every == 0 or last:
-                    now = time.perf_counter()
-                    row = {
-                        "step": self.step,
-                        "epoch": round(micro / self.batches_per_epoch, 4),
-                        "lr": lr,
-                        **{k: float(v) / self._n_sums for k, v in sums.items()},
-                        "examples_per_s": interval_examples / max(now - interval_t, 1e-9),
-                    }
-                    self._log(row, writer)
-                    bar.set_postfix(
-                        {k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "epoch", "lr")},
-                        refresh=False,
-                    )
-                    self._sums, self._n_sums = {}, 0
-                    interval_examples, interval_t = 0, time.perf_counter()
-                for cb in self.callbacks:
-                    cb(self.step, row)
-                if self.step % self.eval_every == 0 or last:
-                    self.train_time_s += time.perf_counter() - t0
-                    self._evaluate(writer)
-                    t0 = time.perf_counter()
-                if self.run_dir and (self.step % self.checkpoint_every == 0 or last):
-                    self.train_time_s += time.perf_counter() - t0
-                    self.save_checkpoint()
-                    t0 = time.perf_counter()
-                if last:
-                    break
-            else:
-                continue
-            break
+                self.examples_seen += size
+                interval_examples += size
+            micro += cfg.grad_accum
+            self._n_sums += 1
+            if cfg.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm)
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            bar.update(1)
+            last = self.step >= self.total_steps
+            row: dict[str, float] = {}
+            if self.step % cfg.log_every == 0 or last:
+                now = time.perf_counter()
+                keys = list(self._sums)  # the same order on every process
+                summed = distributed.all_reduce_sum(
+                    torch.stack([self._sums[k].detach().double().reshape(()) for k in keys])
+                ) if keys else torch.zeros(0)  # fmt: skip
+                row = {
+                    "step": self.step,
+                    "epoch": round(micro / self.batches_per_epoch, 4),
+                    "lr": lr,
+                    **{k: float(v) / self._n_sums for k, v in zip(keys, summed, strict=True)},
+                    "examples_per_s": interval_examples / max(now - interval_t, 1e-9),
+                }
+                self._log(row, writer)
+                bar.set_postfix(
+                    {k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "epoch", "lr")},
+                    refresh=False,
+                )
+                self._sums, self._n_sums = {}, 0
+                interval_examples, interval_t = 0, time.perf_counter()
+            for cb in self.callbacks:
+                cb(self.step, row)
+            if self.step % self.eval_every == 0 or last:
+                self.train_time_s += time.perf_counter() - t0
+                self._evaluate(writer)
+                t0 = time.perf_counter()
+            if self.run_dir and (self.step % self.checkpoint_every == 0 or last):
+                self.train_time_s += time.perf_counter() - t0
+                self.save_checkpoint()
+                t0 = time.perf_counter()
         self.train_time_s += time.perf_counter() - t0
 
     # ---- evaluation and logs ---------------------------------------------------------------
@@ -344,9 +440,12 @@ class Distiller:
     def _evaluate(self, writer: Any) -> None:
         if self.evaluate is None:
             return
-        self.student.eval()
+        model = self._gathered() if self.fsdp else self.student  # FSDP: every process gathers
+        if not self.main:  # rank 0 evaluates and keeps the best model
+            return
+        model.eval()
         with torch.no_grad():
-            metrics = dict(self.evaluate(self.student))
+            metrics = dict(self.evaluate(model))
         self.student.train()
         row = {"step": self.step, **metrics}
         self.evals.append(row)
@@ -362,13 +461,13 @@ class Distiller:
             if b is None or (v > b if self.best_mode == "max" else v < b):
                 self.best = row
                 if self.run_dir:
-                    atomic_save_module(self.student, self.run_dir / "best" / "student.safetensors")
+                    atomic_save_module(model, self.run_dir / "best" / "student.safetensors")
                     atomic_write_text(self.run_dir / "best" / "eval.json", json.dumps(row))
 
     def _log(self, row: dict[str, Any], writer: Any) -> None:
         if "eval" not in row:
             self.history.append(row)
-        if self.run_dir:
+        if self.run_dir and self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
@@ -380,7 +479,7 @@ class Distiller:
                     writer.add_scalar(prefix + k, v, data["step"])
 
     def _tensorboard(self) -> Any:
-        if not (self.cfg.tensorboard and self.run_dir):
+        if not (self.cfg.tensorboard and self.run_dir and self.main):
             return None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -390,25 +489,77 @@ class Distiller:
 
     # ---- checkpoints -------------------------------------------------------------------------
 
+    def _gathered(self) -> nn.Module:
+        """FSDP: the student's full weights gathered (a collective: every process calls it)
+        into the plain copy kept for evaluation, checkpoints and the result."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        assert self._plain is not None
+        # every process gets the whole state (cpu_offload would leave it on rank 0 alone)
+        full = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True))
+        self._plain.load_state_dict(full)
+        return self._plain
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state dict with every sharded (DTensor) tensor gathered: the same
+        layout as a single process's, whatever the number of processes."""
+        state = self.optimizer.state_dict()
+        if not self.fsdp:
+            return state
+        from torch.distributed.tensor import DTensor
+
+        def full(v: Any) -> Any:
+            return v.full_tensor().cpu() if isinstance(v, DTensor) else v
+
+        state["state"] = {
+            i: {k: full(v) for k, v in st.items()} for i, st in state["state"].items()
+        }
+        return state
+
+    def _load_optimizer_state(self, state: dict[str, Any]) -> None:
+        if self.fsdp:  # full tensors back into this process's shards of each parameter
+            from torch.distributed.tensor import DTensor, distribute_tensor
+
+            # state keys count the parameters group by group, as the optimizer holds them
+            ordered = [p for g in self.optimizer.param_groups for p in g["params"]]
+            for i, st in state["state"].items():
+                p = ordered[int(i)]
+                if isinstance(p, DTensor):
+                    for k, v in st.items():
+                        if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                            st[k] = distribute_tensor(
+                                v.to(p.dtype if v.is_floating_point() else v.dtype),
+                                p.device_mesh,
+                                p.placements,
+                            )
+        self.optimizer.load_state_dict(state)
+
     def save_checkpoint(self) -> Path:
         """Write the whole training state for exact resume; returns the checkpoint folder.
 
         Each file is written atomically, the folder is published by atomically rewriting
         ``checkpoints/last.json`` last, so an interrupted save leaves the previous one in force.
+        In a distributed run every process calls it (sharded states are gathered) and rank 0
+        writes; the states are full, so any number of processes can resume from them.
         """
         assert self.run_dir is not None
         root = self.run_dir / "checkpoints"
         folder = root / f"step-{self.step:08d}"
+        student = self._gathered() if self.fsdp else self.student
+        optimizer = self._optimizer_state()
+        if not self.main:
+            distributed.barrier()  # the files exist once rank 0 is through
+            return folder
         if folder.exists():
             shutil.rmtree(folder)
-        atomic_save_module(self.student, folder / "student.safetensors")
+        atomic_save_module(student, folder / "student.safetensors")
         has_objective_params = any(True for _ in self.objective.parameters())
         if has_objective_params:
             atomic_save_module(self.objective, folder / "objective.safetensors")
         state = {
             "step": self.step,
             "total_steps": self.total_steps,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
@@ -418,6 +569,7 @@ class Distiller:
             "log_count": self._n_sums,
             "train_time_s": self.train_time_s,
             "examples_seen": self.examples_seen,
+            "processes": self.world,
         }
         atomic_torch_save(state, folder / "trainer_state.pt")
         files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
@@ -427,12 +579,13 @@ class Distiller:
         for old in root.glob("step-*"):
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
         return folder
 
     def _start_fresh(self) -> None:
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
-        if self.run_dir and (self.run_dir / "metrics.jsonl").exists():
+        if self.run_dir and self.main and (self.run_dir / "metrics.jsonl").exists():
             (self.run_dir / "metrics.jsonl").unlink()
 
     def _load_last_checkpoint(self) -> None:
@@ -459,10 +612,20 @@ class Distiller:
                 f"checkpoint {folder} was written by a run of {state['total_steps']} steps, this "
                 f"one has {self.total_steps}: resume with the same recipe, or start a new run dir"
             )
-        load_model(self.student, str(folder / "student.safetensors"))
+        if self.fsdp:
+            from safetensors.torch import load_file
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+            )
+
+            full = load_file(str(folder / "student.safetensors"))
+            set_model_state_dict(self.student, full, options=StateDictOptions(full_state_dict=True))
+        else:
+            load_model(self.student, str(folder / "student.safetensors"))
         if (folder / "objective.safetensors").exists():
             load_model(self.objective, str(folder / "objective.safetensors"))
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -473,7 +636,8 @@ class Distiller:
         self._n_sums = int(state["log_count"])
         self.train_time_s = float(state["train_time_s"])
         self.examples_seen = int(state["examples_seen"])
-        self._truncate_metrics()
+        if self.main:  # rank 0 keeps the log
+            self._truncate_metrics()
         log.info("resumed %s at step %d of %d", self.name, self.step, self.total_steps)
 
     def _truncate_metrics(self) -> None:

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from . import __version__
+from . import __version__, distributed
 from .cache import CachedTeacher, cached_or_live
 from .config import TrainConfig
 from .data import Splits, hide_labels, labelled_only, load_splits
@@ -74,11 +74,16 @@ def _check_run_dir(run_dir: Path, recipe: BaseModel, resume: bool, overwrite: bo
             )
         import shutil
 
-        shutil.rmtree(run_dir)
+        distributed.barrier()  # every process has checked the folder before it goes
+        if distributed.is_main():
+            shutil.rmtree(run_dir)
+    distributed.barrier()  # and before rank 0 writes a new recipe.yaml into it
 
 
 def _start_run_dir(run_dir: Path, recipe: BaseModel) -> None:
     # written once the data has loaded, so a run that could not start does not block a retry
+    if not distributed.is_main():
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     atomic_write_text(run_dir / "recipe.yaml", text)
@@ -126,7 +131,6 @@ def train_classifier(
         student_taps=student_taps,
     )
     result: FitResult = distiller.fit(resume=resume)
-    save_model(result.student, folder / "final", spec)
     info = {
         "steps": result.steps,
         "train_time_s": result.train_time_s,
@@ -135,7 +139,10 @@ def train_classifier(
         "val_best": result.best,
         "examples": len(train),  # type: ignore[arg-type]
     }
-    atomic_write_text(done, json.dumps(info, indent=1))
+    if distributed.is_main():  # every process holds the same trained model; rank 0 saves it
+        save_model(result.student, folder / "final", spec)
+        atomic_write_text(done, json.dumps(info, indent=1))
+    distributed.barrier()
     return SubRun(result.student, folder, info)
 
 
@@ -225,13 +232,16 @@ def run_recipe(
     )
     _start_run_dir(run_dir, recipe)
     teacher, teacher_info = _teacher(recipe, splits, run_dir, resume)
-    teacher_test_logits, _ = predict_logits(teacher, splits.test)
+    main = distributed.is_main()  # rank 0 evaluates and reports; every process trains
     ev = recipe.evaluation
     figures = {"latency_batch": ev.latency_batch, "throughput_batch": ev.throughput_batch}
-    teacher_row = {
-        **model_card_figures(teacher, splits.test, teacher_logits=None, **figures),
-        **teacher_info,
-    }
+    teacher_row: dict[str, Any] = dict(teacher_info)
+    if main:
+        teacher_test_logits, _ = predict_logits(teacher, splits.test)
+        teacher_row = {
+            **model_card_figures(teacher, splits.test, teacher_logits=None, **figures),
+            **teacher_info,
+        }
 
     cache_path = run_dir / "teacher" / "cache-train" if recipe.teacher.cache else None
     t = time.perf_counter()
@@ -300,8 +310,8 @@ def run_recipe(
                 student_arch, labels_only_objective(), labelled, splits.val, base_cfg, None,
                 resume,
             )  # fmt: skip
-        rows = {}
-        for kind, sub in runs.items():
+        rows: dict[str, Any] = {}
+        for kind, sub in runs.items() if main else ():
             rows[kind] = {
                 **model_card_figures(
                     sub.model, splits.test, teacher_logits=teacher_test_logits, **figures
@@ -309,7 +319,7 @@ def run_recipe(
                 **sub.info,
                 "metrics": str(sub.folder.relative_to(run_dir) / "metrics.jsonl"),
             }
-        if hint is not None:
+        if hint is not None and main:
             rows["distilled"]["hint"] = {
                 **hint.info,
                 "metrics": str(hint.folder.relative_to(run_dir) / "metrics.jsonl"),
@@ -325,6 +335,7 @@ def run_recipe(
         )
         if (
             ev.measure_cache_speedup
+            and distributed.world_size() == 1  # measured on one process
             and isinstance(source, CachedTeacher)
             and not objective.needs_teacher_features
             and "live_examples_per_s" not in cache_info
@@ -358,7 +369,10 @@ def run_recipe(
         "teacher_cache": cache_info,
         "settings": settings_out,
         "wall_time_s": time.perf_counter() - t_start,
+        "processes": distributed.world_size(),
     }
-    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1, default=str))
-    write_report(run_dir)
+    if main:
+        atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1, default=str))
+        write_report(run_dir)
+    distributed.barrier()
     return results

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from .. import __version__
+from .. import __version__, distributed
 from ..assets import resolve
 from ..cache import CachedTeacher, CacheStatus, Encoding, cache_status, write_cache
 from ..config import TrainConfig
@@ -382,10 +382,15 @@ def run_lm_recipe(
             "metrics": str(folder.relative_to(run_dir) / "metrics.jsonl"),
             "export": str(folder.relative_to(run_dir) / "export"),
         }
-        export_pretrained(fit.student, folder / "export", tokenizer=tok)
-        atomic_write_text(done, json.dumps(trained[name], indent=1))
-        if not recipe.keep_checkpoints:
-            shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        if distributed.is_main():  # every process holds the same student; rank 0 saves it
+            export_pretrained(fit.student, folder / "export", tokenizer=tok)
+            atomic_write_text(done, json.dumps(trained[name], indent=1))
+            if not recipe.keep_checkpoints:
+                shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        distributed.barrier()
+    if not distributed.is_main():  # rank 0 evaluates and reports
+        distributed.barrier()
+        return {"kind": "causal-lm", "name": recipe.name, "rows": {}}
 
     t0 = time.perf_counter()
     figures = lm_figures(
@@ -451,6 +456,7 @@ def run_lm_recipe(
     }  # fmt: skip
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1, default=str))
     write_lm_report(run_dir, results)
+    distributed.barrier()
     return results
 
 
@@ -552,7 +558,10 @@ def _prompt_datasets(
     by_split = {}
     for split, prompts, settings in (("train", train_p, sampled), ("val", val_p, greedy)):
         out = folder / f"{split}.jsonl"
-        generate_answers(teacher, tok, prompts, out, settings, teacher_name=recipe.teacher.model)
+        with distributed.main_first():  # rank 0 answers; the others then find the answers done
+            generate_answers(
+                teacher, tok, prompts, out, settings, teacher_name=recipe.teacher.model
+            )
         answers = {r["id"]: r["answer"] for r in read_answers(out)}
         by_split[split] = [LMExample(p.text(), answers[p.id]) for p in prompts]
     fmt = {"fmt": d.format, "system": d.system}
@@ -644,7 +653,9 @@ def _cached_source(
             teacher, train, path, unit="token", k=c.k, encoding=encoding,
             forward=causal_lm_forward, tokenizer=tok, shard_size=c.shard_size,
             batch_size=c.batch_size, teacher_name=recipe.teacher.model,
+            part=(distributed.rank(), distributed.world_size()),  # under torchrun: split
         )  # fmt: skip
+        distributed.barrier()
         checks = {}
     cached = CachedTeacher(
         path,

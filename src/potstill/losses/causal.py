@@ -117,6 +117,10 @@ def next_token_nll(logits: Tensor, input_ids: Tensor, mask: Tensor) -> tuple[Ten
     return total, mask[:, :-1].sum()
 
 
+def _token_count(batch: Mapping[str, Any]) -> Tensor:
+    return batch_token_mask(batch).sum()
+
+
 def next_token_ce_term(weight: float = 1.0, name: str = "ce") -> Term:
     """Cross-entropy on the data's next tokens (the usual LM fine-tuning loss), averaged over the
     positions of :func:`batch_token_mask`; 0 when a batch has none. Needs no teacher."""
@@ -125,7 +129,7 @@ def next_token_ce_term(weight: float = 1.0, name: str = "ce") -> Term:
         total, count = next_token_nll(view.logits, batch["input_ids"], batch_token_mask(batch))
         return total / count.clamp_min(1)
 
-    return Term(name, fn, weight, needs_teacher=False)
+    return Term(name, fn, weight, needs_teacher=False, count=_token_count)
 
 
 def token_term(
@@ -154,4 +158,4 @@ def token_term(
             chunk_size=chunk_size,
         )
 
-    return Term(name or kind, fn, weight)
+    return Term(name or kind, fn, weight, count=_token_count)

@@ -25,7 +25,10 @@ class Term:
     baseline without a teacher runs the same objective machinery. ``student_features`` and
     ``teacher_features`` name the taps the term reads (checked before training starts);
     ``module`` holds the term's trainable parts (projectors), which train with the student and are
-    saved in checkpoints but never in the exported student.
+    saved in checkpoints but never in the exported student. ``count(batch)`` is the number of
+    items the term's value averages over in ``batch`` (default: its examples; tokens for token
+    terms, labelled examples for CE): the Distiller weights each micro-batch and process by it,
+    so a step's loss is the mean over all its items however they are split.
     """
 
     name: str
@@ -35,6 +38,15 @@ class Term:
     student_features: tuple[str, ...] = ()
     teacher_features: tuple[str, ...] = ()
     module: nn.Module | None = None
+    count: Callable[[Mapping[str, Any]], torch.Tensor | int] | None = None
+
+
+def batch_examples(batch: Mapping[str, Any]) -> int:
+    """The number of examples in ``batch`` (the default unit of a term's mean)."""
+    if "index" in batch:
+        return len(batch["index"])
+    first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
+    return int(first.shape[0])
 
 
 def teacher_target(signal: Signal | None, term: str) -> torch.Tensor | TopK:
@@ -78,7 +90,10 @@ def ce_term(
         )  # fmt: skip
         return total / (labels != ignore_index).sum().clamp_min(1)
 
-    return Term(name, fn, weight, needs_teacher=False)
+    def count(batch: Mapping[str, Any]) -> torch.Tensor:
+        return (batch["label"] != ignore_index).sum()
+
+    return Term(name, fn, weight, needs_teacher=False, count=count)
 
 
 def divergence_term(
@@ -99,7 +114,11 @@ def divergence_term(
             return sparse_divergence(view.logits, target, kind, **opts)
         return divergence(view.logits, target, kind, **opts)
 
-    return Term(name or kind, fn, weight)
+    def count(batch: Mapping[str, Any]) -> torch.Tensor | int:
+        mask = batch.get("mask")
+        return batch_examples(batch) if mask is None else mask.sum()
+
+    return Term(name or kind, fn, weight, count=count)
 
 
 class Objective(nn.Module):
@@ -155,6 +174,15 @@ class Objective(nn.Module):
                         f"taps.{side} (a wildcard tap 'h' gives h.0, h.1, ...)"
                     )
 
+    def counts(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Each active term's :attr:`Term.count` on ``batch``, as one float64 vector (in the
+        order of :attr:`active_terms`)."""
+        values = [
+            float(t.count(batch)) if t.count is not None else float(batch_examples(batch))
+            for t in self.active_terms
+        ]
+        return torch.tensor(values, dtype=torch.float64)
+
     def setup(self, view: StudentView, signal: Signal | None) -> None:
         """Let terms create their trainable parts (projectors) from the shapes of a first batch."""
         for t in self.active_terms:
@@ -163,20 +191,28 @@ class Objective(nn.Module):
                 setup(view, signal)
 
     def forward(
-        self, view: StudentView, signal: Signal | None, batch: Mapping[str, Any]
+        self,
+        view: StudentView,
+        signal: Signal | None,
+        batch: Mapping[str, Any],
+        scales: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(Σ weight·value, {name: value})`` over the active terms; with ``scales`` (one
+        factor per active term) each weighted value is multiplied by its factor in the total
+        (the values returned stay unscaled)."""
         total: torch.Tensor | None = None
         values: dict[str, torch.Tensor] = {}
-        for term in self.terms:
-            if term.weight == 0:
-                continue
+        for i, term in enumerate(self.active_terms):
             if term.needs_teacher and signal is None:
                 raise ValueError(
                     f"objective term {term.name!r} needs a teacher signal, but no teacher was given"
                 )
             value = term.fn(view, signal, batch)
             values[term.name] = value.detach()
-            total = term.weight * value if total is None else total + term.weight * value
+            weighted = term.weight * value
+            if scales is not None:
+                weighted = weighted * float(scales[i])
+            total = weighted if total is None else total + weighted
         assert total is not None
         return total, values
 

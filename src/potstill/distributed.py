@@ -1,0 +1,121 @@
+"""Runs under ``torchrun`` (or ``accelerate launch``) on PyTorch's own distributed engine.
+
+A launch is detected from the environment the launchers set (``WORLD_SIZE`` > 1 with ``RANK``):
+the process group is created on first use (gloo for CPU tensors, NCCL for CUDA ones), every
+process runs the same program, the :class:`~potstill.Distiller` splits each global batch across
+the processes, and only rank 0 writes logs, checkpoints, reports and exports."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("potstill")
+
+TIMEOUT = datetime.timedelta(hours=2)  # rank 0 evaluates and writes reports while others wait
+
+
+def launched() -> bool:
+    """Whether this process was started by a distributed launcher with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def setup() -> tuple[int, int]:
+    """``(rank, world size)``: ``(0, 1)`` outside a distributed launch. Creates the default
+    process group from the launcher's environment the first time (``POTSTILL_DIST_BACKEND``
+    overrides the backend; default gloo for CPU and NCCL for CUDA tensors)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if not launched():
+        return 0, 1
+    if not dist.is_available():
+        raise RuntimeError("this PyTorch build has no torch.distributed; run one process")
+    backend = os.environ.get("POTSTILL_DIST_BACKEND")
+    if backend is None:
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend, timeout=TIMEOUT)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank != 0:  # one voice: only rank 0 logs below warnings
+        logging.getLogger("potstill").setLevel(logging.WARNING)
+    log.info("distributed: %d processes (%s)", world, backend)
+    return rank, world
+
+
+def rank() -> int:
+    """This process's rank (0 outside a distributed run)."""
+    return setup()[0]
+
+
+def world_size() -> int:
+    """The number of processes (1 outside a distributed run)."""
+    return setup()[1]
+
+
+def is_main() -> bool:
+    """Whether this process writes files and logs: rank 0, or the only process."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in a single process)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over all processes (in place; returned for chaining)."""
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every process."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextmanager
+def main_first() -> Iterator[bool]:
+    """Rank 0 runs the block first (e.g. writes files), the others after it (reading them);
+    yields whether this process is rank 0."""
+    main = is_main()
+    if not main:
+        barrier()
+    try:
+        yield main
+    finally:
+        if main:
+            barrier()
+
+
+def shard_of(n: int) -> slice:
+    """This process's contiguous share of ``n`` items (the first ``n % world`` get one more)."""
+    r, w = setup()
+    base, extra = divmod(n, w)
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (1 if r < extra else 0))
+
+
+__all__ = [
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "is_main",
+    "launched",
+    "main_first",
+    "rank",
+    "setup",
+    "shard_of",
+    "world_size",
+]
