@@ -3,6 +3,7 @@ MLP teacher and student on scikit-learn digits, Hinton's objective with a few la
 stop after a step (an interruption) and resume, DDP or FSDP. Rank 0 saves the final student.
 
     torchrun --nproc-per-node 2 tests/dist_worker.py OUT [--stop-after N] [--resume] [--fsdp]
+        [--shard-teacher] [--batch-size B] [--grad-accum A]
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class Stop(Exception):
 
 
 def run(out: Path, *, stop_after: int | None = None, resume: bool = False, fsdp: bool = False,
-        batch_size: int = 64, grad_accum: int = 1) -> torch.nn.Module:  # fmt: skip
+        batch_size: int = 64, grad_accum: int = 1, shard_teacher: bool = False,
+        ) -> torch.nn.Module:  # fmt: skip
     splits = load_splits("digits", val_size=158)  # 1,280 training examples: 20 batches of 64
     train = hide_labels(splits.train, 0.3, seed=0)
     arch = ArchSpec(hidden=[48, 24], input_shape=list(splits.input_shape), num_classes=10)
@@ -46,9 +48,9 @@ def run(out: Path, *, stop_after: int | None = None, resume: bool = False, fsdp:
             raise Stop(f"stopped after step {step}")
 
     fit = Distiller(
-        student, hinton_objective(2.0, 0.7), train, teacher=LiveTeacher(teacher), config=cfg,
-        run_dir=out, evaluate=lambda m: {"loss_probe": float(m(splits.val.tensors[0]).std())},
-        callbacks=[stop],
+        student, hinton_objective(2.0, 0.7), train, config=cfg, run_dir=out,
+        teacher=LiveTeacher(teacher, shard=shard_teacher), callbacks=[stop],
+        evaluate=lambda m: {"loss_probe": float(m(splits.val.tensors[0]).std())},
     ).fit(resume=resume)  # fmt: skip
     if distributed.is_main():
         save_model(fit.student, str(out / "final.safetensors"))
@@ -63,11 +65,12 @@ def main() -> None:
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--shard-teacher", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(1)
     try:
-        run(a.out, stop_after=a.stop_after, resume=a.resume, fsdp=a.fsdp,
-            batch_size=a.batch_size, grad_accum=a.grad_accum)  # fmt: skip
+        run(a.out, stop_after=a.stop_after, resume=a.resume, fsdp=a.fsdp, batch_size=a.batch_size,
+            grad_accum=a.grad_accum, shard_teacher=a.shard_teacher)  # fmt: skip
     except Stop as e:
         print(e)
         raise SystemExit(3) from None

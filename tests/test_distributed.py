@@ -74,8 +74,9 @@ def test_ddp_with_half_the_batch_and_two_accumulation_steps_equals_one_process(r
                 assert r[key] == pytest.approx(e[key], rel=1e-5), key
 
 
-def test_fsdp_equals_one_process(reference, tmp_path):
-    torchrun(str(TESTS / "dist_worker.py"), str(tmp_path), "--fsdp")
+def test_fsdp_student_and_sharded_teacher_equal_one_process(reference, tmp_path):
+    # the student under FSDP, the teacher sharded too (LiveTeacher(shard=True))
+    torchrun(str(TESTS / "dist_worker.py"), str(tmp_path), "--fsdp", "--shard-teacher")
     assert max_difference(reference / "final.safetensors", tmp_path / "final.safetensors") < 1e-5
 
 

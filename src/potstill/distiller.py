@@ -271,16 +271,8 @@ class Distiller:
         objective = ddp(self.objective) if has_params else self.objective
         if not self.fsdp:
             return ddp(self.student), objective
-        from torch.distributed.fsdp import fully_shard
-
         self._plain = copy.deepcopy(self.student)
-        blocks = set(getattr(self.student, "_no_split_modules", None) or [])
-        inner = [m for m in self.student.modules() if type(m).__name__ in blocks]
-        if not inner:  # no declared blocks: shard each top-level child that holds weights
-            inner = [c for c in self.student.children() if any(True for _ in c.parameters())]
-        for m in inner:
-            fully_shard(m)
-        fully_shard(self.student)
+        distributed.shard_blocks(self.student)
         return self.student, objective
 
     # ---- the loop -------------------------------------------------------------------------

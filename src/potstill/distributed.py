@@ -99,6 +99,22 @@ def main_first() -> Iterator[bool]:
             barrier()
 
 
+def shard_blocks(module: torch.nn.Module) -> torch.nn.Module:
+    """Shard ``module`` in place with FSDP2 (``fully_shard``): each block it declares in
+    ``_no_split_modules`` (Hugging Face models: e.g. ``LlamaDecoderLayer``), else each top-level
+    child that holds weights, then the whole module. Returns ``module``."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(module, "_no_split_modules", None) or [])
+    inner = [m for m in module.modules() if type(m).__name__ in blocks]
+    if not inner:
+        inner = [c for c in module.children() if any(True for _ in c.parameters())]
+    for m in inner:
+        fully_shard(m)
+    fully_shard(module)
+    return module
+
+
 def shard_of(n: int) -> slice:
     """This process's contiguous share of ``n`` items (the first ``n % world`` get one more)."""
     r, w = setup()
@@ -116,6 +132,7 @@ __all__ = [
     "main_first",
     "rank",
     "setup",
+    "shard_blocks",
     "shard_of",
     "world_size",
 ]

@@ -45,16 +45,28 @@ class LiveTeacher:
     ``taps`` (name → module path, see :mod:`potstill.taps`) adds the outputs of intermediate
     modules to the signal's ``features``; :meth:`close` removes their hooks.
 
+    ``shard=True`` under torchrun shards the teacher across the processes with FSDP2 (in place,
+    on its first batch) for a teacher too big for one device: each process then holds a part
+    of its weights, gathered block by block for each forward. Every process must then call
+    :meth:`signal` in step (the Distiller's training loop does), so a sharded teacher cannot be
+    evaluated by one process alone.
+
     >>> teacher = LiveTeacher(model, taps={"h": "encoder.layer.*"})  # doctest: +SKIP
     >>> teacher.signal({"input": x}).features["h.3"]                 # doctest: +SKIP
     """
 
     def __init__(
-        self, model: nn.Module, forward: ForwardFn = default_forward, taps: TapsLike | None = None
+        self,
+        model: nn.Module,
+        forward: ForwardFn = default_forward,
+        taps: TapsLike | None = None,
+        shard: bool = False,
     ) -> None:
         self.model = freeze(model)
         self.forward = forward
         self.taps = Taps(model, taps, detach=True) if taps else None
+        self.shard = shard
+        self._sharded = False
 
     @property
     def feature_names(self) -> set[str]:
@@ -66,12 +78,21 @@ class LiveTeacher:
         """The teacher's logits on ``batch``, and its tapped features."""
         if self.model.training:  # someone called .train() on the shared module: undo it
             self.model.eval()
+        if self.shard and not self._sharded:
+            self._shard()
         if self.taps is None:
             return Signal(logits=self.forward(self.model, batch).detach())
         if self.taps.closed:
             raise RuntimeError("this LiveTeacher was closed: its taps' hooks are removed")
         logits, features = tapped_forward(self.taps, self.forward, self.model, batch)
         return Signal(logits=logits.detach(), features=features)
+
+    def _shard(self) -> None:
+        from . import distributed
+
+        if distributed.world_size() > 1:
+            distributed.shard_blocks(self.model)
+        self._sharded = True
 
     def close(self) -> None:
         """Remove the taps' hooks from the model."""
