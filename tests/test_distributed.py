@@ -32,6 +32,8 @@ def torchrun(*args: str, processes: int = 2, check: bool = True) -> subprocess.C
     env.pop("WORLD_SIZE", None)
     cmd = [TORCHRUN, "--standalone", "--nproc-per-node", str(processes), *args]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0 and "address already in use" in out.stderr.lower():  # a port race
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}")
     return out
@@ -208,3 +210,32 @@ def test_causal_lm_recipe_on_two_processes_equals_one(
     ]
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["rows"]["fkl"]["steps"] == 4
+
+
+def test_cache_command_under_torchrun_fills_one_cache_in_parts(llama_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from potstill.cli import app
+
+    words = ["hi", "bye", "thanks", "sorry", "yes", "no", "maybe"]
+    rows = [{"prompt": f"Say {w}.", "response": f"{w.title()} to you, {i} times."}
+            for i, w in enumerate(words)]  # fmt: skip
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    opts = ["--teacher", str(llama_dir), "--data", str(data), "--k", "8", "--format", "text",
+            "--max-length", "32", "--shard-size", "2"]  # fmt: skip
+    one = CliRunner().invoke(app, ["cache", *opts, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    # 4 shards; --shard 1/2 on 2 processes: parts 2 and 3 of 4, i.e. shards 2 and 3
+    two = torchrun("-m", "potstill.cli", "cache", *opts, "--out", str(tmp_path / "two"),
+                   "--shard", "1/2")  # fmt: skip
+    assert two.stdout.count("shards written") == 1  # rank 0 speaks
+    assert "2 of 4 shards written" in two.stdout
+    parts = sorted(p.name for p in (tmp_path / "two" / "parts").iterdir())
+    assert parts == ["part-00002-of-00004.json", "part-00003-of-00004.json"]
+    # the same tensors as one process's shards 2 and 3 (headers name their own cache)
+    for j in (2, 3):
+        name = f"shards/shard-{j:06d}.safetensors"
+        a, b = load_file(str(tmp_path / "one" / name)), load_file(str(tmp_path / "two" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "two" / "shards" / "shard-000000.safetensors").exists()

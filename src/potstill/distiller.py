@@ -335,6 +335,8 @@ class Distiller:
         batch = make_batch(self.train_data, index[:1] if empty else share)
         if self.batch_transform is not None:
             batch = self.batch_transform(batch, micro)
+        if self.world == 1 and self.cfg.grad_accum == 1:
+            return batch, torch.ones(0), len(index)  # its own whole step: counts unused
         counts = self.objective.counts(batch)
         return batch, counts * 0 if empty else counts, len(index)
 
@@ -364,20 +366,29 @@ class Distiller:
         self.optimizer.zero_grad(set_to_none=True)
         names = [t.name for t in self.objective.active_terms]
         while self.step < self.total_steps:
-            # the whole step's micro-batches first: its item counts normalise every term
+            # the whole step's micro-batches first: its item counts normalise every term (one
+            # micro-batch on one process is its own whole step: nothing to weigh)
             prepared = [self._micro_batch(micro + j) for j in range(cfg.grad_accum)]
-            totals = distributed.all_reduce_sum(torch.stack([c for _, c, _ in prepared]).sum(0))
-            totals = totals.clamp_min(1)
+            whole = self.world == 1 and cfg.grad_accum == 1
+            if not whole:
+                counts = torch.stack([c for _, c, _ in prepared]).sum(0)
+                totals = distributed.all_reduce_sum(counts).clamp_min(1)
             for j, (batch, counts, size) in enumerate(prepared):
-                share = counts / totals  # this micro-batch's part of each term's step mean
+                # this micro-batch's part of each term's step mean
+                share = None if whole else counts / totals
                 with self._sync(last=j == cfg.grad_accum - 1):
                     signal = self.teacher.signal(batch) if self.teacher is not None else None
                     view = self._view(taps, batch, self.model)
                     # DDP and FSDP average gradients over processes: scale back up by their number
-                    loss, values = self._objective(view, signal, batch, share * self.world)
+                    scales = None if share is None else share * self.world
+                    loss, values = self._objective(view, signal, batch, scales)
                     loss.backward()
                 sums = self._sums
-                step_values = {n: values[n] * float(share[i]) for i, n in enumerate(names)}
+                step_values = (
+                    dict(values)
+                    if share is None
+                    else {n: values[n] * float(share[i]) for i, n in enumerate(names)}
+                )
                 step_values["loss"] = loss.detach() / self.world
                 for k, v in step_values.items():
                     sums[k] = sums[k] + v if k in sums else v
