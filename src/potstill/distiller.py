@@ -26,12 +26,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import TrainConfig
 from .data import epoch_order, make_batch
-from .io import (
-    atomic_save_module,
-    atomic_torch_save,
-    atomic_write_text,
-    sha256_file,
-)
+from .io import atomic_save_module, atomic_torch_save, atomic_write_text, sha256_file
 from .losses.objective import Objective
 from .signal import StudentView
 from .taps import Taps, TapsLike, tapped_forward
@@ -195,6 +190,7 @@ class Distiller:
                 "on-policy completions on one process; use ddp"
             )
         self._plain: nn.Module | None = None  # FSDP: a full copy the trained weights land in
+        self._order_epoch, self._order = -1, torch.arange(0)  # the epoch order last built
         self.model, self._objective = self._wrap()
         params = [p for p in self.student.parameters() if p.requires_grad]
         params += [p for p in self.objective.parameters() if p.requires_grad]

@@ -7,6 +7,7 @@ the processes, and only rank 0 writes logs, checkpoints, reports and exports."""
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -41,11 +42,19 @@ def setup() -> tuple[int, int]:
     if backend is None:
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend=backend, timeout=TIMEOUT)
+    # tear the group down before the interpreter exits: gloo's threads still running at exit
+    # abort the process ("terminate called without an active exception")
+    atexit.register(_destroy)
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank != 0:  # one voice: only rank 0 logs below warnings
         logging.getLogger("potstill").setLevel(logging.WARNING)
     log.info("distributed: %d processes (%s)", world, backend)
     return rank, world
+
+
+def _destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:
