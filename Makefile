@@ -7,7 +7,7 @@ STAMP := $(VENV)/.potstill-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test data lint bench clean assets-embed embed-demo llm-demo
+.PHONY: demo test data lint bench bench-llm clean assets-embed embed-demo llm-demo
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -42,6 +42,11 @@ lint: $(STAMP)
 
 bench: $(STAMP) data
 	$(PY) benchmarks/overhead.py
+
+# potstill against TRL's GKDTrainer and a plain loop (TRL is a benchmark-only extra)
+bench-llm: $(STAMP) data
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/vs_trl.py
 
 clean:
 	rm -rf $(VENV) runs

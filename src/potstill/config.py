@@ -19,6 +19,11 @@ class OptimizerConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     betas: tuple[float, float] = (0.9, 0.999)
+    fused: bool | None = Field(
+        None,
+        description="adam/adamw: fused kernels (default: when every parameter is a float "
+        "tensor on CPU or CUDA); false: torch's multi-tensor (foreach) implementation",
+    )
 
 
 class ScheduleConfig(_Strict):

@@ -94,7 +94,12 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=o.lr, betas=o.betas)
+    fused = o.fused
+    if fused is None:  # one kernel per parameter instead of a dozen tensor ops: ~5× faster
+        fused = bool(params) and all(
+            p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
+        )
+    return cls(groups, lr=o.lr, betas=o.betas, fused=fused or None)
 
 
 class Distiller:

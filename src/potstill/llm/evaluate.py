@@ -25,12 +25,16 @@ def causal_lm_forward(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tenso
     """Next-token logits ``(B, T, V)`` of a Hugging Face causal LM on a tokenized batch. A packed
     batch (with ``segment`` and ``position_ids``, see :func:`potstill.llm.data.pack_examples`)
     gets a block-diagonal causal mask, so packed examples never attend to each other."""
+    # use_cache=False: a training or scoring pass has no use for the key/value cache
     if "segment" not in batch:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
     return model(
         input_ids=batch["input_ids"],
         attention_mask=packed_attention(batch["segment"]),
         position_ids=batch["position_ids"],
+        use_cache=False,
     ).logits
 
 

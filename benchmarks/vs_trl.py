@@ -1,0 +1,387 @@
+"""potstill against the field on this machine: the same LLM distillation step by potstill (live
+teacher and cached teacher), a plain hand-written PyTorch loop, and TRL's GKDTrainer, with the
+machine's matmul rate and the step's FLOP floor — measured in one sitting.
+
+Setup, the same for every method: teacher SmolLM2-135M-Instruct (30 layers, fp32), student
+derived from it by keeping 10 layers (weights copied, seed 0); rows of exactly 64 real tokens
+cut from the ``smollm2-fortunes`` training data (no padding), batches of 4 rows in a fixed
+order, loss on every next-token position; forward KL(teacher ‖ student) at temperature 1
+(TRL: GKD with λ = 0, β = 0, i.e. off-policy forward KL); AdamW lr 1e-5, constant schedule,
+gradient clipping at 1.0; ``--threads`` threads. Each method runs in its own process (fresh
+memory): ``--warmup`` steps, then ``--steps`` timed steps (timed by each method's own step
+callback: start-up and loading are left out). Methods alternate (potstill, plain, TRL, cached,
+potstill, …) for ``--rounds`` rounds; the report gives medians and spreads.
+
+* tokens/s: 4 × 64 tokens per step over the measured seconds per step.
+* peak memory: the process's peak resident set size while training (the kernel's VmHWM reset
+  just before the first step: models, optimizer state, activations and libraries; the cached
+  method frees the teacher first); also the increase over the resident size before training.
+* FLOP floor: teacher forward 2·N_teacher·tokens + student forward and backward
+  6·N_student·tokens (N = parameters, tied embeddings counted once), divided by the measured
+  fp32 matmul rate (2048² matrices, ``--threads`` threads); each method's ratio to it.
+* cached: the teacher's top-64 distributions of the same rows written once by
+  :func:`potstill.cache.write_cache` before the rounds (its time is not in the step).
+
+Needs TRL (a benchmark-only extra: ``pip install -e '.[bench]'``; without it the TRL rows are
+skipped). Writes ``--out``/vs_trl.json, vs_trl.md and vs_trl.png.
+
+    .venv/bin/python benchmarks/vs_trl.py                  # about 12 minutes on 2 cores
+    .venv/bin/python benchmarks/vs_trl.py --rounds 1 --steps 3   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("potstill", "plain", "trl", "potstill-cached")
+BATCH, LENGTH, LR = 4, 64, 1e-5
+
+
+def rss_mb() -> float:
+    """The current resident set size, MB."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak() -> bool:
+    """Restart the kernel's peak-RSS count (VmHWM) from now; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_mb() -> float:
+    """The peak resident set size since the last :func:`reset_peak` (VmHWM), MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def setup(rows: int) -> tuple:
+    """Teacher, derived student, tokenizer and ``rows`` rows of exactly LENGTH real tokens."""
+    from potstill.llm.pipeline import lm_datasets, load_lm_teacher
+    from potstill.recipe import load_recipe
+    from potstill.students import derive
+
+    recipe = load_recipe("smollm2-fortunes")
+    teacher, tok = load_lm_teacher(recipe)
+    train, _, _ = lm_datasets(recipe, tok)
+    ids, mask = train.tensors["input_ids"], train.tensors["attention_mask"].bool()
+    stream = torch.cat([ids[i][mask[i]] for i in range(len(ids))])
+    need = rows * LENGTH
+    if len(stream) < need:
+        raise SystemExit(f"only {len(stream)} tokens of data for {need}")
+    input_ids = stream[:need].reshape(rows, LENGTH).contiguous()
+    torch.manual_seed(0)
+    student = derive(teacher, keep=10)
+    return teacher, student, tok, input_ids
+
+
+def lm_rows(input_ids: torch.Tensor):
+    """The rows as potstill's LM dataset: no prompt, every next token predicted."""
+    from potstill.data import TensorDictDataset
+
+    n = len(input_ids)
+    return TensorDictDataset(
+        {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "prompt_length": torch.zeros(n, dtype=torch.long),
+        }
+    )
+
+
+def run_potstill(teacher, student, input_ids, steps: int, cache: Path | None) -> list[float]:
+    from potstill import Distiller
+    from potstill.cache import CachedTeacher
+    from potstill.config import TrainConfig
+    from potstill.llm.evaluate import causal_lm_forward
+    from potstill.losses.causal import token_term
+    from potstill.losses.objective import Objective
+    from potstill.teachers import LiveTeacher
+
+    source = (
+        CachedTeacher(cache, verify=False)
+        if cache
+        else LiveTeacher(teacher, forward=causal_lm_forward)
+    )
+    config = TrainConfig(
+        max_steps=steps, batch_size=BATCH, shuffle=False, clip_grad_norm=1.0,
+        optimizer={"name": "adamw", "lr": LR}, schedule={"name": "constant"},
+        log_every=10**6, eval_every=10**6, progress=False, tensorboard=False,
+    )  # fmt: skip
+    times: list[float] = []
+    Distiller(
+        student, Objective([token_term("fkl", chunk_size=1024)]), lm_rows(input_ids),
+        teacher=source, config=config, student_forward=causal_lm_forward,
+        callbacks=[lambda step, row: times.append(time.perf_counter())],
+    ).fit()  # fmt: skip
+    return times
+
+
+def run_plain(teacher, student, input_ids, steps: int) -> list[float]:
+    """The loop a user would write by hand."""
+    import torch.nn.functional as F
+
+    teacher.eval()
+    student.train()
+    opt = torch.optim.AdamW(student.parameters(), lr=LR)
+    times = []
+    for step in range(steps):
+        x = input_ids[step * BATCH : (step + 1) * BATCH]
+        mask = torch.ones_like(x)
+        with torch.no_grad():
+            t = teacher(input_ids=x, attention_mask=mask).logits[:, :-1]
+        s = student(input_ids=x, attention_mask=mask).logits[:, :-1]
+        loss = F.kl_div(
+            F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum"
+        ) / (s.shape[0] * s.shape[1])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter())
+    return times
+
+
+def run_trl(teacher, student, tok, input_ids, steps: int, folder: Path) -> list[float]:
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import TrainerCallback, default_data_collator
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    class InOrder(GKDTrainer):
+        def _get_train_sampler(self, *args, **kwargs):  # the same rows in the same order
+            return SequentialSampler(self.train_dataset)
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter())
+
+    data = Dataset.from_dict(
+        {
+            "input_ids": input_ids.tolist(),
+            "attention_mask": torch.ones_like(input_ids).tolist(),
+            "labels": input_ids.tolist(),
+        }
+    )
+    args = GKDConfig(
+        output_dir=str(folder), per_device_train_batch_size=BATCH, max_steps=steps,
+        lmbda=0.0, beta=0.0, temperature=1.0, learning_rate=LR, lr_scheduler_type="constant",
+        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+        logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+        dataloader_num_workers=0, disable_dropout=True, max_length=LENGTH,
+    )  # fmt: skip
+    trainer = InOrder(
+        model=student, teacher_model=teacher, args=args, train_dataset=data,
+        data_collator=default_data_collator, processing_class=tok, callbacks=[Clock()],
+    )  # fmt: skip
+    trainer.train()
+    return times
+
+
+def worker(method: str, steps: int, warmup: int, cache: Path | None, out: Path) -> None:
+    import gc
+
+    total = steps + warmup
+    teacher, student, tok, input_ids = setup(total * BATCH)
+    if method == "potstill-cached":  # training from the cache needs no teacher in memory
+        teacher = None
+        gc.collect()
+    before = rss_mb()
+    from_start = not reset_peak()  # peak of training alone, where the kernel allows it
+    if method == "plain":
+        times = run_plain(teacher, student, input_ids, total)
+    elif method == "trl":
+        times = run_trl(teacher, student, tok, input_ids, total, out.parent / "trl-out")
+    else:
+        times = run_potstill(teacher, student, input_ids, total, cache)
+    peak = peak_mb()
+    seconds = (times[-1] - times[warmup - 1]) / steps
+    out.write_text(json.dumps({
+        "method": method, "s_per_step": seconds, "tokens_per_s": BATCH * LENGTH / seconds,
+        "peak_rss_mb": peak, "peak_includes_loading": from_start,
+        "rss_before_training_mb": before, "training_increase_mb": peak - before,
+    }))  # fmt: skip
+
+
+def write_cache_once(folder: Path, rows: int) -> Path:
+    from potstill.cache import Encoding, write_cache
+    from potstill.llm.evaluate import causal_lm_forward
+
+    teacher, _, tok, input_ids = setup(rows)
+    path = folder / "cache"
+    write_cache(
+        teacher, lm_rows(input_ids), path, unit="token", k=64, encoding=Encoding(),
+        forward=causal_lm_forward, tokenizer=tok, batch_size=8, progress=False,
+    )  # fmt: skip
+    return path
+
+
+def matmul_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        rates.append(2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return statistics.median(rates)
+
+
+def parameter_counts() -> tuple[int, int]:
+    from potstill.models import count_parameters
+
+    teacher, student, _, _ = setup(1)
+    return count_parameters(teacher), count_parameters(student)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.worker:
+        worker(a.worker, a.steps, a.warmup, a.cache, a.result)
+        return
+    import tempfile
+
+    t0 = time.perf_counter()
+    methods = list(a.methods)
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("TRL is not installed (pip install -e '.[bench]'): skipping its rows")
+        methods = [m for m in methods if m != "trl"]
+    gflops = matmul_gflops(a.threads)
+    n_teacher, n_student = parameter_counts()
+    tokens = BATCH * LENGTH
+    floor_live = (2 * n_teacher + 6 * n_student) * tokens / (gflops * 1e9)
+    floor_cached = 6 * n_student * tokens / (gflops * 1e9)
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        cache = None
+        if "potstill-cached" in methods:
+            cache = write_cache_once(folder, (a.steps + a.warmup) * BATCH)
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+        for r in range(a.rounds):
+            for m in methods:
+                result = folder / f"{m}.json"
+                cmd = [sys.executable, __file__, "--worker", m, "--steps", str(a.steps),
+                       "--warmup", str(a.warmup), "--threads", str(a.threads),
+                       "--result", str(result)]  # fmt: skip
+                if m == "potstill-cached":
+                    cmd += ["--cache", str(cache)]
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"{m} failed:\n{done.stderr[-4000:]}")
+                runs[m].append(json.loads(result.read_text()))
+                x = runs[m][-1]
+                print(f"round {r + 1} {m}: {x['s_per_step']:.2f} s/step, "
+                      f"{x['tokens_per_s']:.0f} tokens/s, peak {x['peak_rss_mb']:.0f} MB",
+                      flush=True)  # fmt: skip
+    results = {
+        "threads": a.threads, "torch": torch.__version__, "rounds": a.rounds, "steps": a.steps,
+        "warmup": a.warmup, "batch": BATCH, "length": LENGTH, "matmul_gflops": gflops,
+        "teacher_parameters": n_teacher, "student_parameters": n_student,
+        "floor_s_live": floor_live, "floor_s_cached": floor_cached, "runs": runs,
+        "wall_min": (time.perf_counter() - t0) / 60,
+    }  # fmt: skip
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "vs_trl.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results)
+    (a.out / "vs_trl.md").write_text(table)
+    plot(results, a.out / "vs_trl.png")
+    print("\n" + table)
+
+
+def markdown(r: dict) -> str:
+    med = {m: {k: statistics.median(x[k] for x in runs) for k in runs[0]
+               if isinstance(runs[0][k], float)}
+           for m, runs in r["runs"].items()}  # fmt: skip
+    base = med.get("trl") or med.get("potstill")
+    base_name = "TRL" if "trl" in med else "potstill"
+    lines = [
+        f"SmolLM2-135M-Instruct → 10-layer derived student, batch {r['batch']} × {r['length']} "
+        f"tokens, forward KL, AdamW, clipping 1.0, {r['threads']} threads, fp32, torch "
+        f"{r['torch']}; {r['rounds']} alternating rounds of {r['steps']} steps after "
+        f"{r['warmup']} warm-up, medians (spread of tokens/s). Matmul rate "
+        f"{r['matmul_gflops']:.0f} GFLOP/s; FLOP floor of the step {r['floor_s_live']:.2f} s "
+        f"with a live teacher, {r['floor_s_cached']:.2f} s with a cached one. "
+        f"{r['wall_min']:.1f} min.",
+        "",
+        f"| method | s/step | tokens/s (spread) | vs {base_name} | peak memory (MB) | vs "
+        f"{base_name} | training increase (MB) | × FLOP floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    names = {
+        "potstill": "potstill (live teacher)",
+        "plain": "plain PyTorch loop",
+        "trl": "TRL GKDTrainer (λ 0, β 0)",
+        "potstill-cached": "potstill (cached top-64)",
+    }
+    for m, x in med.items():
+        rates = [y["tokens_per_s"] for y in r["runs"][m]]
+        floor = r["floor_s_cached"] if m == "potstill-cached" else r["floor_s_live"]
+        speed = x["tokens_per_s"] / base["tokens_per_s"]
+        lines.append(
+            f"| {names[m]} | {x['s_per_step']:.2f} | {x['tokens_per_s']:.1f} "
+            f"({min(rates):.1f}–{max(rates):.1f}) | {speed:.2f}× "
+            f"| {x['peak_rss_mb']:,.0f} | {x['peak_rss_mb'] / base['peak_rss_mb']:.2f}× | "
+            f"{x['training_increase_mb']:,.0f} | {x['s_per_step'] / floor:.2f}× |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(r["runs"])
+    rate = [statistics.median(x["tokens_per_s"] for x in r["runs"][m]) for m in methods]
+    mem = [statistics.median(x["peak_rss_mb"] for x in r["runs"][m]) for m in methods]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.bar(methods, rate, color="#4c72b0")
+    ax1.set_ylabel("tokens/s (higher is better)")
+    ax2.bar(methods, mem, color="#dd8452")
+    ax2.set_ylabel("peak memory, MB (lower is better)")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle("SmolLM2-135M → 10 layers, forward KL, batch 4 × 64, CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
