@@ -7,7 +7,9 @@ derived from it by keeping 10 layers (weights copied, seed 0); rows of exactly 6
 cut from the ``smollm2-fortunes`` training data (no padding), batches of 4 rows in a fixed
 order, loss on every next-token position; forward KL(teacher ‖ student) at temperature 1
 (TRL: GKD with λ = 0, β = 0, i.e. off-policy forward KL); AdamW lr 1e-5, constant schedule,
-gradient clipping at 1.0; ``--threads`` threads. Each method runs in its own process (fresh
+gradient clipping at 1.0; fp32 (TRL's GKDConfig defaults to bf16 mixed precision: ``bf16=False``
+for the fp32 rows; the ``-amp`` rows compare potstill's ``train.precision: bf16`` with TRL's
+default); ``--threads`` threads. Each method runs in its own process (fresh
 memory): ``--warmup`` steps, then ``--steps`` timed steps (timed by each method's own step
 callback: start-up and loading are left out). Methods alternate (potstill, plain, TRL, cached,
 potstill, …) for ``--rounds`` rounds; the report gives medians and spreads.
@@ -21,6 +23,10 @@ potstill, …) for ``--rounds`` rounds; the report gives medians and spreads.
   fp32 matmul rate (2048² matrices, ``--threads`` threads); each method's ratio to it.
 * cached: the teacher's top-64 distributions of the same rows written once by
   :func:`potstill.cache.write_cache` before the rounds (its time is not in the step).
+* bf16 teacher: potstill with the live teacher cast to bfloat16 (``teacher.dtype: bfloat16`` in
+  a recipe; the student trains in fp32), where the CPU multiplies bf16 matrices natively
+  (``avx512_bf16``/AMX); its cost in fidelity, KL(fp32 teacher ‖ bf16 teacher) per token and
+  top-1 agreement on the benchmark rows, is reported with it.
 
 Needs TRL (a benchmark-only extra: ``pip install -e '.[bench]'``; without it the TRL rows are
 skipped). Writes ``--out``/vs_trl.json, vs_trl.md and vs_trl.png.
@@ -43,7 +49,9 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("potstill", "plain", "trl", "potstill-cached")
+METHODS = (
+    "potstill", "plain", "trl", "potstill-cached", "potstill-bf16", "potstill-amp", "trl-amp",
+)  # fmt: skip
 BATCH, LENGTH, LR = 4, 64, 1e-5
 
 
@@ -107,7 +115,9 @@ def lm_rows(input_ids: torch.Tensor):
     )
 
 
-def run_potstill(teacher, student, input_ids, steps: int, cache: Path | None) -> list[float]:
+def run_potstill(
+    teacher, student, input_ids, steps: int, cache: Path | None, precision: str = "fp32"
+) -> list[float]:
     from potstill import Distiller
     from potstill.cache import CachedTeacher
     from potstill.config import TrainConfig
@@ -125,6 +135,7 @@ def run_potstill(teacher, student, input_ids, steps: int, cache: Path | None) ->
         max_steps=steps, batch_size=BATCH, shuffle=False, clip_grad_norm=1.0,
         optimizer={"name": "adamw", "lr": LR}, schedule={"name": "constant"},
         log_every=10**6, eval_every=10**6, progress=False, tensorboard=False,
+        precision=precision,
     )  # fmt: skip
     times: list[float] = []
     Distiller(
@@ -160,7 +171,9 @@ def run_plain(teacher, student, input_ids, steps: int) -> list[float]:
     return times
 
 
-def run_trl(teacher, student, tok, input_ids, steps: int, folder: Path) -> list[float]:
+def run_trl(
+    teacher, student, tok, input_ids, steps: int, folder: Path, bf16: bool = False
+) -> list[float]:
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback, default_data_collator
@@ -188,7 +201,7 @@ def run_trl(teacher, student, tok, input_ids, steps: int, folder: Path) -> list[
         lmbda=0.0, beta=0.0, temperature=1.0, learning_rate=LR, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
         logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-        dataloader_num_workers=0, disable_dropout=True, max_length=LENGTH,
+        dataloader_num_workers=0, disable_dropout=True, max_length=LENGTH, bf16=bf16,
     )  # fmt: skip
     trainer = InOrder(
         model=student, teacher_model=teacher, args=args, train_dataset=data,
@@ -203,24 +216,44 @@ def worker(method: str, steps: int, warmup: int, cache: Path | None, out: Path) 
 
     total = steps + warmup
     teacher, student, tok, input_ids = setup(total * BATCH)
+    extra: dict = {}
     if method == "potstill-cached":  # training from the cache needs no teacher in memory
         teacher = None
+        gc.collect()
+    if method == "potstill-bf16":
+        extra = bf16_fidelity(teacher, input_ids)
+        teacher = teacher.to(torch.bfloat16)
         gc.collect()
     before = rss_mb()
     from_start = not reset_peak()  # peak of training alone, where the kernel allows it
     if method == "plain":
         times = run_plain(teacher, student, input_ids, total)
-    elif method == "trl":
-        times = run_trl(teacher, student, tok, input_ids, total, out.parent / "trl-out")
+    elif method in ("trl", "trl-amp"):
+        folder = out.parent / "trl-out"
+        times = run_trl(teacher, student, tok, input_ids, total, folder, bf16=method == "trl-amp")
     else:
-        times = run_potstill(teacher, student, input_ids, total, cache)
+        precision = "bf16" if method == "potstill-amp" else "fp32"
+        times = run_potstill(teacher, student, input_ids, total, cache, precision)
     peak = peak_mb()
     seconds = (times[-1] - times[warmup - 1]) / steps
     out.write_text(json.dumps({
         "method": method, "s_per_step": seconds, "tokens_per_s": BATCH * LENGTH / seconds,
         "peak_rss_mb": peak, "peak_includes_loading": from_start,
-        "rss_before_training_mb": before, "training_increase_mb": peak - before,
+        "rss_before_training_mb": before, "training_increase_mb": peak - before, **extra,
     }))  # fmt: skip
+
+
+@torch.no_grad()
+def bf16_fidelity(teacher, input_ids: torch.Tensor) -> dict:
+    """KL(fp32 teacher ‖ its bf16 copy) per token and top-1 agreement on the first 8 rows."""
+    import copy
+
+    x = input_ids[:8]
+    a = teacher(input_ids=x, use_cache=False).logits.float()
+    b = copy.deepcopy(teacher).to(torch.bfloat16)(input_ids=x, use_cache=False).logits.float()
+    lp, lq = a.log_softmax(-1), b.log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).mean()
+    return {"bf16_kl": float(kl), "bf16_top1": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
 
 
 def write_cache_once(folder: Path, rows: int) -> Path:
@@ -236,7 +269,8 @@ def write_cache_once(folder: Path, rows: int) -> Path:
     return path
 
 
-def matmul_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
+def matmul_gflops(threads: int, n: int = 2048, repeats: int = 20) -> float:
+    """The best fp32 rate of ``repeats`` n × n matrix products, GFLOP/s."""
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
@@ -246,7 +280,7 @@ def matmul_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
         t = time.perf_counter()
         a @ b
         rates.append(2 * n**3 / (time.perf_counter() - t) / 1e9)
-    return statistics.median(rates)
+    return max(rates)
 
 
 def parameter_counts() -> tuple[int, int]:
@@ -281,7 +315,7 @@ def main() -> None:
     except ImportError:
         print("TRL is not installed (pip install -e '.[bench]'): skipping its rows")
         methods = [m for m in methods if m != "trl"]
-    gflops = matmul_gflops(a.threads)
+    gflops = matmul_gflops(a.threads)  # the best of several: the machine's peak
     n_teacher, n_student = parameter_counts()
     tokens = BATCH * LENGTH
     floor_live = (2 * n_teacher + 6 * n_student) * tokens / (gflops * 1e9)
@@ -348,6 +382,9 @@ def markdown(r: dict) -> str:
         "plain": "plain PyTorch loop",
         "trl": "TRL GKDTrainer (λ 0, β 0)",
         "potstill-cached": "potstill (cached top-64)",
+        "potstill-bf16": "potstill (live teacher in bf16)",
+        "potstill-amp": "potstill (bf16 mixed precision)",
+        "trl-amp": "TRL GKDTrainer (its default: bf16 mixed precision)",
     }
     for m, x in med.items():
         rates = [y["tokens_per_s"] for y in r["runs"][m]]
@@ -359,6 +396,10 @@ def markdown(r: dict) -> str:
             f"| {x['peak_rss_mb']:,.0f} | {x['peak_rss_mb'] / base['peak_rss_mb']:.2f}× | "
             f"{x['training_increase_mb']:,.0f} | {x['s_per_step'] / floor:.2f}× |"
         )
+    if "potstill-bf16" in med:
+        x = med["potstill-bf16"]
+        lines += ["", f"bf16 teacher: KL(fp32 teacher ‖ bf16 teacher) {x['bf16_kl']:.4f} nats per "
+                  f"token, top-1 agreement {x['bf16_top1']:.3f} (first 8 rows)."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

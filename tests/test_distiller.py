@@ -587,3 +587,32 @@ def test_labels_only_baseline_trains_without_a_teacher(digits):
     assert result.final_eval["accuracy"] > 0.8
     assert result.examples_seen == 4 * len(digits.train)
     assert not result.student.training
+
+
+def test_bf16_mixed_precision_runs_matmuls_in_bf16_and_keeps_fp32_weights(digits, teacher_model):
+    seen: list[torch.dtype] = []
+
+    def forward(model, batch):
+        logits = model(batch["input"])
+        seen.append(logits.dtype)
+        return logits
+
+    def run(precision: str) -> torch.nn.Module:
+        student = make_mlp([32], seed=3)
+        cfg = quiet_config(max_steps=20, batch_size=64, precision=precision,
+                           optimizer={"name": "sgd", "lr": 0.05})  # fmt: skip
+        return Distiller(
+            student, hinton_objective(2.0, 0.5), digits.train,
+            teacher=LiveTeacher(teacher_model), config=cfg, student_forward=forward,
+        ).fit().student  # fmt: skip
+
+    fp32 = run("fp32")
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    bf16 = run("bf16")
+    assert set(seen) == {torch.bfloat16}  # the student's products ran in bf16 ...
+    for (name, a), b in zip(fp32.state_dict().items(), bf16.state_dict().values(), strict=True):
+        assert b.dtype == torch.float32, name  # ... its weights stayed fp32
+        change = (a - make_mlp([32], seed=3).state_dict()[name]).norm()
+        # bf16 rounding moves the 20-step result, by a small part of the distance trained
+        assert 0 < (a - b).norm() < 0.05 * change, name

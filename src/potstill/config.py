@@ -58,6 +58,12 @@ class TrainConfig(_Strict):
     shuffle: bool = True
     progress: bool | None = Field(None, description="progress bar; default: when on a terminal")
     tensorboard: bool = True
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: mixed precision (autocast) for the forward passes and the loss; "
+        "weights, gradients and optimizer state stay fp32. Fast where the hardware multiplies "
+        "bf16 natively (CPUs with avx512_bf16 or AMX, GPUs from Ampere on)",
+    )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="under torchrun: ddp (a student copy per process) or fsdp (the student's "

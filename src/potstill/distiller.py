@@ -341,6 +341,15 @@ class Distiller:
         counts = self.objective.counts(batch)
         return batch, counts * 0 if empty else counts, len(index)
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """``train.precision: bf16``: the forward passes (teacher and student) and the loss under
+        torch.autocast in bfloat16 (matrix products in bf16, reductions and softmaxes in fp32);
+        weights, gradients and optimizer state stay fp32."""
+        if self.cfg.precision != "bf16":
+            return contextlib.nullcontext()
+        device = next(self.student.parameters()).device.type
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+
     @contextlib.contextmanager
     def _sync(self, last: bool) -> Iterator[None]:
         """Gradient synchronisation only on the step's last micro-batch (DDP's ``no_sync``,
@@ -377,7 +386,7 @@ class Distiller:
             for j, (batch, counts, size) in enumerate(prepared):
                 # this micro-batch's part of each term's step mean
                 share = None if whole else counts / totals
-                with self._sync(last=j == cfg.grad_accum - 1):
+                with self._sync(last=j == cfg.grad_accum - 1), self._autocast():
                     signal = self.teacher.signal(batch) if self.teacher is not None else None
                     view = self._view(taps, batch, self.model)
                     # DDP and FSDP average gradients over processes: scale back up by their number
