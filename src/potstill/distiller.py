@@ -392,6 +392,9 @@ class Distiller:
                     # DDP and FSDP average gradients over processes: scale back up by their number
                     scales = None if share is None else share * self.world
                     loss, values = self._objective(view, signal, batch, scales)
+                    # the logits of both models are not needed by the backward pass (the
+                    # graph keeps what it needs): let them go before it allocates gradients
+                    del view, signal
                     loss.backward()
                 sums = self._sums
                 step_values = (
