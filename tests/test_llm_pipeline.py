@@ -720,3 +720,20 @@ def test_student_with_too_few_rows_is_refused(llama_dir, small_fortunes, tok, tm
     with pytest.raises(TokenizerMismatch, match="49152"):
         run_lm_recipe(recipe, tmp_path / "run")
     shutil.rmtree(tmp_path / "small")
+
+
+def test_bf16_teacher_and_mixed_precision_recipe(llama_dir, small_fortunes, tmp_path):
+    """teacher.dtype: bfloat16 and train.precision: bf16 run a whole recipe; the bf16 teacher's
+    held-out perplexity stays near the fp32 teacher's."""
+    fp32 = run_lm_recipe(
+        small_recipe(llama_dir, small_fortunes, variants={"fkl": [{"kind": "fkl"}]}),
+        tmp_path / "fp32",
+    )
+    recipe = small_recipe(
+        llama_dir, small_fortunes, variants={"fkl": [{"kind": "fkl"}]}, train={"precision": "bf16"}
+    )
+    recipe.teacher.dtype = "bfloat16"
+    bf16 = run_lm_recipe(recipe, tmp_path / "bf16")
+    a, b = fp32["rows"]["teacher"]["perplexity"], bf16["rows"]["teacher"]["perplexity"]
+    assert a != b and abs(math.log(b / a)) < 0.05
+    assert bf16["rows"]["fkl"]["steps"] == 1 and math.isfinite(bf16["rows"]["fkl"]["perplexity"])
