@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -457,6 +458,18 @@ def test_example_cache_stores_tapped_features(digits, teacher_model, tmp_path):
     torch.testing.assert_close(got.logits, want.logits, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got.features["h"], want.features["h"], atol=1e-6, rtol=1e-6)
     live.close()
+    # a batch of a dense example cache is one gather per shard: the same rows as reading the
+    # examples one by one, across shards and in any order, also after pickling (workers)
+    index = torch.randperm(len(digits.val), generator=torch.Generator().manual_seed(0))[:64]
+    for reader in (cached, pickle.loads(pickle.dumps(cached))):
+        got = reader.signal({"index": index})
+        one_by_one = [reader[int(i)] for i in index]
+        torch.testing.assert_close(got.logits, torch.cat([r["logits"] for r in one_by_one]))
+        torch.testing.assert_close(
+            got.features["h"], torch.cat([r["feature.h"] for r in one_by_one])
+        )
+    with pytest.raises(IndexError, match="outside"):
+        cached.signal({"index": torch.tensor([0, len(digits.val)])})
 
 
 # --- recipes and the command line ---

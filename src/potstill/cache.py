@@ -744,6 +744,7 @@ class CachedTeacher:
             self.available[j * size : (j + 1) * size] = True
         self._open: dict[int, tuple[Any, torch.Tensor, torch.Tensor | None]] = {}
         self._blocks: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._dense: dict[int, dict[str, torch.Tensor] | None] = {}
 
     def _check_files(self, verify: bool, progress: bool | None) -> None:
         items = sorted(self.records.items())
@@ -771,6 +772,7 @@ class CachedTeacher:
         state = self.__dict__.copy()
         state["_open"] = {}
         state["_blocks"] = {}
+        state["_dense"] = {}
         return state
 
     def __len__(self) -> int:
@@ -888,9 +890,42 @@ class CachedTeacher:
         topk = TopK(ids=stacked["ids"], logprobs=stacked["logprobs"], tail_mass=stacked["tail"])
         return Signal(topk=topk, features=features)
 
+    def _dense_rows(self, j: int) -> dict[str, torch.Tensor] | None:
+        """An example cache's dense shard ``j`` as whole tensors (one row per example), read
+        once and kept: a batch is then one gather, not a Python call per example. None when
+        the shard's rows are not one per example."""
+        if j not in self._dense:
+            f, offsets, _ = self._shard(j)
+            one_each = torch.equal(offsets, torch.arange(len(offsets), dtype=offsets.dtype))
+            names = ["logits"] + [f"feature.{n}" for n in self.meaning["features"]]
+            self._dense[j] = {name: f.get_tensor(name) for name in names} if one_each else None
+        return self._dense[j]
+
+    def _gather_examples(self, index: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Rows of a dense example cache for ``index``, gathered shard by shard (float32)."""
+        n, size = len(self), self.manifest["shard_size"]
+        if len(index) == 0 or int(index.min()) < 0 or int(index.max()) >= n:
+            return None  # the per-example path names the bad index
+        shards, local = index // size, index % size
+        out: dict[str, torch.Tensor] = {}
+        for j in shards.unique().tolist():
+            rows = self._dense_rows(j)
+            if rows is None:
+                return None
+            sel = (shards == j).nonzero().flatten()
+            for name, t in rows.items():
+                if name not in out:
+                    out[name] = torch.empty((len(index), *t.shape[1:]), dtype=torch.float32)
+                out[name][sel] = t[local[sel]].float()
+        return out
+
     def signal(self, batch: Batch) -> Signal:
         """The cached signal of the batch's examples (``cache_index`` or ``index``)."""
         index = batch.get("cache_index", batch["index"])
+        if self.unit == "example" and self.k is None:
+            rows = self._gather_examples(torch.as_tensor(index, dtype=torch.long))
+            if rows is not None:
+                return self.collate([rows], None)
         items = [self[int(i)] for i in index]
         return self.collate(items, batch.get("attention_mask") if self.unit == "token" else None)
 
@@ -962,7 +997,7 @@ def build_logit_cache(
         path,
         unit="example",
         k=None,
-        encoding=Encoding(logits="float32"),
+        encoding=Encoding(logits="float32", compression="none"),  # random access: no inflating
         forward=forward,
         batch_size=batch_size,
         progress=progress,
