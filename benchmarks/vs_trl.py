@@ -33,6 +33,8 @@ skipped). Writes ``--out``/vs_trl.json, vs_trl.md and vs_trl.png.
 
     .venv/bin/python benchmarks/vs_trl.py                  # about 12 minutes on 2 cores
     .venv/bin/python benchmarks/vs_trl.py --rounds 1 --steps 3   # quick look
+    .venv/bin/python benchmarks/vs_trl.py --length 512 --methods potstill trl --rounds 1
+        --steps 2 --warmup 1 --out /tmp/long     # longer rows: logit-sized memory matters
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ import torch
 METHODS = (
     "potstill", "plain", "trl", "potstill-cached", "potstill-bf16", "potstill-amp", "trl-amp",
 )  # fmt: skip
-BATCH, LENGTH, LR = 4, 64, 1e-5
+BATCH, LR = 4, 1e-5
+LENGTH = int(os.environ.get("VS_TRL_LENGTH", "64"))  # tokens per row (--length)
 
 
 def rss_mb() -> float:
@@ -296,6 +299,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--length", type=int, help="tokens per row (default 64)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
@@ -303,6 +307,10 @@ def main() -> None:
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if a.length:
+        global LENGTH
+        LENGTH = a.length
+        os.environ["VS_TRL_LENGTH"] = str(a.length)  # the workers' rows too
     if a.worker:
         worker(a.worker, a.steps, a.warmup, a.cache, a.result)
         return
