@@ -107,11 +107,7 @@ class ChainRecipe(_Strict):
 
     def base_recipe(self) -> Any:
         """The shared recipe (a classic ``Recipe`` or an ``LMRecipe``)."""
-        if self.causal_lm:
-            from .llm.pipeline import LMRecipe
-
-            return LMRecipe.model_validate(self.base)
-        return Recipe.model_validate(self.base)
+        return self.stage_recipe({})
 
     def stage_recipe(self, changes: dict[str, Any]) -> Any:
         """The base recipe with ``changes`` merged in, validated."""

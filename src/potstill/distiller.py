@@ -195,6 +195,9 @@ class Distiller:
                 "on-policy completions on one process; use ddp"
             )
         self._plain: nn.Module | None = None  # FSDP: a full copy the trained weights land in
+        self._plain_step = -1  # the step whose weights _plain holds
+        # a step of one micro-batch on one process is its own whole: nothing to weigh
+        self._weigh = self.world > 1 or self.cfg.grad_accum > 1
         self._order_epoch, self._order = -1, torch.arange(0)  # the epoch order last built
         self.model, self._objective = self._wrap()
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -336,8 +339,8 @@ class Distiller:
         batch = make_batch(self.train_data, index[:1] if empty else share)
         if self.batch_transform is not None:
             batch = self.batch_transform(batch, micro)
-        if self.world == 1 and self.cfg.grad_accum == 1:
-            return batch, torch.ones(0), len(index)  # its own whole step: counts unused
+        if not self._weigh:
+            return batch, torch.ones(0), len(index)  # counts unused
         counts = self.objective.counts(batch)
         return batch, counts * 0 if empty else counts, len(index)
 
@@ -372,20 +375,17 @@ class Distiller:
         micro = self.step * cfg.grad_accum
         interval_examples = 0
         interval_t = t0 = time.perf_counter()
-        self._order_epoch = -1
         self.optimizer.zero_grad(set_to_none=True)
         names = [t.name for t in self.objective.active_terms]
         while self.step < self.total_steps:
-            # the whole step's micro-batches first: its item counts normalise every term (one
-            # micro-batch on one process is its own whole step: nothing to weigh)
+            # the whole step's micro-batches first: its item counts normalise every term
             prepared = [self._micro_batch(micro + j) for j in range(cfg.grad_accum)]
-            whole = self.world == 1 and cfg.grad_accum == 1
-            if not whole:
+            if self._weigh:
                 counts = torch.stack([c for _, c, _ in prepared]).sum(0)
                 totals = distributed.all_reduce_sum(counts).clamp_min(1)
             for j, (batch, counts, size) in enumerate(prepared):
                 # this micro-batch's part of each term's step mean
-                share = None if whole else counts / totals
+                share = counts / totals if self._weigh else None
                 with self._sync(last=j == cfg.grad_accum - 1), self._autocast():
                     signal = self.teacher.signal(batch) if self.teacher is not None else None
                     view = self._view(taps, batch, self.model)
@@ -511,9 +511,12 @@ class Distiller:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         assert self._plain is not None
+        if self._plain_step == self.step:  # gathered already (evaluation and checkpoint)
+            return self._plain
         # every process gets the whole state (cpu_offload would leave it on rank 0 alone)
         full = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True))
         self._plain.load_state_dict(full)
+        self._plain_step = self.step
         return self._plain
 
     def _optimizer_state(self) -> dict[str, Any]:
@@ -630,6 +633,8 @@ class Distiller:
             )
         if self.fsdp:
             from safetensors.torch import load_file
+
+            self._plain_step = -1  # the weights change without a step
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 set_model_state_dict,

@@ -13,7 +13,6 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -85,15 +84,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every process."""
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 @contextmanager
 def main_first() -> Iterator[bool]:
     """Rank 0 runs the block first (e.g. writes files), the others after it (reading them);
@@ -135,7 +125,6 @@ def shard_of(n: int) -> slice:
 __all__ = [
     "all_reduce_sum",
     "barrier",
-    "broadcast_object",
     "is_main",
     "launched",
     "main_first",

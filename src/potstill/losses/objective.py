@@ -17,6 +17,14 @@ from .llm import TopK, sparse_divergence
 TermFn = Callable[[StudentView, "Signal | None", Mapping[str, Any]], torch.Tensor]
 
 
+def batch_examples(batch: Mapping[str, Any]) -> int:
+    """The number of examples in ``batch`` (the default unit of a term's mean)."""
+    if "index" in batch:
+        return len(batch["index"])
+    first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
+    return int(first.shape[0])
+
+
 @dataclass
 class Term:
     """One loss term: a name for the logs, a weight, and a function of (student, teacher, batch).
@@ -38,15 +46,7 @@ class Term:
     student_features: tuple[str, ...] = ()
     teacher_features: tuple[str, ...] = ()
     module: nn.Module | None = None
-    count: Callable[[Mapping[str, Any]], torch.Tensor | int] | None = None
-
-
-def batch_examples(batch: Mapping[str, Any]) -> int:
-    """The number of examples in ``batch`` (the default unit of a term's mean)."""
-    if "index" in batch:
-        return len(batch["index"])
-    first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
-    return int(first.shape[0])
+    count: Callable[[Mapping[str, Any]], torch.Tensor | int] = batch_examples
 
 
 def teacher_target(signal: Signal | None, term: str) -> torch.Tensor | TopK:
@@ -177,11 +177,7 @@ class Objective(nn.Module):
     def counts(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Each active term's :attr:`Term.count` on ``batch``, as one float64 vector (in the
         order of :attr:`active_terms`)."""
-        values = [
-            float(t.count(batch)) if t.count is not None else float(batch_examples(batch))
-            for t in self.active_terms
-        ]
-        return torch.tensor(values, dtype=torch.float64)
+        return torch.tensor([float(t.count(batch)) for t in self.active_terms], dtype=torch.float64)
 
     def setup(self, view: StudentView, signal: Signal | None) -> None:
         """Let terms create their trainable parts (projectors) from the shapes of a first batch."""
