@@ -5,6 +5,13 @@ student, batch 4 × 64 tokens, forward KL, AdamW, clipping), grouped into the st
 
     .venv/bin/python benchmarks/profile_step.py            # about 1 minute on 2 cores
     .venv/bin/python benchmarks/profile_step.py --cached   # from a top-64 teacher cache
+    .venv/bin/python benchmarks/profile_step.py --parts    # the pieces timed one by one
+
+``--parts`` times the pieces the profile pointed at, each the median of 5 after a warm-up: the
+teacher's forward (fp32 with and without the key/value cache, under ``no_grad`` and
+``inference_mode``, and cast to bf16), the student's forward + backward with and without the
+cache, one AdamW step (torch's default multi-tensor form and the fused kernel), and a
+2048² matrix product in fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -28,8 +35,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cached", action="store_true")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--parts", action="store_true", help="time the pieces one by one instead")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if a.parts:
+        parts()
+        return
     from potstill import Distiller
     from potstill.cache import CachedTeacher
     from potstill.config import TrainConfig
@@ -96,6 +107,55 @@ def main() -> None:
     )
     for e in ops[: a.top]:
         print(f"| {e.key} | {e.self_cpu_time_total / 1e3 / steps:.0f} | {e.count / steps:.0f} |")
+
+
+def median_ms(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[repeats // 2] * 1000
+
+
+def parts() -> None:
+    import copy
+
+    teacher, student, _, input_ids = vs_trl.setup(vs_trl.BATCH)
+    x = input_ids[: vs_trl.BATCH]
+    rows = []
+    with torch.no_grad():
+        rows.append(("teacher forward, fp32", median_ms(lambda: teacher(input_ids=x))))
+        rows.append(("teacher forward, fp32, use_cache=False",
+                     median_ms(lambda: teacher(input_ids=x, use_cache=False))))  # fmt: skip
+    with torch.inference_mode():
+        rows.append(("teacher forward, fp32, use_cache=False, inference_mode",
+                     median_ms(lambda: teacher(input_ids=x, use_cache=False))))  # fmt: skip
+    bf16 = copy.deepcopy(teacher).to(torch.bfloat16)
+    with torch.no_grad():
+        rows.append(("teacher forward, bf16 weights, use_cache=False",
+                     median_ms(lambda: bf16(input_ids=x, use_cache=False))))  # fmt: skip
+
+    def student_step(use_cache: bool) -> None:
+        student(input_ids=x, use_cache=use_cache).logits.float().mean().backward()
+
+    rows.append(("student forward + backward", median_ms(lambda: student_step(True))))
+    rows.append(("student forward + backward, use_cache=False",
+                 median_ms(lambda: student_step(False))))  # fmt: skip
+    for fused in (False, True):
+        opt = torch.optim.AdamW(student.parameters(), lr=vs_trl.LR, fused=fused or None)
+        name = "fused" if fused else "default (multi-tensor)"
+        rows.append((f"AdamW step, {name}", median_ms(opt.step)))
+    n = 2048
+    for dtype in (torch.float32, torch.bfloat16):
+        m1, m2 = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        ms = median_ms(lambda m1=m1, m2=m2: m1 @ m2)
+        rows.append((f"{n}² matrix product, {dtype} ({2 * n**3 / ms / 1e6:.0f} GFLOP/s)", ms))
+    print(f"{torch.get_num_threads()} threads, batch {vs_trl.BATCH} × {vs_trl.LENGTH} tokens\n")
+    print("| piece | ms (median of 5) |\n|---|---|")
+    for name, ms in rows:
+        print(f"| {name} | {ms:.0f} |")
 
 
 if __name__ == "__main__":
