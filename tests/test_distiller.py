@@ -3,6 +3,7 @@ accumulation, learning-rate schedule, checkpoints and the labels-only baseline."
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -616,3 +617,92 @@ def test_bf16_mixed_precision_runs_matmuls_in_bf16_and_keeps_fp32_weights(digits
         change = (a - make_mlp([32], seed=3).state_dict()[name]).norm()
         # bf16 rounding moves the 20-step result, by a small part of the distance trained
         assert 0 < (a - b).norm() < 0.05 * change, name
+
+
+# ---- tied embeddings: sparse lookup gradient ------------------------------------------------
+
+
+class TiedLM(torch.nn.Module):
+    """A bag-of-previous-token LM whose output layer is its input embedding (tied), plus an
+    untied embedding of positions."""
+
+    def __init__(self, vocab: int = 50, width: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, width, padding_idx=0)
+        self.positions = torch.nn.Embedding(8, width)
+        self.mix = torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x) + self.positions(torch.arange(x.shape[1]))
+        return self.head(torch.tanh(self.mix(h)))
+
+
+def _tied_data(n: int = 96, vocab: int = 50, seed: int = 1) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, 8), generator=g)  # repeated ids within a batch, and 0 (padding)
+    return TensorDataset(x, torch.randint(0, vocab, (n,), generator=g))
+
+
+def test_tied_embedding_gradient_is_the_same_without_a_dense_lookup_buffer():
+    from potstill.distiller import sparse_tied_embeddings
+
+    model = TiedLM()
+    x = _tied_data().tensors[0][:32]
+
+    def grads(sparse: bool) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        model.zero_grad(set_to_none=True)
+        ctx = sparse_tied_embeddings(model) if sparse else contextlib.nullcontext([])
+        with ctx, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(x).logsumexp(-1).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, {
+            e.key: e.count for e in prof.key_averages()
+        }
+
+    dense, dense_ops = grads(False)
+    sparse, sparse_ops = grads(True)
+    # two dense lookup gradients (tied and positions) become one: no vocabulary × width buffer
+    assert dense_ops["aten::embedding_dense_backward"] == 2
+    assert sparse_ops["aten::embedding_dense_backward"] == 1
+    assert sparse_ops["aten::embedding_sparse_backward"] == 1
+    for name, g in dense.items():
+        assert not sparse[name].is_sparse, name  # the optimizer sees a dense gradient
+        torch.testing.assert_close(sparse[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    assert sparse["embed.weight"][0].abs().sum() > 0  # the head's row for padding id 0 ...
+    only_head = dense["embed.weight"][0]  # ... carries the head's gradient alone, both ways
+    torch.testing.assert_close(sparse["embed.weight"][0], only_head)
+    assert not model.embed.sparse  # restored
+
+
+def test_distiller_switches_only_tied_embeddings_and_trains_the_same(monkeypatch):
+    import potstill.distiller as D
+
+    data = _tied_data()
+    teacher = TiedLM(seed=5).eval()
+    flags: list[tuple[bool, bool]] = []
+
+    def forward(model, batch):
+        flags.append((model.embed.sparse, model.positions.sparse))
+        return model(batch["input"])[:, -1]
+
+    def run() -> torch.nn.Module:
+        cfg = quiet_config(max_steps=6, batch_size=32, grad_accum=2, clip_grad_norm=1.0,
+                           optimizer={"name": "sgd", "lr": 0.5})  # fmt: skip
+        teach = LiveTeacher(teacher, forward=lambda m, b: m(b["input"])[:, -1])
+        return Distiller(
+            TiedLM(), hinton_objective(2.0, 0.5), data, teacher=teach, config=cfg,
+            student_forward=forward,
+        ).fit().student  # fmt: skip
+
+    switched = run()
+    assert set(flags) == {(True, False)}  # the tied embedding only; the untied one stays dense
+    assert not switched.embed.sparse  # restored after the run
+    flags.clear()
+    monkeypatch.setattr(D, "sparse_tied_embeddings", lambda m: contextlib.nullcontext([]))
+    plain = run()
+    assert set(flags) == {(False, False)}
+    for name, a in switched.state_dict().items():
+        torch.testing.assert_close(a, plain.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert (switched.embed.weight - TiedLM().embed.weight).abs().max() > 1e-3  # it trained

@@ -82,6 +82,36 @@ def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
+@contextlib.contextmanager
+def sparse_tied_embeddings(model: nn.Module) -> Iterator[list[nn.Embedding]]:
+    """While open, every embedding of ``model`` whose weight is trained and shared with a layer
+    that is not an embedding (an LM head tied to the input embedding) passes its lookup's
+    gradient on as a sparse tensor. Autograd adds it in place into the tied layer's dense
+    gradient, so the backward pass never builds a second dense vocabulary × width buffer (for
+    SmolLM2-135M 113 MB); the summed gradient, the optimizer and the trained weights are the
+    same. Yields the embeddings it switched; their flags are restored on exit."""
+    holders: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(module)
+    switched = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Embedding)
+        and not m.sparse
+        and m.weight.requires_grad
+        and not hasattr(m.weight, "device_mesh")  # not an FSDP shard (DTensor)
+        and any(not isinstance(h, nn.Embedding) for h in holders[id(m.weight)])
+    ]
+    for m in switched:
+        m.sparse = True
+    try:
+        yield switched
+    finally:
+        for m in switched:
+            m.sparse = False
+
+
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The recipe's optimizer; weight decay applies to matrices and kernels, not biases or norms."""
     o = cfg.optimizer
@@ -303,7 +333,10 @@ class Distiller:
         )
         taps = Taps(self.student, self.student_taps) if self.student_taps else None
         try:
-            self._loop(taps, writer, bar)
+            # FSDP2 gathers and reshards weights itself: leave its embeddings as they are
+            tied = contextlib.nullcontext() if self.fsdp else sparse_tied_embeddings(self.student)
+            with tied:
+                self._loop(taps, writer, bar)
         finally:
             if taps is not None:
                 taps.remove()
