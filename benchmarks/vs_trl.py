@@ -17,7 +17,12 @@ potstill, …) for ``--rounds`` rounds; the report gives medians and spreads.
 * tokens/s: 4 × 64 tokens per step over the measured seconds per step.
 * peak memory: the process's peak resident set size while training (the kernel's VmHWM reset
   just before the first step: models, optimizer state, activations and libraries; the cached
-  method frees the teacher first); also the increase over the resident size before training.
+  method frees the teacher first); also the increase over the resident size before training
+  (measured after every teacher weight has been read once, so memory-mapped weights count
+  before training, as they do in the peak).
+* memory floor: the resident size just before training with every teacher weight resident
+  (models, libraries, data) plus what fp32 AdamW training must add: the student's gradients
+  and AdamW's two moments, 3 × its parameter bytes; no activation counted.
 * FLOP floor: teacher forward 2·N_teacher·tokens + student forward and backward
   6·N_student·tokens (N = parameters, tied embeddings counted once), divided by the measured
   fp32 matmul rate (2048² matrices, ``--threads`` threads); each method's ratio to it.
@@ -35,6 +40,8 @@ skipped). Writes ``--out``/vs_trl.json, vs_trl.md and vs_trl.png.
     .venv/bin/python benchmarks/vs_trl.py --rounds 1 --steps 3   # quick look
     .venv/bin/python benchmarks/vs_trl.py --length 512 --methods potstill trl --rounds 1
         --steps 2 --warmup 1 --out /tmp/long     # longer rows: logit-sized memory matters
+    .venv/bin/python benchmarks/vs_trl.py --methods potstill potstill-compile --rounds 1
+        --steps 6 --warmup 3 --out /tmp/compile  # torch.compile against eager
 """
 
 from __future__ import annotations
@@ -53,7 +60,9 @@ import torch
 
 METHODS = (
     "potstill", "plain", "trl", "potstill-cached", "potstill-bf16", "potstill-amp", "trl-amp",
+    "potstill-compile",
 )  # fmt: skip
+DEFAULT_METHODS = METHODS[:-1]  # torch.compile: on request (two minutes of compilation a run)
 BATCH, LR = 4, 1e-5
 LENGTH = int(os.environ.get("VS_TRL_LENGTH", "64"))  # tokens per row (--length)
 
@@ -227,7 +236,18 @@ def worker(method: str, steps: int, warmup: int, cache: Path | None, out: Path) 
         extra = bf16_fidelity(teacher, input_ids)
         teacher = teacher.to(torch.bfloat16)
         gc.collect()
+    if method == "potstill-compile":
+        student.compile()  # in place; the compiled graphs are built in the warm-up steps
+        teacher.compile()
+    if teacher is not None:  # every teacher page resident (memory-mapped weights) before
+        with torch.no_grad():
+            for t in teacher.parameters():
+                t.sum()
     before = rss_mb()
+    # what fp32 AdamW training cannot go below: everything resident now, plus the student's
+    # gradients and AdamW's two moments
+    trained = sum(t.numel() * t.element_size() for t in student.parameters() if t.requires_grad)
+    floor = before + 3 * trained / 2**20
     from_start = not reset_peak()  # peak of training alone, where the kernel allows it
     if method == "plain":
         times = run_plain(teacher, student, input_ids, total)
@@ -242,7 +262,8 @@ def worker(method: str, steps: int, warmup: int, cache: Path | None, out: Path) 
     out.write_text(json.dumps({
         "method": method, "s_per_step": seconds, "tokens_per_s": BATCH * LENGTH / seconds,
         "peak_rss_mb": peak, "peak_includes_loading": from_start,
-        "rss_before_training_mb": before, "training_increase_mb": peak - before, **extra,
+        "rss_before_training_mb": before, "training_increase_mb": peak - before,
+        "memory_floor_mb": floor, **extra,
     }))  # fmt: skip
 
 
@@ -300,7 +321,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--length", type=int, help="tokens per row (default 64)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
@@ -382,8 +403,8 @@ def markdown(r: dict) -> str:
         f"{r['wall_min']:.1f} min.",
         "",
         f"| method | s/step | tokens/s (spread) | vs {base_name} | peak memory (MB) | vs "
-        f"{base_name} | training increase (MB) | × FLOP floor |",
-        "|---|---|---|---|---|---|---|---|",
+        f"{base_name} | training increase (MB) | × FLOP floor | memory floor (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     names = {
         "potstill": "potstill (live teacher)",
@@ -393,6 +414,7 @@ def markdown(r: dict) -> str:
         "potstill-bf16": "potstill (live teacher in bf16)",
         "potstill-amp": "potstill (bf16 mixed precision)",
         "trl-amp": "TRL GKDTrainer (its default: bf16 mixed precision)",
+        "potstill-compile": "potstill (torch.compile, student and teacher)",
     }
     for m, x in med.items():
         rates = [y["tokens_per_s"] for y in r["runs"][m]]
@@ -402,8 +424,16 @@ def markdown(r: dict) -> str:
             f"| {names[m]} | {x['s_per_step']:.2f} | {x['tokens_per_s']:.1f} "
             f"({min(rates):.1f}–{max(rates):.1f}) | {speed:.2f}× "
             f"| {x['peak_rss_mb']:,.0f} | {x['peak_rss_mb'] / base['peak_rss_mb']:.2f}× | "
-            f"{x['training_increase_mb']:,.0f} | {x['s_per_step'] / floor:.2f}× |"
+            f"{x['training_increase_mb']:,.0f} | {x['s_per_step'] / floor:.2f}× | "
+            f"{x['memory_floor_mb']:,.0f} |"
         )
+    if "potstill" in med:
+        f = med["potstill"]["memory_floor_mb"]
+        above = med["potstill"]["peak_rss_mb"] - f
+        lines += ["", f"Memory floor: the resident size before training with every weight "
+                  f"resident, plus the student's gradients and AdamW's two moments (3 × its fp32 "
+                  f"bytes): {f:,.0f} MB with the live fp32 teacher, {f / base['peak_rss_mb']:.2f}× "
+                  f"{base_name}'s peak. potstill's peak is {above:,.0f} MB above it."]  # fmt: skip
     if "potstill-bf16" in med:
         x = med["potstill-bf16"]
         lines += ["", f"bf16 teacher: KL(fp32 teacher ‖ bf16 teacher) {x['bf16_kl']:.4f} nats per "
