@@ -747,3 +747,34 @@ def test_default_chunk_size_holds_a_fixed_number_of_logits(monkeypatch):
     hidden, weight = _randn(7, 3, seed=117).requires_grad_(), _randn(11, 3, seed=118)
     fused_linear_divergence(hidden, weight, teacher, "fkl").backward()
     assert len(calls) == 8
+
+
+@pytest.mark.parametrize("which", ["chunked", "fused", "sparse"])
+def test_single_backward_keeps_no_inputs_and_refuses_a_second_backward(which):
+    """Inside single_backward() the chunked, fused and sparse losses save nothing for a second
+    backward (their logits can be freed after forward); the one backward is unchanged."""
+    from potstill.losses.llm import single_backward
+
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(6, 4, generator=g).requires_grad_()
+    weight = torch.randn(9, 4, generator=g)
+    teacher = torch.randn(6, 9, generator=g)
+
+    def build() -> torch.Tensor:
+        if which == "fused":
+            return fused_linear_divergence(hidden, weight, teacher, "fkl", chunk_size=4)
+        student = hidden @ weight.T
+        if which == "sparse":
+            return sparse_divergence(student, TopK.from_logits(teacher, 3), "fkl", chunk_size=4)
+        return chunked_divergence(student, teacher, "fkl", chunk_size=4)
+
+    (want,) = torch.autograd.grad(build(), hidden)
+    with single_backward():
+        value = build()
+    assert value.grad_fn is not None
+    assert value.grad_fn.saved_tensors == ()  # nothing held for a recomputation
+    value.backward(retain_graph=True)
+    torch.testing.assert_close(hidden.grad, want)
+    with pytest.raises(RuntimeError, match="single_backward"):
+        value.backward()
+    assert build().grad_fn.saved_tensors != ()  # outside, the inputs are kept as before

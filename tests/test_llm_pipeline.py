@@ -737,3 +737,80 @@ def test_bf16_teacher_and_mixed_precision_recipe(llama_dir, small_fortunes, tmp_
     a, b = fp32["rows"]["teacher"]["perplexity"], bf16["rows"]["teacher"]["perplexity"]
     assert a != b and abs(math.log(b / a)) < 0.05
     assert bf16["rows"]["fkl"]["steps"] == 1 and math.isfinite(bf16["rows"]["fkl"]["perplexity"])
+
+
+# --- fused LM head ---
+
+
+@pytest.mark.parametrize(
+    "terms",
+    [
+        [{"kind": "fkl"}],
+        [{"kind": "jsd", "beta": 0.3, "temperature": 2.0}, {"kind": "ce", "weight": 0.5}],
+    ],
+)
+def test_fused_head_trains_like_full_logits_without_building_them(tok, terms):
+    """causal_lm_hidden_forward + token terms (the head fused with the divergence, in chunks)
+    train the student exactly as the full-logits path; the head's forward never runs unless a
+    term (ce) reads the logits."""
+    from potstill import Distiller
+    from potstill.config import TrainConfig
+    from potstill.llm.evaluate import causal_lm_hidden_forward
+    from potstill.llm.pipeline import LMVariantSpec
+    from potstill.losses.objective import Objective
+    from potstill.teachers import LiveTeacher
+
+    data = val_dataset(tok, n=5)
+    teacher = tiny_llama(len(tok), seed=3)
+    spec = LMVariantSpec.model_validate({"terms": terms})
+
+    def train(forward) -> tuple[torch.nn.Module, list[dict], int]:
+        student = tiny_llama(len(tok), seed=0).train()
+        calls = []
+        student.lm_head.register_forward_hook(lambda *a: calls.append(1))
+        cfg = TrainConfig(max_steps=4, batch_size=3, grad_accum=2, clip_grad_norm=1.0,
+                          optimizer={"name": "sgd", "lr": 0.5}, log_every=1,
+                          progress=False, tensorboard=False)  # fmt: skip
+        fit = Distiller(
+            student, Objective([t.build(7) for t in spec.terms]), data,
+            teacher=LiveTeacher(teacher, forward=causal_lm_forward), config=cfg,
+            student_forward=forward,
+        ).fit()  # fmt: skip
+        return fit.student, fit.history, len(calls)
+
+    full, full_rows, full_calls = train(causal_lm_forward)
+    fused, fused_rows, fused_calls = train(causal_lm_hidden_forward)
+    assert full_calls == 4 * 2  # one head forward per micro-batch
+    reads_logits = any(t["kind"] == "ce" for t in terms)
+    assert fused_calls == (8 if reads_logits else 0)
+    for a, b in zip(full_rows, fused_rows, strict=True):
+        for key in ("loss", *(t.get("name", t["kind"]) for t in terms)):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    for name, w in full.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[name], w, rtol=1e-5, atol=1e-6, msg=name)
+    assert (full.lm_head.weight - tiny_llama(len(tok), seed=0).lm_head.weight).abs().max() > 1e-3
+
+
+def test_fused_head_refuses_scaled_logits(tok):
+    from potstill.llm.evaluate import causal_lm_hidden_forward, fused_head_problem
+
+    model = tiny_llama(len(tok), seed=0)
+    assert fused_head_problem(model) is None
+    model.config.final_logit_softcapping = 30.0
+    batch = make_batch(val_dataset(tok, n=2), torch.arange(2))
+    with pytest.raises(ValueError, match="final_logit_softcapping = 30.0.*fused_head: false"):
+        causal_lm_hidden_forward(model, batch)
+    assert "not a plain nn.Linear" in fused_head_problem(torch.nn.Linear(2, 2))
+
+
+def test_fused_head_recipe(llama_dir, small_fortunes, tmp_path):
+    """fused_head: true runs a whole recipe; its student equals the unfused recipe's."""
+    runs = {}
+    for fused in (False, True):
+        recipe = small_recipe(
+            llama_dir, small_fortunes, variants={"fkl": [{"kind": "fkl"}]}, fused_head=fused,
+            train={"max_steps": 2, "optimizer": {"name": "sgd", "lr": 0.5}},
+        )  # fmt: skip
+        runs[fused] = run_lm_recipe(recipe, tmp_path / str(fused))
+    a, b = (runs[f]["rows"]["fkl"]["perplexity"] for f in (False, True))
+    assert b == pytest.approx(a, rel=1e-5)

@@ -27,15 +27,18 @@ from . import distributed
 from .config import TrainConfig
 from .data import epoch_order, make_batch
 from .io import atomic_save_module, atomic_torch_save, atomic_write_text, sha256_file
+from .losses.llm import single_backward
 from .losses.objective import Objective
 from .signal import StudentView
 from .taps import Taps, TapsLike, tapped_forward
-from .teachers import ForwardFn, TeacherSource, default_forward
+from .teachers import TeacherSource, default_forward
 
 log = logging.getLogger("potstill")
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
 StepCallback = Callable[[int, dict[str, float]], None]
+# a student forward gives logits, or a StudentView whose logits are deferred (hidden + head)
+StudentForwardFn = Callable[[nn.Module, dict[str, Any]], "torch.Tensor | StudentView"]
 
 
 class CheckpointError(RuntimeError):
@@ -170,7 +173,7 @@ class Distiller:
         evaluate: EvalFn | None = None,
         best_metric: str | None = None,
         best_mode: str = "max",
-        student_forward: ForwardFn = default_forward,
+        student_forward: StudentForwardFn = default_forward,
         callbacks: list[StepCallback] | None = None,
         name: str = "student",
         student_taps: TapsLike | None = None,
@@ -284,9 +287,13 @@ class Distiller:
     ) -> StudentView:
         model = self.student if model is None else model
         if taps is None:
-            return StudentView(logits=self.student_forward(model, batch))
-        logits, features = tapped_forward(taps, self.student_forward, model, batch)
-        return StudentView(logits=logits, features=features)
+            out, features = self.student_forward(model, batch), {}
+        else:
+            out, features = tapped_forward(taps, self.student_forward, model, batch)
+        if isinstance(out, StudentView):  # a forward that defers the logits (hidden + head)
+            out.features.update(features)
+            return out
+        return StudentView(logits=out, features=features)
 
     def _wrap(self) -> tuple[nn.Module, nn.Module]:
         """The modules the training step calls: the student (under DDP, or sharded in place by
@@ -419,7 +426,8 @@ class Distiller:
             for j, (batch, counts, size) in enumerate(prepared):
                 # this micro-batch's part of each term's step mean
                 share = counts / totals if self._weigh else None
-                with self._sync(last=j == cfg.grad_accum - 1), self._autocast():
+                # single_backward: the losses keep nothing for a second backward pass
+                with self._sync(last=j == cfg.grad_accum - 1), self._autocast(), single_backward():
                     signal = self.teacher.signal(batch) if self.teacher is not None else None
                     view = self._view(taps, batch, self.model)
                     # DDP and FSDP average gradients over processes: scale back up by their number

@@ -48,6 +48,7 @@ from .data import LMExample, fortune_examples, pack_examples, prompt_ids, tokeni
 from .evaluate import (
     answer_tokens,
     causal_lm_forward,
+    causal_lm_hidden_forward,
     forward_tokens_per_s,
     generate,
     lm_figures,
@@ -226,6 +227,12 @@ class LMRecipe(_Strict):
     chunk_size: int | None = Field(
         1024, gt=0, description="positions per chunk of the divergences; null: unchunked"
     )
+    fused_head: bool = Field(
+        False,
+        description="fuse the student's LM head with its token divergences (a live teacher): "
+        "the student's full logits and their gradient are never built; saves memory at long "
+        "sequences (SmolLM2 at 4 × 512 tokens), not at short ones",
+    )
     eval_batch_size: int = Field(8, gt=0)
     generate: GenerateSpec = Field(default_factory=GenerateSpec)
     keep_checkpoints: bool = Field(
@@ -369,7 +376,7 @@ def run_lm_recipe(
             teacher=source if objective.needs_teacher else None,
             config=recipe.train,
             run_dir=folder,
-            student_forward=causal_lm_forward,
+            student_forward=causal_lm_hidden_forward if recipe.fused_head else causal_lm_forward,
             name=name,
             batch_transform=sampler,
         ).fit(resume=resume)

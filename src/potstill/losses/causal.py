@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..signal import Signal, StudentView
 from .divergences import divergence
-from .llm import TopK, chunked_divergence, sparse_divergence
+from .llm import TopK, chunked_divergence, fused_linear_divergence, sparse_divergence
 from .objective import Term, teacher_target
 
 log = logging.getLogger("potstill")
@@ -144,12 +144,35 @@ def token_term(
 ) -> Term:
     """A token-level divergence between the student's and the teacher's next-token
     distributions (:func:`token_divergence`) on the positions of :func:`batch_token_mask`; the
-    teacher's signal may be dense (a live teacher) or top-k (a teacher cache)."""
+    teacher's signal may be dense (a live teacher) or top-k (a teacher cache). With a view whose
+    logits are deferred (a hidden state and the LM head) and a dense teacher, the head is fused
+    with the divergence (:func:`~potstill.losses.llm.fused_linear_divergence`): the student's
+    full logits and their gradient are never built; the value and gradients are the same."""
 
     def fn(view: StudentView, signal: Signal | None, batch: Mapping[str, Any]) -> Tensor:
+        target = teacher_target(signal, name or kind)
+        if view.deferred and not isinstance(target, TopK):
+            # the student's output layer fused with the divergence: logits one chunk at a time
+            assert view.head is not None and view.hidden is not None
+            weight, bias = view.head.weight, view.head.bias
+            v = min(weight.shape[0], target.shape[-1])  # the shared vocabulary
+            if v < weight.shape[0]:  # (a slice's gradient is a full-size copy: only if needed)
+                weight, bias = weight[:v], None if bias is None else bias[:v]
+            return fused_linear_divergence(
+                view.hidden,
+                weight,
+                target[..., :v],
+                kind,
+                bias=bias,
+                temperature=temperature,
+                beta=beta,
+                skew=skew,
+                mask=batch_token_mask(batch),
+                chunk_size=chunk_size,
+            )
         return token_divergence(
             view.logits,
-            teacher_target(signal, name or kind),
+            target,
             batch_token_mask(batch),
             kind,
             temperature=temperature,

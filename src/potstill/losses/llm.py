@@ -38,9 +38,11 @@ gets ``None``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,10 +67,45 @@ __all__ = [
     "chunked_divergence",
     "default_chunk_size",
     "fused_linear_divergence",
+    "single_backward",
     "sparse_divergence",
 ]
 
 DEFAULT_CHUNK_ELEMENTS = 2**23
+
+_SINGLE_BACKWARD = threading.local()
+
+
+@contextlib.contextmanager
+def single_backward() -> Iterator[None]:
+    """Losses built inside hold nothing for a second backward pass: the chunked and fused
+    divergences keep their inputs (student and teacher logits) only so that a backward through
+    a retained graph can recompute their gradients. A training step that backpropagates once
+    (the :class:`~potstill.Distiller`'s) lets them go: for SmolLM2 at 4 × 512 tokens, about
+    400 MB per logits tensor. A second backward through such a loss raises RuntimeError."""
+    before = getattr(_SINGLE_BACKWARD, "on", False)
+    _SINGLE_BACKWARD.on = True
+    try:
+        yield
+    finally:
+        _SINGLE_BACKWARD.on = before
+
+
+def _save_inputs(ctx: Any, *tensors: Tensor | None) -> None:
+    """Save ``tensors`` for a second backward, unless inside :func:`single_backward`."""
+    ctx.single = getattr(_SINGLE_BACKWARD, "on", False)
+    if not ctx.single:
+        ctx.save_for_backward(*tensors)
+
+
+def _no_second_backward(ctx: Any) -> None:
+    if ctx.single:
+        raise RuntimeError(
+            "backward through a divergence built under single_backward() a second time: its "
+            "inputs were not kept; build the loss again (or outside single_backward())"
+        )
+
+
 """Logits per chunk (``chunk_size × V``) when ``chunk_size`` is not given: 32 MiB per float32
 chunk-sized buffer, whatever the vocabulary (170 positions at V = 49,152)."""
 
@@ -337,7 +374,7 @@ class _ChunkedMean(torch.autograd.Function):
             chunk_fn, student, targets, mask, denominator, chunk_size, dtype, need_grad=True
         )
         # the inputs, only for a second backward through a retained graph
-        ctx.save_for_backward(student, mask, *targets)
+        _save_inputs(ctx, student, mask, *targets)
         ctx.options = (denominator, chunk_fn, chunk_size, dtype)
         return value
 
@@ -347,6 +384,7 @@ class _ChunkedMean(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None  # hand the buffer over: no copy, no second reference
         denominator, chunk_fn, chunk_size, dtype = ctx.options
         if grad is None:  # second backward through a retained graph: compute it again
+            _no_second_backward(ctx)
             student, mask, *targets = ctx.saved_tensors
             _, grad = _chunked_mean(
                 chunk_fn, student, tuple(targets), mask, denominator, chunk_size, dtype, True
@@ -524,7 +562,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
         options = (denominator, chunk_fn, chunk_size, needs)
         value, ctx.grads = _fused_pass(hidden, weight, bias, teacher, mask, *options)
         # the inputs, only for a second backward through a retained graph
-        ctx.save_for_backward(hidden, weight, bias, teacher, mask)
+        _save_inputs(ctx, hidden, weight, bias, teacher, mask)
         ctx.options = options
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return value
@@ -534,6 +572,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         grads, ctx.grads = ctx.grads, None  # hand the buffers over
         if grads is None:  # second backward through a retained graph: compute them again
+            _no_second_backward(ctx)
             _, grads = _fused_pass(*ctx.saved_tensors, *ctx.options)
         scale = not _is_one(grad_output)
         grad_hidden, grad_weight, grad_bias = (
