@@ -40,6 +40,8 @@ skipped). Writes ``--out``/vs_trl.json, vs_trl.md and vs_trl.png.
     .venv/bin/python benchmarks/vs_trl.py --rounds 1 --steps 3   # quick look
     .venv/bin/python benchmarks/vs_trl.py --length 512 --methods potstill trl --rounds 1
         --steps 2 --warmup 1 --out /tmp/long     # longer rows: logit-sized memory matters
+    .venv/bin/python benchmarks/vs_trl.py --length 512 --methods potstill potstill-fused trl
+        --rounds 1 --steps 2 --warmup 1 --out /tmp/fused  # the fused LM head at long rows
     .venv/bin/python benchmarks/vs_trl.py --methods potstill potstill-compile --rounds 1
         --steps 6 --warmup 3 --out /tmp/compile  # torch.compile against eager
 """
@@ -60,9 +62,10 @@ import torch
 
 METHODS = (
     "potstill", "plain", "trl", "potstill-cached", "potstill-bf16", "potstill-amp", "trl-amp",
-    "potstill-compile",
+    "potstill-compile", "potstill-fused",
 )  # fmt: skip
-DEFAULT_METHODS = METHODS[:-1]  # torch.compile: on request (two minutes of compilation a run)
+# on request: torch.compile (minutes of compilation a run), the fused head (for long rows)
+DEFAULT_METHODS = METHODS[:-2]
 BATCH, LR = 4, 1e-5
 LENGTH = int(os.environ.get("VS_TRL_LENGTH", "64"))  # tokens per row (--length)
 
@@ -128,12 +131,13 @@ def lm_rows(input_ids: torch.Tensor):
 
 
 def run_potstill(
-    teacher, student, input_ids, steps: int, cache: Path | None, precision: str = "fp32"
-) -> list[float]:
+    teacher, student, input_ids, steps: int, cache: Path | None, precision: str = "fp32",
+    fused: bool = False,
+) -> list[float]:  # fmt: skip
     from potstill import Distiller
     from potstill.cache import CachedTeacher
     from potstill.config import TrainConfig
-    from potstill.llm.evaluate import causal_lm_forward
+    from potstill.llm.evaluate import causal_lm_forward, causal_lm_hidden_forward
     from potstill.losses.causal import token_term
     from potstill.losses.objective import Objective
     from potstill.teachers import LiveTeacher
@@ -151,8 +155,9 @@ def run_potstill(
     )  # fmt: skip
     times: list[float] = []
     Distiller(
-        student, Objective([token_term("fkl", chunk_size=1024)]), lm_rows(input_ids),
-        teacher=source, config=config, student_forward=causal_lm_forward,
+        student, Objective([token_term("fkl", chunk_size=256 if fused else 1024)]),
+        lm_rows(input_ids), teacher=source, config=config,
+        student_forward=causal_lm_hidden_forward if fused else causal_lm_forward,
         callbacks=[lambda step, row: times.append(time.perf_counter())],
     ).fit()  # fmt: skip
     return times
@@ -256,7 +261,8 @@ def worker(method: str, steps: int, warmup: int, cache: Path | None, out: Path) 
         times = run_trl(teacher, student, tok, input_ids, total, folder, bf16=method == "trl-amp")
     else:
         precision = "bf16" if method == "potstill-amp" else "fp32"
-        times = run_potstill(teacher, student, input_ids, total, cache, precision)
+        fused = method == "potstill-fused"
+        times = run_potstill(teacher, student, input_ids, total, cache, precision, fused)
     peak = peak_mb()
     seconds = (times[-1] - times[warmup - 1]) / steps
     out.write_text(json.dumps({
@@ -415,6 +421,7 @@ def markdown(r: dict) -> str:
         "potstill-amp": "potstill (bf16 mixed precision)",
         "trl-amp": "TRL GKDTrainer (its default: bf16 mixed precision)",
         "potstill-compile": "potstill (torch.compile, student and teacher)",
+        "potstill-fused": "potstill (fused LM head, chunks of 256)",
     }
     for m, x in med.items():
         rates = [y["tokens_per_s"] for y in r["runs"][m]]
