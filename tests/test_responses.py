@@ -6,6 +6,7 @@ answers to held-out prompts are scored by the teacher and by ROUGE-L against its
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +202,33 @@ def test_recipe_with_packing(llama_dir, tmp_path):
     assert results["data"]["packing"] and results["data"]["rows"] < results["data"]["train"] == 6
     with pytest.raises(ValidationError, match="drop data.packing or on_policy"):
         _recipe(llama_dir, data={"name": "instructions", "packing": True})
+
+
+def _first_fit_by_scan(lengths: list[int], width: int) -> list[list[int]]:
+    """The plain quadratic first fit, as a reference."""
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i, n in enumerate(lengths):
+        for r, total in enumerate(used):
+            if total + n <= width:
+                rows[r].append(i)
+                used[r] += n
+                break
+        else:
+            rows.append([i])
+            used.append(n)
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_first_fit_packs_exactly_as_the_plain_scan(seed):
+    from potstill.llm.data import first_fit
+
+    g = random.Random(seed)
+    width = g.choice([1, 7, 64, 128])
+    n = g.choice([0, 1, 5, 300, 2000])
+    lengths = [g.choice([1, width, g.randint(1, width), g.randint(1, max(1, width // 8))])
+               for _ in range(n)]  # fmt: skip
+    assert first_fit(lengths, width) == _first_fit_by_scan(lengths, width)
+    with pytest.raises(ValueError, match="does not fit"):
+        first_fit([width + 1], width)

@@ -46,6 +46,39 @@ def fortune_examples(
     ]
 
 
+def first_fit(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """First-fit bin packing in order: each item goes into the first row (in opening order) with
+    room for it, else opens a new row; returns the rows as lists of item indices.
+
+    A max segment tree over the rows' free room finds that row in O(log n) steps (the plain
+    scan over open rows is quadratic: minutes for 100k examples); the rows are the same.
+    """
+    size = 1
+    while size < max(len(lengths), 1):
+        size *= 2
+    room = [0] * (2 * size)  # leaves size.. : each row's free room; a row not yet opened: width
+    room[size : size + len(lengths)] = [width] * len(lengths)
+    for node in range(size - 1, 0, -1):
+        room[node] = max(room[2 * node], room[2 * node + 1])
+    rows: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if n > room[1]:
+            raise ValueError(f"item {i} of length {n} does not fit a row of {width}")
+        node = 1
+        while node < size:  # down to the leftmost row with room >= n
+            node = 2 * node if room[2 * node] >= n else 2 * node + 1
+        r = node - size
+        if r == len(rows):
+            rows.append([])
+        rows[r].append(i)
+        room[node] -= n
+        node //= 2
+        while node:
+            room[node] = max(room[2 * node], room[2 * node + 1])
+            node //= 2
+    return rows
+
+
 def pack_examples(data: TensorDictDataset, max_length: int | None = None) -> TensorDictDataset:
     """Short examples packed into rows of at most ``max_length`` tokens (default: the data's
     width), first fit in order, so batches carry far less padding.
@@ -60,17 +93,7 @@ def pack_examples(data: TensorDictDataset, max_length: int | None = None) -> Ten
     lengths = data.tensors["attention_mask"].sum(1).tolist()
     if max(lengths) > width:
         raise ValueError(f"an example has {max(lengths)} tokens, more than max_length={width}")
-    rows: list[list[int]] = []
-    used: list[int] = []
-    for i, n in enumerate(lengths):
-        for r, total in enumerate(used):
-            if total + n <= width:
-                rows[r].append(i)
-                used[r] += n
-                break
-        else:
-            rows.append([i])
-            used.append(n)
+    rows = first_fit(lengths, width)
     shape = (len(rows), width)
     out = {
         "input_ids": torch.zeros(shape, dtype=torch.long),
