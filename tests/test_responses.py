@@ -232,3 +232,28 @@ def test_first_fit_packs_exactly_as_the_plain_scan(seed):
     assert first_fit(lengths, width) == _first_fit_by_scan(lengths, width)
     with pytest.raises(ValueError, match="does not fit"):
         first_fit([width + 1], width)
+
+
+def test_teacher_row_reads_its_recorded_answers(run, llama_dir, tok, monkeypatch):
+    """The answers files keep the generated ids; the held-out teacher row uses them instead of
+    generating the teacher's greedy answers again, with the same figures."""
+    import potstill.llm.pipeline as P
+    from potstill.llm.evaluate import answer_tokens
+    from potstill.llm.pipeline import load_lm_teacher
+
+    run_dir, results = run
+    val = read_answers(run_dir / "answers" / "val.jsonl")
+    for r in val:
+        assert tok.decode(r["answer_ids"], skip_special_tokens=True).strip() == r["answer"]
+        assert len(r["answer_ids"]) == r["tokens"] + (r["finish"] == "stop")
+    # generated again now, the teacher's greedy answers are the recorded ids
+    teacher, _ = load_lm_teacher(_recipe(llama_dir))
+    _, _, heldout = P._prompt_datasets(_recipe(llama_dir), tok, teacher, run_dir)
+    again = answer_tokens(teacher, heldout["ids"], pad_token_id=P._pad_id(tok),
+                          eos_token_id=tok.eos_token_id, max_new_tokens=5)  # fmt: skip
+    assert heldout["teacher_answers"] == again
+    calls = []
+    monkeypatch.setattr(P, "answer_tokens", lambda *a, **k: calls.append(1) or again)
+    figures = P._answer_figures({"teacher": teacher}, teacher, tok, heldout, _recipe(llama_dir))
+    assert calls == []  # nothing generated for the teacher
+    assert figures["rows"]["teacher"] == results["answers"]["rows"]["teacher"]

@@ -211,6 +211,7 @@ def generate_answers(
 ) -> GenerationStats:
     """Answer ``prompts`` with ``model`` and append one JSON record per answer to ``out``:
     ``id``, ``prompt`` (or ``messages``), ``answer``, ``answer_index`` (0 … n−1), ``tokens``,
+    ``answer_ids`` (the generated token ids, with the end token when the model stopped),
     ``finish`` (``stop`` at EOS, ``length`` at the token limit), ``settings``, ``teacher`` (name
     and weight fingerprint).
 
@@ -276,6 +277,8 @@ def generate_answers(
                         answer=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                         answer_index=j,
                         tokens=len(tokens),
+                        # the generated ids, the end token kept when the model stopped
+                        answer_ids=new[: stop + 1] if stop is not None else list(new),
                         finish="stop" if stop is not None else "length",
                         **expected,
                     )

@@ -563,14 +563,18 @@ def _prompt_datasets(
     greedy = dataclasses.replace(sampled, temperature=0.0)
     folder = run_dir / "answers"
     by_split = {}
+    val_ids: list[list[int]] | None = None
     for split, prompts, settings in (("train", train_p, sampled), ("val", val_p, greedy)):
         out = folder / f"{split}.jsonl"
         with distributed.main_first():  # rank 0 answers; the others then find the answers done
             generate_answers(
                 teacher, tok, prompts, out, settings, teacher_name=recipe.teacher.model
             )
-        answers = {r["id"]: r["answer"] for r in read_answers(out)}
-        by_split[split] = [LMExample(p.text(), answers[p.id]) for p in prompts]
+        records = {r["id"]: r for r in read_answers(out)}
+        by_split[split] = [LMExample(p.text(), records[p.id]["answer"]) for p in prompts]
+        if split == "val":  # the teacher's greedy answers as ids (files from before: None)
+            ids = [records[p.id].get("answer_ids") for p in val_p]
+            val_ids = None if any(x is None for x in ids) else ids
     fmt = {"fmt": d.format, "system": d.system}
     train = tokenize_examples(by_split["train"], tok, d.max_length, **fmt)
     val = tokenize_examples(by_split["val"], tok, d.max_length, **fmt)
@@ -579,6 +583,7 @@ def _prompt_datasets(
         "ids": [encode_prompt(tok, p, greedy) for p in val_p],
         "references": [e.response for e in by_split["val"]],
         "max_new_tokens": a.max_new_tokens,
+        "teacher_answers": val_ids,
     }
     return train, val, heldout
 
@@ -592,14 +597,18 @@ def _answer_figures(
 ) -> dict[str, Any]:
     """Each model's greedy answers to the held-out prompts: the teacher's mean log-probability
     per answer token, ROUGE-L against the teacher's own greedy answers, mean length; and the
-    first answers for the report."""
+    first answers for the report. The teacher's own answers are those it gave when the
+    references were generated (read back as ids, not generated again)."""
     pad, eos = _pad_id(tok), tok.eos_token_id
     rows, shown = {}, {}
     for name, model in models.items():
-        answers = answer_tokens(
-            model, heldout["ids"], pad_token_id=pad, eos_token_id=eos,
-            max_new_tokens=heldout["max_new_tokens"], batch_size=recipe.eval_batch_size,
-        )  # fmt: skip
+        if model is teacher and heldout.get("teacher_answers") is not None:
+            answers = heldout["teacher_answers"]  # generated greedily with the references
+        else:
+            answers = answer_tokens(
+                model, heldout["ids"], pad_token_id=pad, eos_token_id=eos,
+                max_new_tokens=heldout["max_new_tokens"], batch_size=recipe.eval_batch_size,
+            )  # fmt: skip
         logp, count = teacher_log_likelihood(
             teacher, heldout["ids"], answers, pad_token_id=pad, batch_size=recipe.eval_batch_size
         )
