@@ -778,3 +778,28 @@ def test_single_backward_keeps_no_inputs_and_refuses_a_second_backward(which):
     with pytest.raises(RuntimeError, match="single_backward"):
         value.backward()
     assert build().grad_fn.saved_tensors != ()  # outside, the inputs are kept as before
+
+
+def test_fused_under_autocast_matches_linear_then_divergence():
+    """Under torch.autocast (bf16) the fused head multiplies in bf16 like F.linear would; value
+    and gradients match the unfused graph's to bf16 precision and come back in float32."""
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(12, 8, generator=g).requires_grad_()
+    weight = (0.5 * torch.randn(20, 8, generator=g)).requires_grad_()
+    teacher = torch.randn(12, 20, generator=g)
+
+    def run(fused: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                value = fused_linear_divergence(hidden, weight, teacher, "fkl", chunk_size=5)
+            else:
+                logits = torch.nn.functional.linear(hidden, weight)
+                assert logits.dtype == torch.bfloat16
+                value = chunked_divergence(logits, teacher, "fkl", chunk_size=5)
+        return value, torch.autograd.grad(value, (hidden, weight))
+
+    (a, (ha, wa)), (b, (hb, wb)) = run(True), run(False)
+    assert ha.dtype == wa.dtype == torch.float32
+    torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(ha, hb.float(), rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(wa, wb.float(), rtol=2e-2, atol=2e-3)

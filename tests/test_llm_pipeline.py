@@ -814,3 +814,33 @@ def test_fused_head_recipe(llama_dir, small_fortunes, tmp_path):
         runs[fused] = run_lm_recipe(recipe, tmp_path / str(fused))
     a, b = (runs[f]["rows"]["fkl"]["perplexity"] for f in (False, True))
     assert b == pytest.approx(a, rel=1e-5)
+
+
+def test_fused_head_under_bf16_mixed_precision(tok):
+    """train.precision: bf16 with the fused head: the chunks' products run in bf16 like the
+    full logits would; the logged losses stay within bf16 rounding of the unfused run's."""
+    from potstill import Distiller
+    from potstill.config import TrainConfig
+    from potstill.llm.evaluate import causal_lm_hidden_forward
+    from potstill.losses.causal import token_term
+    from potstill.losses.objective import Objective
+    from potstill.teachers import LiveTeacher
+
+    data = val_dataset(tok, n=4)
+    teacher = tiny_llama(len(tok), seed=3)
+
+    def run(forward) -> list[float]:
+        cfg = TrainConfig(max_steps=3, batch_size=2, precision="bf16", log_every=1,
+                          optimizer={"name": "sgd", "lr": 0.5}, progress=False,
+                          tensorboard=False)  # fmt: skip
+        fit = Distiller(
+            tiny_llama(len(tok), seed=0).train(), Objective([token_term("fkl", chunk_size=5)]),
+            data, teacher=LiveTeacher(teacher, forward=causal_lm_forward), config=cfg,
+            student_forward=forward,
+        ).fit()  # fmt: skip
+        assert fit.student.lm_head.weight.dtype == torch.float32
+        return [r["fkl"] for r in fit.history]
+
+    full, fused = run(causal_lm_forward), run(causal_lm_hidden_forward)
+    assert all(math.isfinite(v) for v in fused)
+    assert fused == pytest.approx(full, rel=0.02)
