@@ -504,37 +504,6 @@ def _fused_pass(
     not once per chunk), as ``F.linear`` and its backward would; the gradients come back in
     the inputs' own dtypes.
     """
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        low = torch.get_autocast_dtype(device)
-        with torch.autocast(device, enabled=False):
-            value, grads = _fused_chunks(
-                hidden, weight.to(low), None if bias is None else bias.to(low), teacher, mask,
-                denominator, chunk_fn, chunk_size, needs, low,
-            )  # fmt: skip
-        grad_hidden, grad_weight, grad_bias = grads
-        if grad_weight is not None:  # accumulated in float32 already
-            grad_weight = grad_weight.to(torch.promote_types(weight.dtype, torch.float32))
-        return value, (grad_hidden, grad_weight, grad_bias)
-    return _fused_chunks(
-        hidden, weight, bias, teacher, mask, denominator, chunk_fn, chunk_size, needs, None
-    )
-
-
-def _fused_chunks(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    teacher: Tensor,
-    mask: Tensor | None,
-    denominator: int | Tensor,
-    chunk_fn: ChunkFn,
-    chunk_size: int,
-    needs: tuple[bool, bool, bool],
-    product_dtype: torch.dtype | None,
-) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
-    """:func:`_fused_pass` outside autocast: products in ``product_dtype`` (the hidden rows are
-    cast to it; None: the inputs' dtype)."""
     need_hidden, need_weight, need_bias = needs
     need_bias = need_bias and bias is not None
     need_logits = need_hidden or need_weight or need_bias
@@ -544,32 +513,37 @@ def _fused_chunks(
     grad_bias = torch.zeros_like(bias, dtype=acc_dtype) if need_bias else None
     total = hidden.new_zeros((), dtype=_compute_dtype(hidden, weight, teacher))
     scale = _mean_scale(denominator, total.dtype)
-    for start in range(0, hidden.shape[0], chunk_size):
-        rows = slice(start, start + chunk_size)
-        chunk_mask = None if mask is None else mask[rows]
-        h = hidden[rows] if product_dtype is None else hidden[rows].to(product_dtype)
-        logits = F.linear(h, weight, bias)
-        # the gradient w.r.t. this chunk's logits, in their dtype as autograd would give it
-        grad_logits = torch.empty_like(logits) if need_logits else None
-        values = chunk_fn(logits, teacher[rows], grad_logits, scale)
-        del logits
-        total = total + _chunk_total(values, chunk_mask)
-        if grad_logits is None:
-            continue
-        _zero_unmasked(grad_logits, chunk_mask)
-        # the linear layer's backward: three matmuls
-        if grad_hidden is not None:
-            if grad_hidden.dtype == grad_logits.dtype:
-                torch.matmul(grad_logits, weight, out=grad_hidden[rows])
-            else:  # products in a lower precision (autocast)
-                grad_hidden[rows] = grad_logits @ weight
-        if grad_weight is not None:
-            if grad_logits.dtype == acc_dtype:  # no (V, H) temporary
-                grad_weight.addmm_(grad_logits.T, h)
-            else:
-                grad_weight += (grad_logits.T @ h).to(acc_dtype)
-        if grad_bias is not None:
-            grad_bias += grad_logits.sum(dim=0).to(acc_dtype)
+    device = hidden.device.type
+    low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if low is not None:  # products in the autocast dtype: the weight cast once, not per chunk
+        weight, bias = weight.to(low), None if bias is None else bias.to(low)
+    with torch.autocast(device, enabled=False) if low else contextlib.nullcontext():
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            chunk_mask = None if mask is None else mask[rows]
+            h = hidden[rows] if low is None else hidden[rows].to(low)
+            logits = F.linear(h, weight, bias)
+            # the gradient w.r.t. this chunk's logits, in their dtype as autograd would give it
+            grad_logits = torch.empty_like(logits) if need_logits else None
+            values = chunk_fn(logits, teacher[rows], grad_logits, scale)
+            del logits
+            total = total + _chunk_total(values, chunk_mask)
+            if grad_logits is None:
+                continue
+            _zero_unmasked(grad_logits, chunk_mask)
+            # the linear layer's backward: three matmuls
+            if grad_hidden is not None:
+                if grad_hidden.dtype == grad_logits.dtype:
+                    torch.matmul(grad_logits, weight, out=grad_hidden[rows])
+                else:  # products in a lower precision (autocast)
+                    grad_hidden[rows] = grad_logits @ weight
+            if grad_weight is not None:
+                if grad_logits.dtype == acc_dtype:  # no (V, H) temporary
+                    grad_weight.addmm_(grad_logits.T, h)
+                else:
+                    grad_weight += (grad_logits.T @ h).to(acc_dtype)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(dim=0).to(acc_dtype)
     return total / denominator, (grad_hidden, grad_weight, grad_bias)
 
 
