@@ -844,3 +844,16 @@ def test_fused_head_under_bf16_mixed_precision(tok):
     full, fused = run(causal_lm_forward), run(causal_lm_hidden_forward)
     assert all(math.isfinite(v) for v in fused)
     assert fused == pytest.approx(full, rel=0.02)
+
+
+def test_fused_head_is_refused_under_torchrun_before_anything_runs(
+    llama_dir, small_fortunes, tmp_path, monkeypatch
+):
+    import potstill.distributed as D
+
+    monkeypatch.setattr(D, "setup", lambda: (0, 2))  # as if launched by torchrun, 2 processes
+    recipe = small_recipe(llama_dir, small_fortunes, variants={"fkl": [{"kind": "fkl"}]},
+                          fused_head=True)  # fmt: skip
+    with pytest.raises(ValueError, match="fused_head: false for a distributed run"):
+        run_lm_recipe(recipe, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made

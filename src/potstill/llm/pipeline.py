@@ -50,6 +50,7 @@ from .evaluate import (
     causal_lm_forward,
     causal_lm_hidden_forward,
     forward_tokens_per_s,
+    fused_head_problem,
     generate,
     lm_figures,
     rouge_l,
@@ -325,11 +326,18 @@ def run_lm_recipe(
     ``overwrite``.
     """
     run_dir = Path(run_dir)
+    if recipe.fused_head and distributed.world_size() > 1:
+        raise ValueError(
+            "fused_head: true runs the student's base model without its head, which DDP "
+            "(torchrun) cannot synchronise; set fused_head: false for a distributed run"
+        )
     _check_run_dir(run_dir, recipe, resume, overwrite)
     _start_run_dir(run_dir, recipe)
     t_start = time.perf_counter()
     teacher, tok = load_lm_teacher(recipe)
     init, base, s_name = initial_student(recipe, teacher, tok)
+    if recipe.fused_head and (problem := fused_head_problem(init)) is not None:
+        raise ValueError(f"fused_head: {problem}; set fused_head: false")
     vocab = shared_vocab_size(teacher, init, len(tok))  # raises when the vocabularies differ
 
     d = recipe.data
