@@ -110,13 +110,10 @@ def main() -> None:
 
 
 def median_ms(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[repeats // 2] * 1000
+    """Median of ``repeats`` timed calls after one warm-up, milliseconds."""
+    from potstill.evaluate import median_seconds
+
+    return median_seconds(fn, repeats) * 1000
 
 
 def parts() -> None:

@@ -674,12 +674,12 @@ class Distiller:
             )
         if self.fsdp:
             from safetensors.torch import load_file
-
-            self._plain_step = -1  # the weights change without a step
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 set_model_state_dict,
             )
+
+            self._plain_step = -1  # the weights change without a step
 
             full = load_file(str(folder / "student.safetensors"))
             set_model_state_dict(self.student, full, options=StateDictOptions(full_state_dict=True))

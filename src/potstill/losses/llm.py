@@ -72,6 +72,8 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_ELEMENTS = 2**23
+"""Logits per chunk (``chunk_size × V``) when ``chunk_size`` is not given: 32 MiB per float32
+chunk-sized buffer, whatever the vocabulary (170 positions at V = 49,152)."""
 
 _SINGLE_BACKWARD = threading.local()
 
@@ -104,10 +106,6 @@ def _no_second_backward(ctx: Any) -> None:
             "backward through a divergence built under single_backward() a second time: its "
             "inputs were not kept; build the loss again (or outside single_backward())"
         )
-
-
-"""Logits per chunk (``chunk_size × V``) when ``chunk_size`` is not given: 32 MiB per float32
-chunk-sized buffer, whatever the vocabulary (170 positions at V = 49,152)."""
 
 
 def default_chunk_size(vocab: int) -> int:
