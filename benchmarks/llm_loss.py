@@ -5,11 +5,11 @@ Four methods, forward + backward of a mean divergence over N positions and a V-t
 * ``straightforward``: ``potstill.losses.divergences.divergence(student_logits, teacher_logits,
   kind)``, plain autograd over the full ``(N, V)`` tensors (every float32 intermediate and its
   gradient materialised). This is the fair baseline: the same formulas, unchunked.
-* ``chunked``: :func:`potstill.losses.llm.chunked_divergence` on the same two ``(N, V)`` inputs.
+* ``chunked``: :func:`potstill.losses.chunked.chunked_divergence` on the same two ``(N, V)`` inputs.
 * ``linear+straightforward``: ``divergence(F.linear(hidden, weight), teacher_logits, kind)``,
   the straightforward counterpart of the fused form: its inputs are the student's last hidden
   states ``(N, H)`` and output weight ``(V, H)``.
-* ``fused``: :func:`potstill.losses.llm.fused_linear_divergence` on those inputs.
+* ``fused``: :func:`potstill.losses.fused.fused_linear_divergence` on those inputs.
 
 Memory: each method runs once in each of ``--mem-runs`` fresh subprocesses (``ru_maxrss`` is a
 process-lifetime high-water mark); the figure is the peak resident memory during forward +
@@ -31,7 +31,7 @@ one over the straightforward peak in ``N × V`` units (the printed ``× N×V`` c
 and rkl, about 1/12 for jsd, skl and srkl, but 1/5 for tvd and 1/4 for mse, whose
 straightforward graphs are small; for mse no method that returns the gradient can meet the
 memory goal, and tvd sits at about 0.25 with the default chunk. ``chunk_size`` is potstill's
-default, :func:`potstill.losses.llm.default_chunk_size` (170 positions at V = 49,152), unless
+default, :func:`potstill.losses.chunked.default_chunk_size` (170 positions at V = 49,152), unless
 ``--chunk`` is given.
 
     .venv/bin/python benchmarks/llm_loss.py                     # fkl, N=2048, V=49152, H=576
@@ -84,8 +84,9 @@ def _step(method: str, inputs: dict, args: argparse.Namespace, kind: str):
     """One forward + backward; returns the loss. Gradients are left in the leaves' ``.grad``."""
     import torch.nn.functional as F
 
+    from potstill.losses.chunked import chunked_divergence
     from potstill.losses.divergences import divergence
-    from potstill.losses.llm import chunked_divergence, fused_linear_divergence
+    from potstill.losses.fused import fused_linear_divergence
 
     chunk = {} if args.chunk is None else {"chunk_size": args.chunk}
     teacher = inputs["teacher"]
@@ -139,7 +140,8 @@ def measure_time(args: argparse.Namespace, kind: str) -> dict:
 def _child(args: argparse.Namespace) -> None:
     import torch
 
-    import potstill.losses.llm  # noqa: F401  (imported before the memory baseline)
+    import potstill.losses.chunked  # noqa: F401
+    import potstill.losses.fused  # noqa: F401  (imported before the memory baseline)
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -233,7 +235,7 @@ def main() -> None:
         _child(args)
         return
 
-    from potstill.losses.llm import default_chunk_size
+    from potstill.losses.chunked import default_chunk_size
 
     chunk = default_chunk_size(args.vocab) if args.chunk is None else args.chunk
     nv_mib = args.n * args.vocab * 4 / 2**20

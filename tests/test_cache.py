@@ -38,7 +38,7 @@ from potstill.data import TensorDictDataset
 from potstill.llm.data import fortune_examples, tokenize_examples
 from potstill.llm.evaluate import causal_lm_forward
 from potstill.losses.causal import batch_token_mask, token_divergence
-from potstill.losses.llm import TopK
+from potstill.signal import TopK
 from potstill.teachers import LiveTeacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""Tests for the skew KL kinds and potstill.losses.llm: chunked, fused and sparse divergences."""
+"""Tests for the skew KL kinds and the chunked, fused and sparse divergences (potstill.losses)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import torch.nn.functional as F
 from conftest import randn as _randn
 from conftest import random_mask as _random_mask
 
-from potstill.losses import llm
+from potstill.losses import chunked, closed_form
+from potstill.losses.chunked import chunked_divergence
 from potstill.losses.divergences import SKEW_DIVERGENCES, divergence
-from potstill.losses.llm import TopK, chunked_divergence, fused_linear_divergence, sparse_divergence
+from potstill.losses.fused import fused_linear_divergence
+from potstill.losses.sparse import sparse_divergence
+from potstill.signal import TopK
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -423,13 +426,13 @@ def test_chunked_no_positions_gives_zero():
 def _count_chunk_calls(monkeypatch) -> list[int]:
     """Count the calls of the dense per-chunk function (forward passes over a chunk)."""
     calls = []
-    original = llm._dense_chunk
+    original = closed_form.dense_chunk
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(llm, "_dense_chunk", counting)
+    monkeypatch.setattr(closed_form, "dense_chunk", counting)
     return calls
 
 
@@ -448,14 +451,14 @@ def test_chunked_backward_recomputes_nothing(monkeypatch):
 @pytest.mark.parametrize("scale", [1.0, 0.3])
 def test_chunked_backward_hands_over_the_gradient_without_a_copy(monkeypatch, scale):
     buffers = []
-    original = llm._chunked_mean
+    original = chunked._chunked_mean
 
     def recording(*args, **kwargs):
         value, grad = original(*args, **kwargs)
         buffers.append(grad)
         return value, grad
 
-    monkeypatch.setattr(llm, "_chunked_mean", recording)
+    monkeypatch.setattr(chunked, "_chunked_mean", recording)
     student = _randn(6, 9, seed=75).requires_grad_()
     (scale * chunked_divergence(student, _randn(6, 9, seed=76), "fkl", chunk_size=4)).backward()
     assert student.grad.data_ptr() == buffers[0].data_ptr()
@@ -469,14 +472,14 @@ def test_chunked_under_no_grad_gives_the_value_only(monkeypatch, kind):
     opts = {"temperature": 1.3, "beta": 0.3, "skew": 0.2, "mask": mask}
     want = divergence(student, teacher, kind, **opts).detach()
     computed_grads = []
-    original = llm._chunked_mean
+    original = chunked._chunked_mean
 
     def recording(*args, **kwargs):
         value, grad = original(*args, **kwargs)
         computed_grads.append(grad)
         return value, grad
 
-    monkeypatch.setattr(llm, "_chunked_mean", recording)
+    monkeypatch.setattr(chunked, "_chunked_mean", recording)
     with torch.no_grad():
         got = chunked_divergence(student, teacher, kind, chunk_size=3, **opts)
     assert not got.requires_grad and got.grad_fn is None
@@ -733,10 +736,10 @@ def test_sparse_chunked_half_precision_and_no_teacher_gradient():
 
 
 def test_default_chunk_size_holds_a_fixed_number_of_logits(monkeypatch):
-    assert llm.default_chunk_size(49152) == llm.DEFAULT_CHUNK_ELEMENTS // 49152 == 170
-    assert llm.default_chunk_size(2**30) == 1
+    assert chunked.default_chunk_size(49152) == chunked.DEFAULT_CHUNK_ELEMENTS // 49152 == 170
+    assert chunked.default_chunk_size(2**30) == 1
     # the default in use: 24 logits per chunk, so 2 rows of 11 per chunk, 4 chunks for 7 rows
-    monkeypatch.setattr(llm, "DEFAULT_CHUNK_ELEMENTS", 24)
+    monkeypatch.setattr(chunked, "DEFAULT_CHUNK_ELEMENTS", 24)
     calls = _count_chunk_calls(monkeypatch)
     student, teacher = _randn(7, 11, seed=115), _randn(7, 11, seed=116)
     want, want_grad = _value_and_grad(lambda s: divergence(s, teacher, "rkl"), student)
@@ -753,7 +756,7 @@ def test_default_chunk_size_holds_a_fixed_number_of_logits(monkeypatch):
 def test_single_backward_keeps_no_inputs_and_refuses_a_second_backward(which):
     """Inside single_backward() the chunked, fused and sparse losses save nothing for a second
     backward (their logits can be freed after forward); the one backward is unchanged."""
-    from potstill.losses.llm import single_backward
+    from potstill.losses.chunked import single_backward
 
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(6, 4, generator=g).requires_grad_()

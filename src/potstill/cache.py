@@ -50,11 +50,11 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from . import __version__, distributed
+from . import distributed
+from ._version import __version__
 from .data import TensorDictDataset, fingerprint, make_batch
 from .io import atomic_create_text, atomic_save_safetensors, atomic_write_text, sha256_file
-from .losses.llm import TopK
-from .signal import Signal
+from .signal import Signal, TopK
 from .taps import TapsLike
 from .teachers import Batch, ForwardFn, LiveTeacher, default_forward, freeze, model_fingerprint
 

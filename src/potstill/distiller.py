@@ -27,7 +27,7 @@ from . import distributed
 from .config import TrainConfig
 from .data import epoch_order, make_batch
 from .io import atomic_save_module, atomic_torch_save, atomic_write_text, sha256_file
-from .losses.llm import single_backward
+from .losses.chunked import single_backward
 from .losses.objective import Objective
 from .signal import StudentView
 from .taps import Taps, TapsLike, tapped_forward

@@ -17,7 +17,7 @@ import torch
 import yaml
 from pydantic import Field, model_validator
 
-from . import __version__
+from ._version import __version__
 from .assets import resolve
 from .config import TrainConfig
 from .data import TensorDictDataset, make_batch

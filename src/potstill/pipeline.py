@@ -21,7 +21,8 @@ from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from . import __version__, distributed
+from . import distributed
+from ._version import __version__
 from .cache import CachedTeacher, cached_or_live
 from .config import TrainConfig
 from .data import Splits, hide_labels, labelled_only, load_splits

@@ -1,18 +1,74 @@
 """The one currency between teachers and losses.
 
-A teacher (live or cached) turns a batch into a :class:`Signal`; the student's forward pass gives a
+A teacher (live or cached) turns a batch into a :class:`Signal`, dense (logits) or sparse
+(:class:`TopK`: the k most likely tokens and the tail mass); the student's forward pass gives a
 :class:`StudentView`. Loss terms read from both, so every term works with every teacher source.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
-if TYPE_CHECKING:
-    from .losses.llm import TopK
+
+@dataclass
+class TopK:
+    """A sparse summary of a teacher's next-token distribution at each position.
+
+    ``ids`` ``(..., k)`` are the teacher's top-k token ids, ``logprobs`` ``(..., k)`` their
+    log-probabilities under the stored distribution (normally temperature 1), and
+    ``tail_mass`` ``(...)`` the probability left to all other tokens, ``1 − Σ exp(logprobs)``
+    clamped at 0. This is what one stores to distil from precomputed teacher outputs without
+    keeping ``V`` floats per token.
+    """
+
+    ids: Tensor
+    logprobs: Tensor
+    tail_mass: Tensor
+
+    def __post_init__(self) -> None:
+        if self.ids.shape != self.logprobs.shape or self.ids.dim() < 1:
+            raise ValueError(
+                f"ids and logprobs must share a shape (..., k), got ids {tuple(self.ids.shape)} "
+                f"and logprobs {tuple(self.logprobs.shape)}"
+            )
+        if self.tail_mass.shape != self.ids.shape[:-1]:
+            raise ValueError(
+                f"tail_mass shape {tuple(self.tail_mass.shape)} must equal the leading dims "
+                f"{tuple(self.ids.shape[:-1])} of ids"
+            )
+
+    @property
+    def k(self) -> int:
+        """Number of stored tokens per position."""
+        return self.ids.shape[-1]
+
+    @classmethod
+    def from_logits(cls, teacher_logits: Tensor, k: int, temperature: float = 1.0) -> TopK:
+        """Top-k summary of ``softmax(teacher_logits / temperature)``, detached.
+
+        ``temperature`` is the one the stored distribution is taken at (1 for the teacher's own
+        distribution); :func:`sparse_divergence` re-tempers the stored buckets on top of it.
+        Log-probabilities are kept in at least float32.
+        """
+        vocab = teacher_logits.shape[-1]
+        if not 1 <= k <= vocab:
+            raise ValueError(f"k must lie in [1, V={vocab}], got {k}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        logits = teacher_logits.detach().to(
+            torch.promote_types(teacher_logits.dtype, torch.float32)
+        )
+        logprobs, ids = F.log_softmax(logits / temperature, dim=-1).topk(k, dim=-1)
+        tail_mass = (1.0 - logprobs.exp().sum(dim=-1)).clamp_min(0.0)
+        if k == vocab:
+            # nothing is left outside the top-k; 1 − Σ would only keep rounding error, which
+            # against the student's exactly-empty tail gives a huge spurious KL term
+            tail_mass = torch.zeros_like(tail_mass)
+        return cls(ids=ids, logprobs=logprobs, tail_mass=tail_mass)
 
 
 @dataclass

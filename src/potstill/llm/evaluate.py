@@ -62,7 +62,7 @@ def causal_lm_hidden_forward(model: nn.Module, batch: Mapping[str, Any]) -> Stud
     """The student's forward for training with a fused output layer: the base model's last
     hidden state ``(B, T, H)`` and the LM head, as a :class:`~potstill.signal.StudentView` whose
     logits are deferred. Token terms then compute their divergence chunk by chunk through the
-    head (:func:`~potstill.losses.llm.fused_linear_divergence`): neither the student's
+    head (:func:`~potstill.losses.fused.fused_linear_divergence`): neither the student's
     ``(B, T, V)`` logits nor their gradient ever exist whole. Any other term that reads
     ``view.logits`` builds them. Refused (:func:`fused_head_problem`) for heads with logit
     scaling or soft-capping and under DDP."""

@@ -21,7 +21,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from .. import __version__, distributed
+from .. import distributed
+from .._version import __version__
 from ..assets import resolve
 from ..cache import CachedTeacher, CacheStatus, Encoding, cache_status, write_cache
 from ..config import TrainConfig

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .divergences import _compute_dtype
+from .divergences import compute_dtype
 
 __all__ = ["attention_kl", "attention_mse", "attention_transfer", "minilm_relation_loss"]
 
@@ -56,7 +56,7 @@ def attention_mse(student_attn: Tensor, teacher_attn: Tensor, mask: Tensor | Non
     with no true entry gives exactly 0 (not NaN) with the graph attached.
     """
     _check_attention(student_attn, teacher_attn, mask)
-    dtype = _compute_dtype(student_attn, teacher_attn)
+    dtype = compute_dtype(student_attn, teacher_attn)
     sq = (student_attn.to(dtype) - teacher_attn.to(dtype)).square()
     if mask is None:
         return sq.mean() if sq.numel() else sq.sum()
@@ -83,7 +83,7 @@ def attention_kl(
     _check_attention(student_attn, teacher_attn, mask)
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    dtype = _compute_dtype(student_attn, teacher_attn)
+    dtype = compute_dtype(student_attn, teacher_attn)
     s = student_attn.to(dtype)
     t = teacher_attn.to(dtype)
     per_row = (t * (t.clamp_min(eps).log() - s.clamp_min(eps).log())).sum(dim=-1)  # (B, H, T)
@@ -179,7 +179,7 @@ def minilm_relation_loss(
     if mask is not None:
         _check_mask(mask, batch, length, f"q/k/v of shape (B, T) = {(batch, length)}")
 
-    dtype = _compute_dtype(*named.values())
+    dtype = compute_dtype(*named.values())
     total = s_q.new_zeros((), dtype=dtype)
     for s_x, t_x in ((s_q, t_q), (s_k, t_k), (s_v, t_v)):
         log_s = _relation_log_probs(s_x, num_relation_heads, mask, dtype)
@@ -224,7 +224,7 @@ def attention_transfer(student_fmap: Tensor, teacher_fmap: Tensor, *, p: float =
         )
     if not p > 0:
         raise ValueError(f"p must be positive, got {p}")
-    dtype = _compute_dtype(student_fmap, teacher_fmap)
+    dtype = compute_dtype(student_fmap, teacher_fmap)
     s_map = _attention_map(student_fmap, p, dtype)
     t_map = _attention_map(teacher_fmap, p, dtype)
     if s_map.shape[-2:] != t_map.shape[-2:]:

@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..signal import Signal, StudentView
+from ..signal import Signal, StudentView, TopK
+from .chunked import chunked_divergence
 from .divergences import divergence
-from .llm import TopK, chunked_divergence, fused_linear_divergence, sparse_divergence
+from .fused import fused_linear_divergence
 from .objective import Term, teacher_target
+from .sparse import sparse_divergence
 
 log = logging.getLogger("potstill")
 
@@ -74,7 +76,7 @@ def token_divergence(
     """A divergence between student and teacher next-token distributions, averaged over the
     positions where ``mask`` (from :func:`next_token_mask`) is true; the vocabularies are cut to
     their shared part. ``chunk_size`` bounds memory (see ``chunked_divergence``). The teacher
-    may be dense logits or a :class:`~potstill.losses.llm.TopK` (a teacher cache's form: then
+    may be dense logits or a :class:`~potstill.signal.TopK` (a teacher cache's form: then
     ``sparse_divergence`` on k+1 buckets)."""
     opts: dict[str, Any] = {"temperature": temperature, "beta": beta, "skew": skew, "mask": mask}
     if isinstance(teacher_logits, TopK):
@@ -146,7 +148,7 @@ def token_term(
     distributions (:func:`token_divergence`) on the positions of :func:`batch_token_mask`; the
     teacher's signal may be dense (a live teacher) or top-k (a teacher cache). With a view whose
     logits are deferred (a hidden state and the LM head) and a dense teacher, the head is fused
-    with the divergence (:func:`~potstill.losses.llm.fused_linear_divergence`): the student's
+    with the divergence (:func:`~potstill.losses.fused.fused_linear_divergence`): the student's
     full logits and their gradient are never built; the value and gradients are the same."""
 
     def fn(view: StudentView, signal: Signal | None, batch: Mapping[str, Any]) -> Tensor:

@@ -77,7 +77,7 @@ DIVERGENCES: dict[str, Callable[..., Tensor]] = {
 """Kind → per-position function ``(student, teacher, **opts) -> Tensor`` of shape ``(...)``.
 
 Each function sums over the last (vocabulary) dim. Inputs are log-probabilities, except for the
-kinds in ``_ON_LOGITS`` ("mse"), which receive the temperature-scaled logits.
+kinds in ``ON_LOGITS`` ("mse"), which receive the temperature-scaled logits.
 """
 
 
@@ -96,7 +96,7 @@ def _log_mixture(log_a: Tensor, log_b: Tensor, weight: float) -> Tensor:
     )
 
 
-def _check_skew(skew: float) -> None:
+def check_skew(skew: float) -> None:
     if not 0.0 <= skew <= 1.0:
         raise ValueError(f"skew must lie in [0, 1], got {skew}")
 
@@ -110,7 +110,7 @@ def _skew_forward_kl(
     gradient from exploding where the student puts almost no mass. ``skew`` 0 gives "fkl",
     ``skew`` 1 gives 0.
     """
-    _check_skew(skew)
+    check_skew(skew)
     return _kl(log_p_teacher, _log_mixture(log_p_teacher, log_p_student, skew))
 
 
@@ -121,7 +121,7 @@ def _skew_reverse_kl(
 
     ``skew`` 0 gives "rkl", ``skew`` 1 gives 0.
     """
-    _check_skew(skew)
+    check_skew(skew)
     return _kl(log_p_student, _log_mixture(log_p_student, log_p_teacher, skew))
 
 
@@ -135,7 +135,7 @@ because they take the option ``skew``."""
 DIVERGENCES.update(SKEW_DIVERGENCES)
 
 
-def _divergence_fn(kind: str) -> Callable[..., Tensor]:
+def divergence_fn(kind: str) -> Callable[..., Tensor]:
     """The per-position function of ``kind``; ValueError listing every accepted kind otherwise."""
     if kind not in DIVERGENCES:
         raise ValueError(
@@ -145,10 +145,10 @@ def _divergence_fn(kind: str) -> Callable[..., Tensor]:
 
 
 # MSE compares logits, not distributions: it is not invariant to a per-row shift of the logits.
-_ON_LOGITS = frozenset({"mse"})
+ON_LOGITS = frozenset({"mse"})
 
 
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """Common dtype of ``tensors``, at least float32 so half-precision inputs keep accuracy."""
     dtype = tensors[0].dtype
     for t in tensors[1:]:
@@ -156,7 +156,7 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _check_logits(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> None:
+def check_logits(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> None:
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             "student and teacher logits must have the same shape, got "
@@ -168,7 +168,7 @@ def _check_logits(student_logits: Tensor, teacher_logits: Tensor, temperature: f
         raise ValueError(f"temperature must be positive, got {temperature}")
 
 
-def _check_mask(mask: Tensor | None, logits_shape: torch.Size) -> None:
+def check_mask(mask: Tensor | None, logits_shape: torch.Size) -> None:
     """Mask must be None or a bool tensor of the logits' leading shape (as in divergence)."""
     if mask is None:
         return
@@ -182,7 +182,7 @@ def _check_mask(mask: Tensor | None, logits_shape: torch.Size) -> None:
         raise ValueError(f"mask must be a bool tensor, got {mask.dtype}; use mask.bool()")
 
 
-def _per_position(
+def per_position(
     student_logits: Tensor,
     teacher_logits: Tensor,
     kind: str,
@@ -196,13 +196,13 @@ def _per_position(
     The body of :func:`divergence` without validation or reduction, for the chunked losses of
     :mod:`potstill.losses.llm`, which validate once and call this once per chunk.
     """
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
     student = student_logits.to(dtype) / temperature
     teacher = teacher_logits.to(dtype) / temperature
-    if kind not in _ON_LOGITS:
+    if kind not in ON_LOGITS:
         student = F.log_softmax(student, dim=-1)
         teacher = F.log_softmax(teacher, dim=-1)
-    return _divergence_fn(kind)(student, teacher, beta=beta, skew=skew)
+    return divergence_fn(kind)(student, teacher, beta=beta, skew=skew)
 
 
 def divergence(
@@ -234,19 +234,19 @@ def divergence(
     there. Half-precision inputs are computed and returned in float32. Logits must be finite
     (magnitudes like 1e4 are fine); ``-inf`` entries give NaN gradients for ``"jsd"``.
     """
-    _divergence_fn(kind)  # raises on an unknown kind, listing the accepted ones
-    _check_logits(student_logits, teacher_logits, temperature)
-    _check_mask(mask, student_logits.shape)
-    per_position = _per_position(
+    divergence_fn(kind)  # raises on an unknown kind, listing the accepted ones
+    check_logits(student_logits, teacher_logits, temperature)
+    check_mask(mask, student_logits.shape)
+    values = per_position(
         student_logits, teacher_logits, kind, temperature=temperature, beta=beta, skew=skew
     )
 
     if mask is None:
         # no positions at all gives 0 rather than the NaN of an empty mean
-        return per_position.mean() if per_position.numel() else per_position.sum()
+        return values.mean() if values.numel() else values.sum()
     # where + clamped count instead of boolean indexing: no host sync, and an empty mask gives
     # 0 / 1 = 0 with the graph still attached.
-    total = torch.where(mask, per_position, torch.zeros_like(per_position)).sum()
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
     return total / mask.sum().clamp_min(1)
 
 
@@ -292,7 +292,7 @@ def kd_loss(
             f"{tuple(student_logits.shape[:-1])}"
         )
     num_classes = student_logits.shape[-1]
-    logits = student_logits.reshape(-1, num_classes).to(_compute_dtype(student_logits))
+    logits = student_logits.reshape(-1, num_classes).to(compute_dtype(student_logits))
     flat_labels = labels.reshape(-1)
     ce_sum = F.cross_entropy(logits, flat_labels, ignore_index=ignore_index, reduction="sum")
     # reduction="mean" would divide by zero when every row is ignored.

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .divergences import _compute_dtype
+from .divergences import compute_dtype
 
 __all__ = [
     "FEATURE_KINDS",
@@ -88,7 +88,7 @@ def feature_distance(
     if not beta >= 0:
         raise ValueError(f"beta must be non-negative, got {beta}")
 
-    dtype = _compute_dtype(student, teacher)
+    dtype = compute_dtype(student, teacher)
     s = student.to(dtype)
     t = teacher.to(dtype)
     if normalize:

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..signal import Signal, StudentView
+from ..signal import Signal, StudentView, TopK
 from .divergences import divergence, soft_target_loss
-from .llm import TopK, sparse_divergence
+from .sparse import sparse_divergence
 
 TermFn = Callable[[StudentView, "Signal | None", Mapping[str, Any]], torch.Tensor]
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .divergences import _compute_dtype
+from .divergences import compute_dtype
 
 __all__ = ["pkt", "rkd_angle", "rkd_distance"]
 
@@ -42,7 +42,7 @@ def _flatten_pair(
             f"{what} needs a batch of at least {min_batch} samples, got {batch} "
             f"(student {tuple(student.shape)}, teacher {tuple(teacher.shape)})"
         )
-    dtype = _compute_dtype(student, teacher)
+    dtype = compute_dtype(student, teacher)
     return student.to(dtype).reshape(batch, -1), teacher.to(dtype).reshape(batch, -1)
 
 
