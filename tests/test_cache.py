@@ -26,7 +26,6 @@ from test_llm_pipeline import SYSTEM, tiny_llama
 from torch.utils.data import DataLoader
 
 from potstill.cache import (
-    Q8_STEP,
     CachedTeacher,
     CacheError,
     Encoding,
@@ -34,6 +33,7 @@ from potstill.cache import (
     parse_part,
     write_cache,
 )
+from potstill.cache.codec import Q8_STEP
 from potstill.data import TensorDictDataset
 from potstill.llm.data import fortune_examples, tokenize_examples
 from potstill.llm.evaluate import causal_lm_forward

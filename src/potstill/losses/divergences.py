@@ -193,8 +193,8 @@ def per_position(
 ) -> Tensor:
     """Per-position divergence ``(...)`` of logits ``(..., V)``, in the compute dtype.
 
-    The body of :func:`divergence` without validation or reduction, for the chunked losses of
-    :mod:`potstill.losses.llm`, which validate once and call this once per chunk.
+    The body of :func:`divergence` without validation or reduction, for the chunked losses
+    (:mod:`potstill.losses.closed_form`), which validate once and call this once per chunk.
     """
     dtype = compute_dtype(student_logits, teacher_logits)
     student = student_logits.to(dtype) / temperature
