@@ -14,12 +14,13 @@ import copy
 import torch
 
 from potstill import Distiller
-from potstill.data import hide_labels, labelled_only, load_splits
+from potstill.cache import CachedTeacher
+from potstill.data.images import load_splits
+from potstill.data.splits import hide_labels, labelled_only
 from potstill.evaluate import classification_eval
 from potstill.losses.objective import hinton_objective, labels_only_objective
 from potstill.models import build_model
 from potstill.recipe import load_recipe
-from potstill.teachers import CachedTeacher
 
 GRID = [(1.0, 0.5), (2.0, 0.5), (2.0, 0.9), (4.0, 0.5), (4.0, 0.7), (4.0, 0.9), (8.0, 0.9)]
 

@@ -15,12 +15,11 @@ import random
 
 from potstill.assets import resolve
 from potstill.config import OptimizerConfig, ScheduleConfig, TrainConfig
+from potstill.data.fortunes import load_fortunes
 from potstill.distiller import Distiller
 from potstill.embed import (
-    PrecomputedTeacher,
     embed,
     encoder_forward,
-    load_fortunes,
     neighbour_agreement,
     similarity_correlation,
     tokenize_pair,
@@ -29,6 +28,7 @@ from potstill.hf import load_model, load_tokenizer
 from potstill.losses.objective import Objective
 from potstill.recipe import TermSpec
 from potstill.students import derive
+from potstill.teachers import PrecomputedTeacher
 
 TEACHER, STUDENT = (
     "sentence-transformers/all-mpnet-base-v2",

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from potstill import Distiller, LiveTeacher, TrainConfig
 from potstill.config import OptimizerConfig, ScheduleConfig
-from potstill.data import load_fashion_mnist
+from potstill.data.images import load_fashion_mnist
 from potstill.losses.objective import hinton_objective
 from potstill.models import ArchSpec, build_model
 

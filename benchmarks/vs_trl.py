@@ -118,7 +118,7 @@ def setup(rows: int) -> tuple:
 
 def lm_rows(input_ids: torch.Tensor):
     """The rows as potstill's LM dataset: no prompt, every next token predicted."""
-    from potstill.data import TensorDictDataset
+    from potstill.data.tensors import TensorDictDataset
 
     n = len(input_ids)
     return TensorDictDataset(

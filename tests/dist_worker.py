@@ -16,7 +16,8 @@ from safetensors.torch import save_model
 
 from potstill import distributed
 from potstill.config import TrainConfig
-from potstill.data import hide_labels, load_splits
+from potstill.data.images import load_splits
+from potstill.data.splits import hide_labels
 from potstill.distiller import Distiller
 from potstill.losses.objective import hinton_objective
 from potstill.models import ArchSpec, build_model

@@ -11,20 +11,14 @@ import torch
 from conftest import FASHION_FILES, needs_fashion_mnist
 from torch.utils.data import Dataset, TensorDataset
 
-from potstill.data import (
+from potstill.data.images import (
     FASHION_MNIST_DIR,
-    IGNORE_INDEX,
-    DataError,
-    epoch_order,
-    fingerprint,
-    hide_labels,
-    iterate_batches,
-    labelled_only,
     load_digits_tensors,
     load_fashion_mnist,
     load_splits,
-    make_batch,
 )
+from potstill.data.splits import IGNORE_INDEX, DataError, hide_labels, labelled_only
+from potstill.data.tensors import epoch_order, fingerprint, iterate_batches, make_batch
 
 # ---- digits splits ---------------------------------------------------------------------------
 
@@ -245,7 +239,7 @@ def test_damaged_or_mismatched_idx_files(tmp_path):
 
 
 def test_split_off_rejects_bad_sizes(digits):
-    from potstill.data import split_off
+    from potstill.data.splits import split_off
 
     with pytest.raises(DataError, match="val_size"):
         split_off(digits.val, len(digits.val), seed=0)

@@ -17,7 +17,8 @@ from safetensors.torch import load_model
 from torch.utils.data import TensorDataset
 
 from potstill.config import OptimizerConfig, ScheduleConfig
-from potstill.data import IGNORE_INDEX, epoch_order, make_batch
+from potstill.data.splits import IGNORE_INDEX
+from potstill.data.tensors import epoch_order, make_batch
 from potstill.distiller import CheckpointError, Distiller
 from potstill.evaluate import classification_eval
 from potstill.losses import kd_loss, soft_target_loss

@@ -19,14 +19,12 @@ from transformers import AutoModel, BertConfig, BertModel
 
 from potstill import hf
 from potstill.config import TrainConfig
-from potstill.data import TensorDictDataset, fingerprint, make_batch
+from potstill.data.fortunes import FORTUNES_DIR, load_fortunes
+from potstill.data.tensors import TensorDictDataset, fingerprint, make_batch
 from potstill.embed import (
-    FORTUNES_DIR,
-    PrecomputedTeacher,
     embed,
     encoder_forward,
     linear_map_cosine,
-    load_fortunes,
     mean_pool,
     neighbour_agreement,
     similarity_correlation,
@@ -35,7 +33,7 @@ from potstill.embed import (
 from potstill.embed_pipeline import EmbedRecipe, run_embed_recipe
 from potstill.recipe import RecipeError, load_recipe
 from potstill.students import derive
-from potstill.teachers import LiveTeacher
+from potstill.teachers import LiveTeacher, PrecomputedTeacher
 
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 FORTUNES_AVAILABLE = FORTUNES_DIR.is_dir() and any(

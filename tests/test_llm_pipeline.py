@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from potstill.data import TensorDictDataset, make_batch
+from potstill.data.tensors import TensorDictDataset, make_batch
 from potstill.hf import TokenizerMismatch
 from potstill.llm.data import (
     LMExample,

@@ -19,7 +19,8 @@ from conftest import make_mlp, needs_fashion_mnist, quiet_config, state_equal
 import potstill
 from potstill.cache import CachedTeacher
 from potstill.config import OptimizerConfig, ScheduleConfig
-from potstill.data import DataError, hide_labels, labelled_only, load_splits
+from potstill.data.images import load_splits
+from potstill.data.splits import DataError, hide_labels, labelled_only
 from potstill.distiller import Distiller
 from potstill.evaluate import accuracy, agreement, predict_logits
 from potstill.losses.objective import hinton_objective, labels_only_objective

@@ -14,8 +14,8 @@ import pytest
 from pydantic import ValidationError
 from test_llm_pipeline import recipe_dict, save_llama
 
+from potstill.data.instructions import instructions
 from potstill.llm.generate import read_answers
-from potstill.llm.instructions import instructions
 from potstill.llm.pipeline import LMRecipe, run_lm_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,7 +11,8 @@ from conftest import make_mlp
 import potstill
 from potstill.evaluate import accuracy
 from potstill.models import ArchSpec, build_model
-from potstill.stages import Ensemble, distill_chain, geometric_steps, plan_arch, plan_layers
+from potstill.stages import distill_chain, geometric_steps, plan_arch, plan_layers
+from potstill.teachers import Ensemble
 
 
 def test_geometric_steps_are_equal_ratios():

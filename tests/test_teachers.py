@@ -20,7 +20,8 @@ from potstill.cache import (
     data_fingerprint,
 )
 from potstill.config import OptimizerConfig
-from potstill.data import IGNORE_INDEX, make_batch
+from potstill.data.splits import IGNORE_INDEX
+from potstill.data.tensors import make_batch
 from potstill.distiller import Distiller
 from potstill.losses.objective import hinton_objective
 from potstill.teachers import LiveTeacher, model_fingerprint

@@ -317,7 +317,7 @@ def eval_(
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
     """Evaluate a saved model on a dataset's test split; prints JSON."""
-    from .data import load_splits
+    from .data.images import load_splits
     from .evaluate import model_card_figures, predict_logits
     from .models import load_model
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import TrainConfig
-from .data import epoch_order, make_batch
+from .data.tensors import epoch_order, make_batch
 from .io import atomic_save_module, atomic_torch_save, atomic_write_text, sha256_file
 from .losses.chunked import single_backward
 from .losses.objective import Objective

@@ -5,67 +5,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
-from .data import TensorDictDataset, iterate_batches
-from .signal import Signal
-from .taps import Taps, TapsLike, tapped_forward
+from .data.tensors import TensorDictDataset, iterate_batches
 
 log = logging.getLogger("potstill")
-
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
-
-
-def fortune_entries(
-    folder: str | Path | None = None, *, min_chars: int = 20, max_chars: int = 400
-) -> list[tuple[str, str]]:
-    """``(category, text)`` for each entry of Debian's ``fortunes`` package (entries end at a
-    ``%`` line; the category is the file name), whitespace folded, de-duplicated, in a fixed
-    order (file name, then position). Files with a dot in their name (``.dat`` indexes, ``.u8``
-    copies) are skipped."""
-    d = Path(folder) if folder else FORTUNES_DIR
-    files = sorted(
-        p
-        for p in d.glob("*")
-        if p.is_file() and p.suffix not in (".dat", ".u8") and "." not in p.name
-    )
-    if not files:
-        raise FileNotFoundError(
-            f"no fortune files in {d}: install Debian's 'fortunes' package "
-            "(apt-get install fortunes) or pass the folder"
-        )
-    seen: set[str] = set()
-    found = []
-    for path in files:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        # an entry ends at a line holding only "%" (empty entries and a leading "%" happen)
-        entries, current = [], []
-        for line in lines:
-            if line.strip() == "%":
-                entries.append("\n".join(current))
-                current = []
-            else:
-                current.append(line)
-        entries.append("\n".join(current))
-        for entry in entries:
-            text = " ".join(entry.split())
-            if min_chars <= len(text) <= max_chars and text not in seen:
-                seen.add(text)
-                found.append((path.name, text))
-    return found
-
-
-def load_fortunes(
-    folder: str | Path | None = None, *, min_chars: int = 20, max_chars: int = 400
-) -> list[str]:
-    """The texts of :func:`fortune_entries`, without their categories."""
-    return [text for _, text in fortune_entries(folder, min_chars=min_chars, max_chars=max_chars)]
 
 
 def tokenize_pair(
@@ -109,55 +57,6 @@ def encoder_forward(prefix: str):
         return mean_pool(out.last_hidden_state, mask)
 
     return forward
-
-
-class PrecomputedTeacher:
-    """Teacher signals computed once for every example of a dataset and kept in memory
-    (float16 features), then served by example index: one teacher pass for many students."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        dataset: Dataset,
-        forward,
-        taps: TapsLike | None = None,
-        *,
-        batch_size: int = 32,
-        feature_dtype: torch.dtype = torch.float16,
-    ) -> None:
-        from .teachers import freeze
-
-        freeze(model)
-        tap = Taps(model, taps, detach=True) if taps else None
-        logits: list[torch.Tensor] = []
-        feats: dict[str, list[torch.Tensor]] = {}
-        n = len(dataset)  # type: ignore[arg-type]
-        bar = tqdm(total=n, desc="teacher signals", unit="ex", leave=False, disable=None)
-        try:
-            with torch.no_grad():
-                for batch in iterate_batches(dataset, torch.arange(n), batch_size):
-                    if tap is None:
-                        out, f = forward(model, batch), {}
-                    else:
-                        out, f = tapped_forward(tap, forward, model, batch)
-                    logits.append(out.float())
-                    for k, v in f.items():
-                        feats.setdefault(k, []).append(v.to(feature_dtype))
-                    bar.update(len(batch["index"]))
-        finally:
-            bar.close()
-            if tap is not None:
-                tap.remove()
-        self.logits = torch.cat(logits)
-        self.features = {k: torch.cat(v) for k, v in feats.items()}
-        self.feature_names = set(self.features)
-
-    def signal(self, batch: Mapping[str, Any]) -> Signal:
-        """The stored signal of the batch's examples (features back in float32)."""
-        idx = batch["index"]
-        return Signal(
-            logits=self.logits[idx], features={k: v[idx].float() for k, v in self.features.items()}
-        )
 
 
 @torch.no_grad()

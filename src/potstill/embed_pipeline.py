@@ -20,14 +20,13 @@ from pydantic import Field, model_validator
 from ._version import __version__
 from .assets import resolve
 from .config import TrainConfig
-from .data import TensorDictDataset, make_batch
+from .data.fortunes import load_fortunes
+from .data.tensors import TensorDictDataset, make_batch
 from .distiller import Distiller
 from .embed import (
-    PrecomputedTeacher,
     embed,
     encoder_forward,
     linear_map_cosine,
-    load_fortunes,
     neighbour_agreement,
     similarity_correlation,
     tokenize_pair,
@@ -41,6 +40,7 @@ from .recipe import TapsSpec, TermSpec, _Strict
 from .report import describe_term
 from .students import derive
 from .taps import tap_counts
+from .teachers import PrecomputedTeacher
 
 log = logging.getLogger("potstill")
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .data import iterate_batches
+from .data.tensors import iterate_batches
 from .io import atomic_save_module
 from .models import count_parameters
 from .teachers import ForwardFn, default_forward

@@ -25,7 +25,8 @@ from . import distributed
 from ._version import __version__
 from .cache import CachedTeacher, cached_or_live
 from .config import TrainConfig
-from .data import Splits, hide_labels, labelled_only, load_splits
+from .data.images import load_splits
+from .data.splits import Splits, hide_labels, labelled_only
 from .distiller import Distiller, FitResult
 from .evaluate import classification_eval, model_card_figures, predict_logits
 from .io import atomic_write_text
@@ -33,7 +34,7 @@ from .losses.objective import Objective, labels_only_objective
 from .models import ArchSpec, build_model, load_model, save_model
 from .recipe import Recipe, RecipeError
 from .taps import TapsLike, tap_counts
-from .teachers import LiveTeacher, TeacherSource
+from .teachers import Ensemble, LiveTeacher, TeacherSource
 
 log = logging.getLogger("potstill")
 
@@ -150,8 +151,6 @@ def train_classifier(
 def _teacher(recipe: Recipe, splits: Splits, run_dir: Path, resume: bool) -> tuple[nn.Module, dict]:
     spec = recipe.teacher
     if isinstance(spec.path, list):
-        from .stages import Ensemble
-
         members = [load_model(p)[0] for p in spec.path]
         return Ensemble(members).eval(), {"source": f"ensemble of {', '.join(spec.path)}"}
     if spec.path:

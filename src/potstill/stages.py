@@ -8,9 +8,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import torch
 from torch import nn
 
 from .models import ArchSpec
@@ -85,21 +83,6 @@ def _steps_or_equal(large: float, small: float, count: int) -> list[float]:
     return geometric_steps(large, small, count)
 
 
-class Ensemble(nn.Module):
-    """Several models as one teacher: the mean of their outputs (logits), e.g. born-again
-    generations combined. Every member runs on each batch."""
-
-    def __init__(self, models: Sequence[nn.Module]) -> None:
-        super().__init__()
-        if not models:
-            raise ValueError("an ensemble needs at least one model")
-        self.members = nn.ModuleList(models)
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The members' mean output."""
-        return torch.stack([m(*args, **kwargs) for m in self.members]).mean(dim=0)
-
-
 def distill_chain(
     teacher: nn.Module,
     students: Sequence[nn.Module],
@@ -118,7 +101,6 @@ def distill_chain(
 
 
 __all__ = [
-    "Ensemble",
     "distill_chain",
     "geometric_steps",
     "plan_arch",

@@ -1,17 +1,20 @@
-"""Teacher sources: a live, frozen model (here), or a cache of its signal on disk
-(:mod:`potstill.cache`). Both turn a batch into a :class:`~potstill.signal.Signal`, so every loss
-works with either."""
+"""Teacher sources: a live, frozen model, an ensemble of models, signals precomputed in memory
+(here), or a cache of the signal on disk (:mod:`potstill.cache`). Each turns a batch into a
+:class:`~potstill.signal.Signal`, so every loss works with every source."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
+from .data.tensors import iterate_batches
 from .signal import Signal
 from .taps import Taps, TapsLike, tapped_forward
 
@@ -98,6 +101,68 @@ class LiveTeacher:
         """Remove the taps' hooks from the model."""
         if self.taps is not None:
             self.taps.remove()
+
+
+class Ensemble(nn.Module):
+    """Several models as one teacher: the mean of their outputs (logits), e.g. born-again
+    generations combined. Every member runs on each batch."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not models:
+            raise ValueError("an ensemble needs at least one model")
+        self.members = nn.ModuleList(models)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The members' mean output."""
+        return torch.stack([m(*args, **kwargs) for m in self.members]).mean(dim=0)
+
+
+class PrecomputedTeacher:
+    """Teacher signals computed once for every example of a dataset and kept in memory
+    (float16 features), then served by example index: one teacher pass for many students."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        forward,
+        taps: TapsLike | None = None,
+        *,
+        batch_size: int = 32,
+        feature_dtype: torch.dtype = torch.float16,
+    ) -> None:
+        freeze(model)
+        tap = Taps(model, taps, detach=True) if taps else None
+        logits: list[torch.Tensor] = []
+        feats: dict[str, list[torch.Tensor]] = {}
+        n = len(dataset)  # type: ignore[arg-type]
+        bar = tqdm(total=n, desc="teacher signals", unit="ex", leave=False, disable=None)
+        try:
+            with torch.no_grad():
+                for batch in iterate_batches(dataset, torch.arange(n), batch_size):
+                    if tap is None:
+                        out, f = forward(model, batch), {}
+                    else:
+                        out, f = tapped_forward(tap, forward, model, batch)
+                    logits.append(out.float())
+                    for k, v in f.items():
+                        feats.setdefault(k, []).append(v.to(feature_dtype))
+                    bar.update(len(batch["index"]))
+        finally:
+            bar.close()
+            if tap is not None:
+                tap.remove()
+        self.logits = torch.cat(logits)
+        self.features = {k: torch.cat(v) for k, v in feats.items()}
+        self.feature_names = set(self.features)
+
+    def signal(self, batch: Mapping[str, Any]) -> Signal:
+        """The stored signal of the batch's examples (features back in float32)."""
+        idx = batch["index"]
+        return Signal(
+            logits=self.logits[idx], features={k: v[idx].float() for k, v in self.features.items()}
+        )
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data import TensorDictDataset, fingerprint
+from ..data.tensors import TensorDictDataset, fingerprint
 from ..teachers import model_fingerprint
 from .codec import Encoding
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..data import TensorDictDataset
+from ..data.tensors import TensorDictDataset
 from ..io import sha256_file
 from ..signal import Signal, TopK
 from ..teachers import Batch, model_fingerprint

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from .._version import __version__
-from ..data import make_batch
+from ..data.tensors import make_batch
 from ..io import atomic_create_text, atomic_save_safetensors, atomic_write_text, sha256_file
 from ..taps import TapsLike
 from ..teachers import ForwardFn, LiveTeacher, default_forward, freeze

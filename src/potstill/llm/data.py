@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 import torch
 
-from ..data import TensorDictDataset
-from ..embed import fortune_entries
+from ..data.fortunes import fortune_entries
+from ..data.tensors import TensorDictDataset
 
 log = logging.getLogger("potstill")
 

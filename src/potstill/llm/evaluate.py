@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import TensorDictDataset, iterate_batches, make_batch
+from ..data.tensors import TensorDictDataset, iterate_batches, make_batch
 from ..evaluate import eval_mode, median_seconds
 from ..losses.causal import batch_token_mask, next_token_mask, next_token_nll, shared_vocabulary
 from ..losses.divergences import divergence

@@ -26,7 +26,8 @@ from .._version import __version__
 from ..assets import resolve
 from ..cache import CachedTeacher, CacheStatus, Encoding, cache_status, write_cache
 from ..config import TrainConfig
-from ..data import TensorDictDataset
+from ..data.instructions import instructions
+from ..data.tensors import TensorDictDataset
 from ..distiller import Distiller
 from ..evaluate import file_size
 from ..hf import (
@@ -65,7 +66,6 @@ from .generate import (
     read_answers,
     read_prompts,
 )
-from .instructions import instructions
 from .onpolicy import OnPolicySampler, SamplingSpec
 
 log = logging.getLogger("potstill")

@@ -1,0 +1,90 @@
+"""Built-in image corpora: Fashion-MNIST from its IDX files (Debian's dataset-fashion-mnist)
+and scikit-learn's 8×8 digits, as train / validation / test splits."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from .splits import DataError, Splits, split_off
+
+#: Where Debian's ``dataset-fashion-mnist`` package puts the files.
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+
+def _read_idx(path: Path, header: int) -> np.ndarray:
+    if not path.exists():
+        raise DataError(
+            f"{path} does not exist. Install Debian's 'dataset-fashion-mnist' package "
+            "(apt-get install dataset-fashion-mnist) or pass --data-dir with the four IDX files."
+        )
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path} is not a readable gzip IDX file: {e}") from e
+    return np.frombuffer(raw, dtype=np.uint8, offset=header)
+
+
+def load_fashion_mnist(
+    data_dir: str | os.PathLike | None = None,
+) -> tuple[TensorDataset, TensorDataset]:
+    """Fashion-MNIST as ``(train, test)`` TensorDatasets of images in [0, 1] of shape (1, 28, 28).
+
+    ``data_dir`` holds ``train-images-idx3-ubyte.gz`` and its three siblings; by default the
+    Debian package's folder.
+    """
+    d = Path(data_dir) if data_dir else FASHION_MNIST_DIR
+    out = []
+    for split in ("train", "t10k"):
+        images = _read_idx(d / f"{split}-images-idx3-ubyte.gz", 16)
+        labels = _read_idx(d / f"{split}-labels-idx1-ubyte.gz", 8)
+        if images.size != labels.size * 784:
+            raise DataError(
+                f"{d}: {split} images hold {images.size} bytes for {labels.size} labels "
+                "(expected 784 bytes per label); the files are damaged or mismatched."
+            )
+        x = torch.from_numpy(images.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0)
+        y = torch.from_numpy(labels.astype(np.int64))
+        out.append(TensorDataset(x, y))
+    return out[0], out[1]
+
+
+def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8×8 digits as float images in [0, 1] of shape (1, 8, 8) and int labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    return x, y
+
+
+def load_splits(
+    name: str, *, data_dir: str | None = None, val_size: int = 5000, seed: int = 0
+) -> Splits:
+    """Train/validation/test splits of a built-in task: ``fashion-mnist`` or ``digits``.
+
+    The validation set is carved out of the training set with ``seed``; the test set is untouched.
+    """
+    if name == "fashion-mnist":
+        train, test = load_fashion_mnist(data_dir)
+        train, val = split_off(train, val_size, seed)
+        return Splits(train, val, test, FASHION_MNIST_CLASSES, (1, 28, 28))
+    if name == "digits":
+        x, y = load_digits_tensors()
+        full = TensorDataset(x, y)
+        n_test = len(full) // 5
+        rest, test = split_off(full, n_test, seed + 1)
+        train, val = split_off(rest, min(val_size, len(rest) // 5), seed)
+        return Splits(train, val, test, tuple(str(i) for i in range(10)), (1, 8, 8))
+    raise DataError(f"unknown dataset {name!r}; built-in datasets are 'fashion-mnist' and 'digits'")

@@ -1,0 +1,64 @@
+"""Train / validation / test splits of labelled tensors: a seeded validation split, a stratified
+labelled fraction (the other labels hidden, the inputs kept for the teacher), the labelled part."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+IGNORE_INDEX = -100
+"""Label of an example the student may not see the label of (the teacher still labels it)."""
+
+
+class DataError(ValueError):
+    """A dataset could not be found or read; the message says which file and what to do."""
+
+
+@dataclass
+class Splits:
+    """Train, validation and test sets of one task, with its class names."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    classes: tuple[str, ...]
+    input_shape: tuple[int, ...]
+
+
+def split_off(ds: TensorDataset, n_val: int, seed: int) -> tuple[TensorDataset, TensorDataset]:
+    """Split a TensorDataset into (rest, val) with a seeded permutation."""
+    n = len(ds)
+    if not 0 < n_val < n:
+        raise DataError(f"val_size={n_val} must be between 1 and {n - 1} for a set of {n} examples")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    x, y = ds.tensors
+    rest, val = perm[n_val:].sort().values, perm[:n_val].sort().values
+    return TensorDataset(x[rest], y[rest]), TensorDataset(x[val], y[val])
+
+
+def hide_labels(ds: TensorDataset, fraction: float, seed: int) -> TensorDataset:
+    """Keep the labels of a stratified ``fraction`` of examples; the others get ``IGNORE_INDEX``.
+
+    The inputs are all kept: a teacher can still label them (the transfer set).
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise DataError(f"labelled_fraction={fraction} must be in (0, 1]")
+    x, y = ds.tensors
+    if fraction == 1.0:
+        return TensorDataset(x, y.clone())
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.zeros(len(y), dtype=torch.bool)
+    for c in y.unique():
+        idx = (y == c).nonzero().flatten()
+        k = max(1, round(fraction * len(idx)))
+        keep[idx[torch.randperm(len(idx), generator=g)[:k]]] = True
+    return TensorDataset(x, torch.where(keep, y, torch.full_like(y, IGNORE_INDEX)))
+
+
+def labelled_only(ds: TensorDataset) -> TensorDataset:
+    """The examples of ``ds`` whose label is not ``IGNORE_INDEX``."""
+    x, y = ds.tensors
+    keep = y != IGNORE_INDEX
+    return TensorDataset(x[keep], y[keep])
