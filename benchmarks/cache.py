@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from potstill import Distiller
 from potstill.cache import CachedTeacher, Encoding, cache_status, write_cache
 from potstill.data.tensors import TensorDictDataset
-from potstill.llm.evaluate import causal_lm_forward
+from potstill.llm.forward import causal_lm_forward
 from potstill.llm.pipeline import lm_datasets, load_lm_teacher
 from potstill.losses.causal import batch_token_mask, token_term
 from potstill.losses.objective import Objective

@@ -59,7 +59,7 @@ def worker(workload: str, steps: int, warmup: int, out: Path) -> None:
         config = TrainConfig(batch_size=256, **cfg)
         forward: dict = {}
     else:
-        from potstill.llm.evaluate import causal_lm_forward
+        from potstill.llm.forward import causal_lm_forward
         from potstill.llm.pipeline import lm_datasets, load_lm_teacher
         from potstill.losses.causal import token_term
         from potstill.recipe import load_recipe

@@ -17,17 +17,17 @@ from potstill.assets import resolve
 from potstill.config import OptimizerConfig, ScheduleConfig, TrainConfig
 from potstill.data.fortunes import load_fortunes
 from potstill.distiller import Distiller
-from potstill.embed import (
+from potstill.hf import load_model, load_tokenizer
+from potstill.losses.objective import Objective
+from potstill.recipe import TermSpec
+from potstill.students import derive
+from potstill.tasks.embedding import (
     embed,
     encoder_forward,
     neighbour_agreement,
     similarity_correlation,
     tokenize_pair,
 )
-from potstill.hf import load_model, load_tokenizer
-from potstill.losses.objective import Objective
-from potstill.recipe import TermSpec
-from potstill.students import derive
 from potstill.teachers import PrecomputedTeacher
 
 TEACHER, STUDENT = (

@@ -24,7 +24,8 @@ import time
 import torch
 
 from potstill import Distiller
-from potstill.llm.evaluate import causal_lm_forward, lm_figures
+from potstill.llm.evaluate import lm_figures
+from potstill.llm.forward import causal_lm_forward
 from potstill.llm.pipeline import lm_datasets, load_lm_teacher
 from potstill.losses.causal import token_term
 from potstill.losses.objective import Objective

@@ -44,7 +44,7 @@ def main() -> None:
     from potstill import Distiller
     from potstill.cache import CachedTeacher
     from potstill.config import TrainConfig
-    from potstill.llm.evaluate import causal_lm_forward
+    from potstill.llm.forward import causal_lm_forward
     from potstill.losses.causal import token_term
     from potstill.losses.objective import Objective
     from potstill.teachers import LiveTeacher

@@ -137,7 +137,7 @@ def run_potstill(
     from potstill import Distiller
     from potstill.cache import CachedTeacher
     from potstill.config import TrainConfig
-    from potstill.llm.evaluate import causal_lm_forward, causal_lm_hidden_forward
+    from potstill.llm.forward import causal_lm_forward, causal_lm_hidden_forward
     from potstill.losses.causal import token_term
     from potstill.losses.objective import Objective
     from potstill.teachers import LiveTeacher
@@ -288,7 +288,7 @@ def bf16_fidelity(teacher, input_ids: torch.Tensor) -> dict:
 
 def write_cache_once(folder: Path, rows: int) -> Path:
     from potstill.cache import Encoding, write_cache
-    from potstill.llm.evaluate import causal_lm_forward
+    from potstill.llm.forward import causal_lm_forward
 
     teacher, _, tok, input_ids = setup(rows)
     path = folder / "cache"

@@ -36,7 +36,7 @@ from potstill.cache import (
 from potstill.cache.codec import Q8_STEP
 from potstill.data.tensors import TensorDictDataset
 from potstill.llm.data import fortune_examples, tokenize_examples
-from potstill.llm.evaluate import causal_lm_forward
+from potstill.llm.forward import causal_lm_forward
 from potstill.losses.causal import batch_token_mask, token_divergence
 from potstill.signal import TopK
 from potstill.teachers import LiveTeacher

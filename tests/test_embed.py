@@ -1,4 +1,4 @@
-"""potstill.embed and potstill.embed_pipeline: fortunes texts, paired tokenization, mean pooling,
+"""potstill.tasks.embedding and the embed runner: fortunes texts, paired tokenization, mean pooling,
 the precomputed teacher, the embedding metrics (against loop / scipy references), the embed recipe,
 and a small end-to-end run with the packaged all-MiniLM-L6-v2 as teacher and derived student.
 
@@ -21,7 +21,10 @@ from potstill import hf
 from potstill.config import TrainConfig
 from potstill.data.fortunes import FORTUNES_DIR, load_fortunes
 from potstill.data.tensors import TensorDictDataset, fingerprint, make_batch
-from potstill.embed import (
+from potstill.embed_pipeline import EmbedRecipe, run_embed_recipe
+from potstill.recipe import RecipeError, load_recipe
+from potstill.students import derive
+from potstill.tasks.embedding import (
     embed,
     encoder_forward,
     linear_map_cosine,
@@ -30,9 +33,6 @@ from potstill.embed import (
     similarity_correlation,
     tokenize_pair,
 )
-from potstill.embed_pipeline import EmbedRecipe, run_embed_recipe
-from potstill.recipe import RecipeError, load_recipe
-from potstill.students import derive
 from potstill.teachers import LiveTeacher, PrecomputedTeacher
 
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"

@@ -1,4 +1,4 @@
-"""Teacher answers for response distillation (potstill.llm.generate, ``potstill generate``): a tiny
+"""Teacher answers for response distillation (potstill.llm.answers, ``potstill generate``): a tiny
 random Llama with the real SmolLM2 tokenizer and chat template. Greedy answers equal a
 one-prompt-at-a-time reference; sampled answers are reproducible; an interrupted run continues
 to the file an uninterrupted run writes; files from other settings are refused."""
@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_llm_pipeline import tiny_llama
 
-from potstill.llm.generate import (
+from potstill.llm.answers import (
     GenerationSettings,
     Prompt,
     encode_prompt,

@@ -27,7 +27,8 @@ from potstill.llm.data import (
     prompt_ids,
     tokenize_examples,
 )
-from potstill.llm.evaluate import causal_lm_forward, generate, lm_figures
+from potstill.llm.evaluate import greedy_generations, lm_figures
+from potstill.llm.forward import causal_lm_forward
 from potstill.llm.pipeline import LMRecipe, run_lm_recipe
 from potstill.losses.causal import (
     batch_token_mask,
@@ -483,7 +484,7 @@ def test_lm_figures_agreement_and_kl_of_another_model(tok, llama):
 
 def test_generate_is_greedy_decoding(tok, llama):
     prompts = [prompt_ids(tok, p, "chat", SYSTEM) for p in ("Tell me a fortune.", "Go on.")]
-    texts, speed = generate(llama, tok, prompts, max_new_tokens=4)
+    texts, speed = greedy_generations(llama, tok, prompts, max_new_tokens=4)
     assert speed > 0
     assert len(texts) == 2
     for ids, text in zip(prompts, texts, strict=True):
@@ -568,7 +569,10 @@ def test_pipeline_exports_the_evaluated_students(lm_run, tok, llama):
     assert results["data"]["val_tokens"] == int(scored.sum())
     # the teacher's generations: greedy answers to the prompts in chat format, with the system
     prompts = [prompt_ids(tok, p, "chat", d.system) for p in results["prompts"]]
-    assert results["generations"]["teacher"] == generate(llama, tok, prompts, max_new_tokens=3)[0]
+    assert (
+        results["generations"]["teacher"]
+        == greedy_generations(llama, tok, prompts, max_new_tokens=3)[0]
+    )
     for name in ("ce", "fkl", "rkl"):
         export = run_dir / results["rows"][name]["export"]
         assert not (export.parent / "checkpoints").exists()  # keep_checkpoints is false
@@ -755,7 +759,7 @@ def test_fused_head_trains_like_full_logits_without_building_them(tok, terms):
     term (ce) reads the logits."""
     from potstill import Distiller
     from potstill.config import TrainConfig
-    from potstill.llm.evaluate import causal_lm_hidden_forward
+    from potstill.llm.forward import causal_lm_hidden_forward
     from potstill.llm.pipeline import LMVariantSpec
     from potstill.losses.objective import Objective
     from potstill.teachers import LiveTeacher
@@ -792,7 +796,7 @@ def test_fused_head_trains_like_full_logits_without_building_them(tok, terms):
 
 
 def test_fused_head_refuses_scaled_logits(tok):
-    from potstill.llm.evaluate import causal_lm_hidden_forward, fused_head_problem
+    from potstill.llm.forward import causal_lm_hidden_forward, fused_head_problem
 
     model = tiny_llama(len(tok), seed=0)
     assert fused_head_problem(model) is None
@@ -821,7 +825,7 @@ def test_fused_head_under_bf16_mixed_precision(tok):
     full logits would; the logged losses stay within bf16 rounding of the unfused run's."""
     from potstill import Distiller
     from potstill.config import TrainConfig
-    from potstill.llm.evaluate import causal_lm_hidden_forward
+    from potstill.llm.forward import causal_lm_hidden_forward
     from potstill.losses.causal import token_term
     from potstill.losses.objective import Objective
     from potstill.teachers import LiveTeacher

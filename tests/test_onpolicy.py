@@ -14,7 +14,7 @@ from potstill.config import TrainConfig
 from potstill.data.instructions import instructions
 from potstill.distiller import Distiller
 from potstill.llm.data import LMExample, tokenize_examples
-from potstill.llm.evaluate import causal_lm_forward
+from potstill.llm.forward import causal_lm_forward
 from potstill.llm.onpolicy import OnPolicySampler, SamplingSpec
 from potstill.losses.causal import batch_token_mask, token_term
 from potstill.losses.objective import Objective

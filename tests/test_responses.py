@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from test_llm_pipeline import recipe_dict, save_llama
 
 from potstill.data.instructions import instructions
-from potstill.llm.generate import read_answers
+from potstill.llm.answers import read_answers
 from potstill.llm.pipeline import LMRecipe, run_lm_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -150,7 +150,7 @@ def test_packed_rows_give_each_example_its_unpacked_logits_and_loss(tok):
     from test_llm_pipeline import tiny_llama
 
     from potstill.llm.data import pack_examples
-    from potstill.llm.evaluate import causal_lm_forward
+    from potstill.llm.forward import causal_lm_forward
     from potstill.losses.causal import batch_token_mask, next_token_ce_term, token_term
     from potstill.signal import Signal, StudentView
 

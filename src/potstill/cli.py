@@ -249,7 +249,7 @@ def _cache_jsonl(
     from .cache import write_cache
     from .hf import load_model, load_tokenizer
     from .llm.data import read_jsonl_examples, tokenize_examples
-    from .llm.evaluate import causal_lm_forward
+    from .llm.forward import causal_lm_forward
 
     if fmt not in ("chat", "text"):
         raise ValueError(f"--format must be chat or text, got {fmt!r}")
@@ -288,7 +288,7 @@ def generate(
     """
     from .assets import resolve
     from .hf import load_model, load_tokenizer
-    from .llm.generate import GenerationSettings, generate_answers, read_prompts
+    from .llm.answers import GenerationSettings, generate_answers, read_prompts
 
     _setup(threads)
     with _reported(interrupted="rerun the same command to continue"):

@@ -23,14 +23,6 @@ from .config import TrainConfig
 from .data.fortunes import load_fortunes
 from .data.tensors import TensorDictDataset, make_batch
 from .distiller import Distiller
-from .embed import (
-    embed,
-    encoder_forward,
-    linear_map_cosine,
-    neighbour_agreement,
-    similarity_correlation,
-    tokenize_pair,
-)
 from .evaluate import file_size, median_seconds
 from .hf import check_aligned_positions, export_pretrained, load_model, load_tokenizer
 from .io import atomic_write_text
@@ -40,6 +32,14 @@ from .recipe import TapsSpec, TermSpec, _Strict
 from .report import describe_term
 from .students import derive
 from .taps import tap_counts
+from .tasks.embedding import (
+    embed,
+    encoder_forward,
+    linear_map_cosine,
+    neighbour_agreement,
+    similarity_correlation,
+    tokenize_pair,
+)
 from .teachers import PrecomputedTeacher
 
 log = logging.getLogger("potstill")

@@ -1,8 +1,9 @@
 """Causal-LM distillation: chat/prompt-masked data, evaluation against the teacher, and the
-``kind: causal-lm`` recipe pipeline."""
+teacher answers, on-policy sampling."""
 
 from .data import LMExample, encode_example, fortune_examples, prompt_ids, tokenize_examples
-from .evaluate import causal_lm_forward, forward_tokens_per_s, generate, lm_figures
+from .evaluate import forward_tokens_per_s, greedy_generations, lm_figures
+from .forward import causal_lm_forward
 
 __all__ = [
     "LMExample",
@@ -10,7 +11,7 @@ __all__ = [
     "encode_example",
     "forward_tokens_per_s",
     "fortune_examples",
-    "generate",
+    "greedy_generations",
     "lm_figures",
     "prompt_ids",
     "tokenize_examples",

@@ -86,7 +86,7 @@ def pack_examples(data: TensorDictDataset, max_length: int | None = None) -> Ten
     A row holds ``input_ids``, ``attention_mask`` (1 on real tokens), ``position_ids`` (from 0
     in each example), ``segment`` (1, 2, … per example; 0 on padding) and ``labels`` (the ids,
     with -100 on every prompt token and on each example's first token, so no loss crosses an
-    example's start). :func:`~potstill.llm.evaluate.causal_lm_forward` turns ``segment`` into a
+    example's start). :func:`~potstill.llm.forward.causal_lm_forward` turns ``segment`` into a
     block-diagonal causal mask: each example sees only itself, as unpacked.
     """
     width = max_length or int(data.tensors["input_ids"].shape[1])

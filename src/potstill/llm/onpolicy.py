@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .answers import sample_completions
 from .data import right_pad
-from .generate import sample_completions
 
 
 @dataclass(frozen=True)

@@ -46,19 +46,7 @@ from ..recipe import _Strict
 from ..report import describe_term
 from ..students import derive
 from ..teachers import LiveTeacher, TeacherSource
-from .data import LMExample, fortune_examples, pack_examples, prompt_ids, tokenize_examples
-from .evaluate import (
-    answer_tokens,
-    causal_lm_forward,
-    causal_lm_hidden_forward,
-    forward_tokens_per_s,
-    fused_head_problem,
-    generate,
-    lm_figures,
-    rouge_l,
-    teacher_log_likelihood,
-)
-from .generate import (
+from .answers import (
     GenerationSettings,
     Prompt,
     encode_prompt,
@@ -66,6 +54,16 @@ from .generate import (
     read_answers,
     read_prompts,
 )
+from .data import LMExample, fortune_examples, pack_examples, prompt_ids, tokenize_examples
+from .evaluate import (
+    answer_tokens,
+    forward_tokens_per_s,
+    greedy_generations,
+    lm_figures,
+    rouge_l,
+    teacher_log_likelihood,
+)
+from .forward import causal_lm_forward, causal_lm_hidden_forward, fused_head_problem
 from .onpolicy import OnPolicySampler, SamplingSpec
 
 log = logging.getLogger("potstill")
@@ -416,7 +414,7 @@ def run_lm_recipe(
     rows: dict[str, dict[str, Any]] = {}
     generations: dict[str, list[str]] = {}
     for name, model in {"teacher": teacher, **students}.items():
-        texts, gen_speed = generate(
+        texts, gen_speed = greedy_generations(
             model, tok, prompts, max_new_tokens=recipe.generate.max_new_tokens
         )
         generations[name] = texts

@@ -1,5 +1,6 @@
-"""Sentence-embedding distillation for Hugging Face encoders: texts tokenized for teacher and
-student, mean-pooled embeddings, a precomputed teacher, and evaluation for embedders."""
+"""The sentence-embedding task for Hugging Face encoders: texts tokenized for teacher and
+student, the mean-pooled forward, and the embedding metrics (neighbours, similarity ranks,
+linear-map cosine)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .data.tensors import TensorDictDataset, iterate_batches
+from ..data.tensors import TensorDictDataset, iterate_batches
 
 log = logging.getLogger("potstill")
 
