@@ -16,10 +16,11 @@ from conftest import make_mlp, quiet_config, state_equal
 from safetensors.torch import load_model
 from torch.utils.data import TensorDataset
 
+from potstill.checkpoints import CheckpointError
 from potstill.config import OptimizerConfig, ScheduleConfig
 from potstill.data.splits import IGNORE_INDEX
 from potstill.data.tensors import epoch_order, make_batch
-from potstill.distiller import CheckpointError, Distiller
+from potstill.distiller import Distiller
 from potstill.evaluate import classification_eval
 from potstill.losses import kd_loss, soft_target_loss
 from potstill.losses.objective import Objective, hinton_objective, labels_only_objective

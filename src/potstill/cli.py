@@ -53,7 +53,7 @@ def _reported(interrupted: str) -> Iterator[None]:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by input (recipe, files, data, checkpoints): shown as one message, not a
     traceback."""
-    from .distiller import CheckpointError
+    from .checkpoints import CheckpointError
 
     return (ValueError, OSError, CheckpointError)
 

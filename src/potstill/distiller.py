@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,17 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import distributed
+from .checkpoints import (
+    full_optimizer_state,
+    last_checkpoint,
+    load_optimizer_state,
+    load_weights,
+    read_checkpoint,
+    truncate_metrics,
+    write_checkpoint,
+)
 from .config import TrainConfig
 from .data.tensors import epoch_order, make_batch
-from .io import atomic_save_module, atomic_torch_save, atomic_write_text, sha256_file
+from .io import atomic_save_module, atomic_write_text
+from .logs import MetricsLog
 from .losses.chunked import single_backward
 from .losses.objective import Objective
+from .optim import make_optimizer, make_scheduler
 from .signal import StudentView
 from .taps import Taps, TapsLike, tapped_forward
 from .teachers import TeacherSource, default_forward
@@ -39,10 +48,6 @@ EvalFn = Callable[[nn.Module], dict[str, float]]
 StepCallback = Callable[[int, dict[str, float]], None]
 # a student forward gives logits, or a StudentView whose logits are deferred (hidden + head)
 StudentForwardFn = Callable[[nn.Module, dict[str, Any]], "torch.Tensor | StudentView"]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, damaged or belongs to another run."""
 
 
 @dataclass
@@ -67,22 +72,6 @@ class FitResult:
     def examples_per_s(self) -> float:
         """Training throughput, evaluation and checkpoint time excluded."""
         return self.examples_seen / self.train_time_s if self.train_time_s else float("nan")
-
-
-def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    s = cfg.schedule
-    warmup = s.warmup_steps or int(s.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if s.name == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        shape = 1.0 - progress if s.name == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-        return s.min_lr_ratio + (1.0 - s.min_lr_ratio) * shape
-
-    return factor
 
 
 @contextlib.contextmanager
@@ -113,26 +102,6 @@ def sparse_tied_embeddings(model: nn.Module) -> Iterator[list[nn.Embedding]]:
     finally:
         for m in switched:
             m.sparse = False
-
-
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The recipe's optimizer; weight decay applies to matrices and kernels, not biases or norms."""
-    o = cfg.optimizer
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": o.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
-    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    fused = o.fused
-    if fused is None:  # one kernel per parameter instead of a dozen tensor ops: ~5× faster
-        fused = bool(params) and all(
-            p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
-        )
-    return cls(groups, lr=o.lr, betas=o.betas, fused=fused or None)
 
 
 class Distiller:
@@ -237,9 +206,7 @@ class Distiller:
         params += [p for p in self.objective.parameters() if p.requires_grad]
         self.params = params
         self.optimizer = make_optimizer(params, self.cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(self.cfg, self.total_steps)
-        )
+        self.scheduler = make_scheduler(self.optimizer, self.cfg, self.total_steps)
         self.step = 0
         self.best: dict[str, Any] | None = None
         self.history: list[dict[str, Any]] = []
@@ -301,17 +268,10 @@ class Distiller:
         in a single process."""
         if self.world == 1:
             return self.student, self.objective
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        def ddp(module: nn.Module) -> nn.Module:
-            device = next(module.parameters()).device
-            ids = [device] if device.type == "cuda" else None
-            return DDP(module, device_ids=ids)
-
         has_params = any(p.requires_grad for p in self.objective.parameters())
-        objective = ddp(self.objective) if has_params else self.objective
+        objective = distributed.ddp(self.objective) if has_params else self.objective
         if not self.fsdp:
-            return ddp(self.student), objective
+            return distributed.ddp(self.student), objective
         self._plain = copy.deepcopy(self.student)
         distributed.shard_blocks(self.student)
         return self.student, objective
@@ -327,7 +287,7 @@ class Distiller:
             self._load_last_checkpoint()
         else:
             self._start_fresh()
-        writer = self._tensorboard()
+        writer = MetricsLog(self.run_dir if self.main else None, tensorboard=self.cfg.tensorboard)
         cfg = self.cfg
         bar = tqdm(
             total=self.total_steps,
@@ -348,8 +308,7 @@ class Distiller:
             if taps is not None:
                 taps.remove()
             bar.close()
-            if writer is not None:
-                writer.close()
+            writer.close()
         student = self._gathered() if self.fsdp else self.student
         student.eval()
         return FitResult(
@@ -393,21 +352,6 @@ class Distiller:
         device = next(self.student.parameters()).device.type
         return torch.autocast(device_type=device, dtype=torch.bfloat16)
 
-    @contextlib.contextmanager
-    def _sync(self, last: bool) -> Iterator[None]:
-        """Gradient synchronisation only on the step's last micro-batch (DDP's ``no_sync``,
-        FSDP2's ``set_requires_gradient_sync``)."""
-        if self.world == 1:
-            yield
-            return
-        with contextlib.ExitStack() as stack:
-            for module in (self.model, self._objective):
-                if hasattr(module, "no_sync") and not last:
-                    stack.enter_context(module.no_sync())
-                elif hasattr(module, "set_requires_gradient_sync"):
-                    module.set_requires_gradient_sync(last)
-            yield
-
     def _loop(self, taps: Taps | None, writer: Any, bar: Any) -> None:
         cfg = self.cfg
         self.student.train()
@@ -427,7 +371,13 @@ class Distiller:
                 # this micro-batch's part of each term's step mean
                 share = counts / totals if self._weigh else None
                 # single_backward: the losses keep nothing for a second backward pass
-                with self._sync(last=j == cfg.grad_accum - 1), self._autocast(), single_backward():
+                with (
+                    distributed.gradient_sync(
+                        (self.model, self._objective), last=j == cfg.grad_accum - 1
+                    ),
+                    self._autocast(),
+                    single_backward(),
+                ):
                     signal = self.teacher.signal(batch) if self.teacher is not None else None
                     view = self._view(taps, batch, self.model)
                     # DDP and FSDP average gradients over processes: scale back up by their number
@@ -521,101 +471,33 @@ class Distiller:
                     atomic_save_module(model, self.run_dir / "best" / "student.safetensors")
                     atomic_write_text(self.run_dir / "best" / "eval.json", json.dumps(row))
 
-    def _log(self, row: dict[str, Any], writer: Any) -> None:
+    def _log(self, row: dict[str, Any], writer: MetricsLog) -> None:
         if "eval" not in row:
             self.history.append(row)
-        if self.run_dir and self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-        if writer is not None:
-            data = row.get("eval", row)
-            prefix = "eval/" if "eval" in row else "train/"
-            for k, v in data.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    writer.add_scalar(prefix + k, v, data["step"])
-
-    def _tensorboard(self) -> Any:
-        if not (self.cfg.tensorboard and self.run_dir and self.main):
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional
-            return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+        writer.write(row)
 
     # ---- checkpoints -------------------------------------------------------------------------
 
     def _gathered(self) -> nn.Module:
         """FSDP: the student's full weights gathered (a collective: every process calls it)
         into the plain copy kept for evaluation, checkpoints and the result."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         assert self._plain is not None
-        if self._plain_step == self.step:  # gathered already (evaluation and checkpoint)
-            return self._plain
-        # every process gets the whole state (cpu_offload would leave it on rank 0 alone)
-        full = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True))
-        self._plain.load_state_dict(full)
-        self._plain_step = self.step
+        if self._plain_step != self.step:  # not gathered yet (evaluation and checkpoint share)
+            distributed.gather_full_state(self.student, into=self._plain)
+            self._plain_step = self.step
         return self._plain
 
-    def _optimizer_state(self) -> dict[str, Any]:
-        """The optimizer's state dict with every sharded (DTensor) tensor gathered: the same
-        layout as a single process's, whatever the number of processes."""
-        state = self.optimizer.state_dict()
-        if not self.fsdp:
-            return state
-        from torch.distributed.tensor import DTensor
-
-        def full(v: Any) -> Any:
-            return v.full_tensor().cpu() if isinstance(v, DTensor) else v
-
-        state["state"] = {
-            i: {k: full(v) for k, v in st.items()} for i, st in state["state"].items()
-        }
-        return state
-
-    def _load_optimizer_state(self, state: dict[str, Any]) -> None:
-        if self.fsdp:  # full tensors back into this process's shards of each parameter
-            from torch.distributed.tensor import DTensor, distribute_tensor
-
-            # state keys count the parameters group by group, as the optimizer holds them
-            ordered = [p for g in self.optimizer.param_groups for p in g["params"]]
-            for i, st in state["state"].items():
-                p = ordered[int(i)]
-                if isinstance(p, DTensor):
-                    for k, v in st.items():
-                        if isinstance(v, torch.Tensor) and v.shape == p.shape:
-                            st[k] = distribute_tensor(
-                                v.to(p.dtype if v.is_floating_point() else v.dtype),
-                                p.device_mesh,
-                                p.placements,
-                            )
-        self.optimizer.load_state_dict(state)
-
     def save_checkpoint(self) -> Path:
-        """Write the whole training state for exact resume; returns the checkpoint folder.
-
-        Each file is written atomically, the folder is published by atomically rewriting
-        ``checkpoints/last.json`` last, so an interrupted save leaves the previous one in force.
-        In a distributed run every process calls it (sharded states are gathered) and rank 0
-        writes; the states are full, so any number of processes can resume from them.
-        """
+        """Write the whole training state for exact resume (see :mod:`potstill.checkpoints`);
+        returns the checkpoint folder. In a distributed run every process calls it (sharded
+        states are gathered) and rank 0 writes; the states are full, so any number of
+        processes can resume from them."""
         assert self.run_dir is not None
-        root = self.run_dir / "checkpoints"
-        folder = root / f"step-{self.step:08d}"
         student = self._gathered() if self.fsdp else self.student
-        optimizer = self._optimizer_state()
+        optimizer = full_optimizer_state(self.optimizer, fsdp=self.fsdp)
         if not self.main:
             distributed.barrier()  # the files exist once rank 0 is through
-            return folder
-        if folder.exists():
-            shutil.rmtree(folder)
-        atomic_save_module(student, folder / "student.safetensors")
-        has_objective_params = any(True for _ in self.objective.parameters())
-        if has_objective_params:
-            atomic_save_module(self.objective, folder / "objective.safetensors")
+            return self.run_dir / "checkpoints" / f"step-{self.step:08d}"
         state = {
             "step": self.step,
             "total_steps": self.total_steps,
@@ -631,14 +513,7 @@ class Distiller:
             "examples_seen": self.examples_seen,
             "processes": self.world,
         }
-        atomic_torch_save(state, folder / "trainer_state.pt")
-        files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-        meta = {"step": self.step, "files": {f: sha256_file(folder / f) for f in files}}
-        atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
-        atomic_write_text(root / "last.json", json.dumps({"dir": folder.name, "step": self.step}))
-        for old in root.glob("step-*"):
-            if old != folder:
-                shutil.rmtree(old, ignore_errors=True)
+        folder = write_checkpoint(self.run_dir, self.step, student, self.objective, state)
         distributed.barrier()
         return folder
 
@@ -650,44 +525,15 @@ class Distiller:
 
     def _load_last_checkpoint(self) -> None:
         assert self.run_dir is not None
-        pointer = self.run_dir / "checkpoints" / "last.json"
-        if not pointer.exists():
+        folder = last_checkpoint(self.run_dir)
+        if folder is None:
             log.info("no checkpoint in %s: starting from scratch", self.run_dir)
             self._start_fresh()
             return
-        folder = pointer.parent / json.loads(pointer.read_text())["dir"]
-        meta_path = folder / "meta.json"
-        if not meta_path.exists():
-            raise CheckpointError(f"{meta_path} is missing: the checkpoint is incomplete")
-        meta = json.loads(meta_path.read_text())
-        for fname, digest in meta["files"].items():
-            if not (folder / fname).exists() or sha256_file(folder / fname) != digest:
-                raise CheckpointError(
-                    f"checkpoint file {folder / fname} is missing or damaged "
-                    "(checksum differs from meta.json)"
-                )
-        state = torch.load(folder / "trainer_state.pt", weights_only=True)
-        if state["total_steps"] != self.total_steps:
-            raise CheckpointError(
-                f"checkpoint {folder} was written by a run of {state['total_steps']} steps, this "
-                f"one has {self.total_steps}: resume with the same recipe, or start a new run dir"
-            )
-        if self.fsdp:
-            from safetensors.torch import load_file
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-            )
-
-            self._plain_step = -1  # the weights change without a step
-
-            full = load_file(str(folder / "student.safetensors"))
-            set_model_state_dict(self.student, full, options=StateDictOptions(full_state_dict=True))
-        else:
-            load_model(self.student, str(folder / "student.safetensors"))
-        if (folder / "objective.safetensors").exists():
-            load_model(self.objective, str(folder / "objective.safetensors"))
-        self._load_optimizer_state(state["optimizer"])
+        state = read_checkpoint(folder, self.total_steps)
+        self._plain_step = -1  # FSDP: the weights change without a step
+        load_weights(folder, self.student, self.objective, fsdp=self.fsdp)
+        load_optimizer_state(self.optimizer, state["optimizer"], fsdp=self.fsdp)
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -699,20 +545,5 @@ class Distiller:
         self.train_time_s = float(state["train_time_s"])
         self.examples_seen = int(state["examples_seen"])
         if self.main:  # rank 0 keeps the log
-            self._truncate_metrics()
+            self.history += truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         log.info("resumed %s at step %d of %d", self.name, self.step, self.total_steps)
-
-    def _truncate_metrics(self) -> None:
-        # rows logged after the checkpoint would be logged again by the resumed run
-        assert self.run_dir is not None
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if row.get("eval", row)["step"] <= self.step:
-                keep.append(line)
-                if "eval" not in row:
-                    self.history.append(row)
-        atomic_write_text(path, "".join(line + "\n" for line in keep))

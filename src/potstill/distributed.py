@@ -11,8 +11,8 @@ import atexit
 import datetime
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.distributed as dist
@@ -122,9 +122,49 @@ def shard_of(n: int) -> slice:
     return slice(start, start + base + (1 if r < extra else 0))
 
 
+def ddp(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` under DistributedDataParallel (on its CUDA device when it has one)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(module.parameters()).device
+    ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+def gather_full_state(sharded: torch.nn.Module, *, into: torch.nn.Module) -> torch.nn.Module:
+    """The full weights of an FSDP2-sharded module loaded into its plain copy ``into`` (a
+    collective: every process calls it and every process gets the whole state)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # full_state_dict without cpu_offload: cpu_offload would leave the state on rank 0 alone
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    into.load_state_dict(full)
+    return into
+
+
+@contextmanager
+def gradient_sync(modules: Sequence[torch.nn.Module], *, last: bool) -> Iterator[None]:
+    """Gradients of ``modules`` synchronised across processes only on a step's ``last``
+    micro-batch (DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``); nothing to do in
+    a single process."""
+    if world_size() == 1:
+        yield
+        return
+    with ExitStack() as stack:
+        for module in modules:
+            if hasattr(module, "no_sync") and not last:
+                stack.enter_context(module.no_sync())
+            elif hasattr(module, "set_requires_gradient_sync"):
+                module.set_requires_gradient_sync(last)
+        yield
+
+
 __all__ = [
     "all_reduce_sum",
     "barrier",
+    "ddp",
+    "gather_full_state",
+    "gradient_sync",
     "is_main",
     "launched",
     "main_first",

@@ -1,0 +1,143 @@
+"""Checkpoints of a training run for exact resume: the student's (and the objective's) weights in
+safetensors and the trainer's state (optimizer, schedule, random generators, running logs) in a
+``weights_only`` torch file, each written atomically, checksummed in ``meta.json`` and published
+by rewriting ``checkpoints/last.json`` last. States are full (sharded FSDP tensors gathered), so a
+run resumes under any number of processes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model
+from torch import nn
+
+from .io import atomic_save_module, atomic_torch_save, atomic_write_text, sha256_file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged or belongs to another run."""
+
+
+def write_checkpoint(
+    run_dir: Path, step: int, student: nn.Module, objective: nn.Module, state: dict[str, Any]
+) -> Path:
+    """Write checkpoint ``step`` under ``run_dir/checkpoints`` and make it the last one; the
+    earlier ones are removed once it is in force. Returns its folder."""
+    root = run_dir / "checkpoints"
+    folder = root / f"step-{step:08d}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    atomic_save_module(student, folder / "student.safetensors")
+    if any(True for _ in objective.parameters()):
+        atomic_save_module(objective, folder / "objective.safetensors")
+    atomic_torch_save(state, folder / "trainer_state.pt")
+    files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    meta = {"step": step, "files": {f: sha256_file(folder / f) for f in files}}
+    atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
+    atomic_write_text(root / "last.json", json.dumps({"dir": folder.name, "step": step}))
+    for old in root.glob("step-*"):
+        if old != folder:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The folder of the checkpoint in force in ``run_dir``, or None when there is none."""
+    pointer = run_dir / "checkpoints" / "last.json"
+    if not pointer.exists():
+        return None
+    return pointer.parent / json.loads(pointer.read_text())["dir"]
+
+
+def read_checkpoint(folder: Path, total_steps: int) -> dict[str, Any]:
+    """The trainer state of checkpoint ``folder``, after checking every file against
+    ``meta.json`` and that it was written by a run of ``total_steps`` steps."""
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        raise CheckpointError(f"{meta_path} is missing: the checkpoint is incomplete")
+    meta = json.loads(meta_path.read_text())
+    for fname, digest in meta["files"].items():
+        if not (folder / fname).exists() or sha256_file(folder / fname) != digest:
+            raise CheckpointError(
+                f"checkpoint file {folder / fname} is missing or damaged "
+                "(checksum differs from meta.json)"
+            )
+    state = torch.load(folder / "trainer_state.pt", weights_only=True)
+    if state["total_steps"] != total_steps:
+        raise CheckpointError(
+            f"checkpoint {folder} was written by a run of {state['total_steps']} steps, this "
+            f"one has {total_steps}: resume with the same recipe, or start a new run dir"
+        )
+    return state
+
+
+def load_weights(folder: Path, student: nn.Module, objective: nn.Module, *, fsdp: bool) -> None:
+    """Checkpoint ``folder``'s weights into ``student`` (sharded in place by FSDP2 when
+    ``fsdp``) and into ``objective`` when it has trainable parts."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full = load_file(str(folder / "student.safetensors"))
+        set_model_state_dict(student, full, options=StateDictOptions(full_state_dict=True))
+    else:
+        load_model(student, str(folder / "student.safetensors"))
+    if (folder / "objective.safetensors").exists():
+        load_model(objective, str(folder / "objective.safetensors"))
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer, *, fsdp: bool) -> dict[str, Any]:
+    """The optimizer's state dict with every sharded (DTensor) tensor gathered: the same layout
+    as a single process's, whatever the number of processes."""
+    state = optimizer.state_dict()
+    if not fsdp:
+        return state
+    from torch.distributed.tensor import DTensor
+
+    def full(v: Any) -> Any:
+        return v.full_tensor().cpu() if isinstance(v, DTensor) else v
+
+    state["state"] = {i: {k: full(v) for k, v in st.items()} for i, st in state["state"].items()}
+    return state
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, state: dict[str, Any], *, fsdp: bool
+) -> None:
+    """A full optimizer state back into ``optimizer`` (under FSDP, each tensor into this
+    process's shard of its parameter)."""
+    if fsdp:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        # state keys count the parameters group by group, as the optimizer holds them
+        ordered = [p for g in optimizer.param_groups for p in g["params"]]
+        for i, st in state["state"].items():
+            p = ordered[int(i)]
+            if isinstance(p, DTensor):
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                        st[k] = distribute_tensor(
+                            v.to(p.dtype if v.is_floating_point() else v.dtype),
+                            p.device_mesh,
+                            p.placements,
+                        )
+    optimizer.load_state_dict(state)
+
+
+def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
+    """Drop the rows of the metrics log ``path`` written after ``step`` (a resumed run logs them
+    again); returns the training rows kept."""
+    if not path.exists():
+        return []
+    keep, history = [], []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("eval", row)["step"] <= step:
+            keep.append(line)
+            if "eval" not in row:
+                history.append(row)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    return history
