@@ -30,7 +30,7 @@ from potstill.stages import distill_chain, plan_arch
 def _train_teacher(splits, seed: int):
     from potstill.config import OptimizerConfig, ScheduleConfig, TrainConfig
     from potstill.distiller import Distiller
-    from potstill.losses.objective import labels_only_objective
+    from potstill.losses.terms import labels_only_objective
 
     torch.manual_seed(seed)
     teacher = build_model(ArchSpec(hidden=[1024, 1024], dropout=0.2))

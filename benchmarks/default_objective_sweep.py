@@ -18,7 +18,7 @@ from potstill.cache import CachedTeacher
 from potstill.data.images import load_splits
 from potstill.data.splits import hide_labels, labelled_only
 from potstill.evaluate import classification_eval
-from potstill.losses.objective import hinton_objective, labels_only_objective
+from potstill.losses.terms import hinton_objective, labels_only_objective
 from potstill.models import build_model
 from potstill.recipe import load_recipe
 

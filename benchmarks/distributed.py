@@ -40,7 +40,8 @@ def worker(workload: str, steps: int, warmup: int, out: Path) -> None:
     """Train one workload; rank 0 writes {examples_per_s, processes, threads} to ``out``."""
     from potstill import Distiller, distributed
     from potstill.config import TrainConfig
-    from potstill.losses.objective import Objective, hinton_objective
+    from potstill.losses.objective import Objective
+    from potstill.losses.terms import hinton_objective
     from potstill.teachers import LiveTeacher
 
     rank, world = distributed.setup()
@@ -61,7 +62,7 @@ def worker(workload: str, steps: int, warmup: int, out: Path) -> None:
     else:
         from potstill.llm.forward import causal_lm_forward
         from potstill.llm.pipeline import lm_datasets, load_lm_teacher
-        from potstill.losses.causal import token_term
+        from potstill.losses.terms import token_term
         from potstill.recipe import load_recipe
         from potstill.students import derive
 

@@ -27,8 +27,8 @@ from potstill import Distiller
 from potstill.llm.evaluate import lm_figures
 from potstill.llm.forward import causal_lm_forward
 from potstill.llm.pipeline import lm_datasets, load_lm_teacher
-from potstill.losses.causal import token_term
 from potstill.losses.objective import Objective
+from potstill.losses.terms import token_term
 from potstill.recipe import load_recipe
 from potstill.stages import plan_layers
 from potstill.students import derive

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from potstill import Distiller, LiveTeacher, TrainConfig
 from potstill.config import OptimizerConfig, ScheduleConfig
 from potstill.data.images import load_fashion_mnist
-from potstill.losses.objective import hinton_objective
+from potstill.losses.terms import hinton_objective
 from potstill.models import ArchSpec, build_model
 
 T, ALPHA, BATCH, LR = 4.0, 0.7, 128, 3e-3

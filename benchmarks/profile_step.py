@@ -45,8 +45,8 @@ def main() -> None:
     from potstill.cache import CachedTeacher
     from potstill.config import TrainConfig
     from potstill.llm.forward import causal_lm_forward
-    from potstill.losses.causal import token_term
     from potstill.losses.objective import Objective
+    from potstill.losses.terms import token_term
     from potstill.teachers import LiveTeacher
 
     teacher, student, tok, input_ids = vs_trl.setup((a.steps + 2) * vs_trl.BATCH)

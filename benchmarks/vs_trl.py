@@ -138,8 +138,8 @@ def run_potstill(
     from potstill.cache import CachedTeacher
     from potstill.config import TrainConfig
     from potstill.llm.forward import causal_lm_forward, causal_lm_hidden_forward
-    from potstill.losses.causal import token_term
     from potstill.losses.objective import Objective
+    from potstill.losses.terms import token_term
     from potstill.teachers import LiveTeacher
 
     source = (

@@ -15,7 +15,7 @@ from potstill.config import OptimizerConfig, ScheduleConfig, TrainConfig
 from potstill.data.images import FASHION_MNIST_DIR, load_splits
 from potstill.data.splits import Splits
 from potstill.distiller import Distiller
-from potstill.losses.objective import labels_only_objective
+from potstill.losses.terms import labels_only_objective
 from potstill.models import ArchSpec, build_model
 
 FASHION_FILES = (

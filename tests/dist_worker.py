@@ -19,7 +19,7 @@ from potstill.config import TrainConfig
 from potstill.data.images import load_splits
 from potstill.data.splits import hide_labels
 from potstill.distiller import Distiller
-from potstill.losses.objective import hinton_objective
+from potstill.losses.terms import hinton_objective
 from potstill.models import ArchSpec, build_model
 from potstill.teachers import LiveTeacher
 

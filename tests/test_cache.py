@@ -37,7 +37,7 @@ from potstill.cache.codec import Q8_STEP
 from potstill.data.tensors import TensorDictDataset
 from potstill.llm.data import fortune_examples, tokenize_examples
 from potstill.llm.forward import causal_lm_forward
-from potstill.losses.causal import batch_token_mask, token_divergence
+from potstill.losses.tokens import batch_token_mask, token_divergence
 from potstill.signal import TopK
 from potstill.teachers import LiveTeacher
 
@@ -626,7 +626,7 @@ def test_cli_cache_from_teacher_and_jsonl(llama_dir, tmp_path):
 
 
 def test_classifier_terms_read_a_top_k_example_cache(digits, teacher_model, tmp_path):
-    from potstill.losses.objective import divergence_term, kd_term
+    from potstill.losses.terms import divergence_term, kd_term
     from potstill.signal import StudentView
 
     x = digits.val.tensors[0][:40]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from potstill.losses.causal import next_token_mask, shared_vocabulary, token_divergence
 from potstill.losses.divergences import divergence
+from potstill.losses.forms import shared_vocabulary
+from potstill.losses.tokens import next_token_mask, token_divergence
 
 
 def _reference_mask(attention_mask, labels=None, prompt_lengths=None, ignore_index=-100):

@@ -23,7 +23,8 @@ from potstill.data.tensors import epoch_order, make_batch
 from potstill.distiller import Distiller
 from potstill.evaluate import classification_eval
 from potstill.losses import kd_loss, soft_target_loss
-from potstill.losses.objective import Objective, hinton_objective, labels_only_objective
+from potstill.losses.objective import Objective
+from potstill.losses.terms import hinton_objective, labels_only_objective
 from potstill.signal import StudentView
 from potstill.teachers import LiveTeacher
 

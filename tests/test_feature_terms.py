@@ -36,8 +36,9 @@ from potstill.losses.feature_terms import (
     relational_term,
 )
 from potstill.losses.features import ConvProjector, feature_distance
-from potstill.losses.objective import Objective, ce_term, kd_term
+from potstill.losses.objective import Objective
 from potstill.losses.relational import pkt, rkd_angle, rkd_distance
+from potstill.losses.terms import ce_term, kd_term
 from potstill.models import ArchSpec, build_model, load_model, save_model
 from potstill.pipeline import run_recipe
 from potstill.recipe import Recipe, RecipeError, TermSpec

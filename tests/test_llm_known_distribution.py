@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from potstill.losses.causal import next_token_mask, token_divergence
 from potstill.losses.divergences import divergence
+from potstill.losses.tokens import next_token_mask, token_divergence
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

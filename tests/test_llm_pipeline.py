@@ -30,13 +30,9 @@ from potstill.llm.data import (
 from potstill.llm.evaluate import greedy_generations, lm_figures
 from potstill.llm.forward import causal_lm_forward
 from potstill.llm.pipeline import LMRecipe, run_lm_recipe
-from potstill.losses.causal import (
-    batch_token_mask,
-    next_token_ce_term,
-    next_token_nll,
-    token_term,
-)
 from potstill.losses.divergences import divergence
+from potstill.losses.terms import next_token_ce_term, token_term
+from potstill.losses.tokens import batch_token_mask, next_token_nll
 from potstill.signal import Signal, StudentView
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -826,8 +822,8 @@ def test_fused_head_under_bf16_mixed_precision(tok):
     from potstill import Distiller
     from potstill.config import TrainConfig
     from potstill.llm.forward import causal_lm_hidden_forward
-    from potstill.losses.causal import token_term
     from potstill.losses.objective import Objective
+    from potstill.losses.terms import token_term
     from potstill.teachers import LiveTeacher
 
     data = val_dataset(tok, n=4)

@@ -16,8 +16,9 @@ from potstill.distiller import Distiller
 from potstill.llm.data import LMExample, tokenize_examples
 from potstill.llm.forward import causal_lm_forward
 from potstill.llm.onpolicy import OnPolicySampler, SamplingSpec
-from potstill.losses.causal import batch_token_mask, token_term
 from potstill.losses.objective import Objective
+from potstill.losses.terms import token_term
+from potstill.losses.tokens import batch_token_mask
 from potstill.teachers import LiveTeacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")

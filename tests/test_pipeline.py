@@ -23,7 +23,7 @@ from potstill.data.images import load_splits
 from potstill.data.splits import DataError, hide_labels, labelled_only
 from potstill.distiller import Distiller
 from potstill.evaluate import accuracy, agreement, predict_logits
-from potstill.losses.objective import hinton_objective, labels_only_objective
+from potstill.losses.terms import hinton_objective, labels_only_objective
 from potstill.models import ArchSpec, build_model, count_parameters, load_model
 from potstill.pipeline import run_recipe
 from potstill.recipe import Recipe, RecipeError, load_recipe

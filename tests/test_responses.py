@@ -70,7 +70,7 @@ def test_only_the_teachers_answer_tokens_carry_loss(run, llama_dir, tok):
     import torch
 
     from potstill.llm.pipeline import lm_datasets, load_lm_teacher
-    from potstill.losses.causal import batch_token_mask
+    from potstill.losses.tokens import batch_token_mask
 
     run_dir, _ = run
     recipe = _recipe(llama_dir)
@@ -151,7 +151,8 @@ def test_packed_rows_give_each_example_its_unpacked_logits_and_loss(tok):
 
     from potstill.llm.data import pack_examples
     from potstill.llm.forward import causal_lm_forward
-    from potstill.losses.causal import batch_token_mask, next_token_ce_term, token_term
+    from potstill.losses.terms import next_token_ce_term, token_term
+    from potstill.losses.tokens import batch_token_mask
     from potstill.signal import Signal, StudentView
 
     data = _unpacked(tok)

@@ -12,7 +12,7 @@ from conftest import quiet_config
 from torch import nn
 
 from potstill.distiller import Distiller
-from potstill.losses.objective import labels_only_objective
+from potstill.losses.terms import labels_only_objective
 from potstill.models import ArchSpec, build_model
 from potstill.taps import TapError, Taps, TapSpec, tap_counts, tapped_forward
 from potstill.teachers import LiveTeacher, default_forward

@@ -23,7 +23,7 @@ from potstill.config import OptimizerConfig
 from potstill.data.splits import IGNORE_INDEX
 from potstill.data.tensors import make_batch
 from potstill.distiller import Distiller
-from potstill.losses.objective import hinton_objective
+from potstill.losses.terms import hinton_objective
 from potstill.teachers import LiveTeacher, model_fingerprint
 
 

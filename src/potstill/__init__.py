@@ -6,7 +6,8 @@ from .cache import CachedTeacher, Encoding, build_logit_cache, write_cache
 from .config import OptimizerConfig, ScheduleConfig, TrainConfig
 from .distiller import Distiller, FitResult
 from .losses import divergence, kd_loss
-from .losses.objective import Objective, Term, ce_term, divergence_term, kd_term
+from .losses.objective import Objective, Term
+from .losses.terms import ce_term, divergence_term, kd_term
 from .signal import Signal, StudentView
 from .teachers import LiveTeacher
 

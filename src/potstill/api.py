@@ -17,7 +17,8 @@ from .cache import cached_or_live
 from .config import OptimizerConfig, ScheduleConfig, TrainConfig
 from .distiller import Distiller, FitResult
 from .evaluate import accuracy, agreement, predict_logits
-from .losses.objective import Objective, hinton_objective, labels_only_objective
+from .losses.objective import Objective
+from .losses.terms import hinton_objective, labels_only_objective
 from .teachers import LiveTeacher, TeacherSource
 
 

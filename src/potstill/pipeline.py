@@ -30,7 +30,8 @@ from .data.splits import Splits, hide_labels, labelled_only
 from .distiller import Distiller, FitResult
 from .evaluate import classification_eval, model_card_figures, predict_logits
 from .io import atomic_write_text
-from .losses.objective import Objective, labels_only_objective
+from .losses.objective import Objective
+from .losses.terms import labels_only_objective
 from .models import ArchSpec, build_model, load_model, save_model
 from .recipe import Recipe, RecipeError
 from .taps import TapsLike, tap_counts

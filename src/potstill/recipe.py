@@ -22,7 +22,8 @@ from .losses.feature_terms import (
     relational_term,
 )
 from .losses.features import explicit_layer_map, last_k_layer_map, uniform_layer_map
-from .losses.objective import Objective, Term, ce_term, divergence_term, kd_term
+from .losses.objective import Objective, Term
+from .losses.terms import ce_term, divergence_term, kd_term
 from .models import ArchSpec
 from .taps import TapSpec
 

@@ -92,7 +92,7 @@ class StudentView:
     A view may instead hold the student's last ``hidden`` state and its output layer ``head``
     (an ``nn.Linear``, see :func:`potstill.llm.forward.causal_lm_hidden_forward`): then the
     logits are built from them on first access, and terms that can fuse the output layer with
-    their loss (:func:`potstill.losses.causal.token_term`) read ``hidden`` and ``head`` without
+    their loss (:func:`potstill.losses.terms.token_term`) read ``hidden`` and ``head`` without
     ever building the full logits (``deferred`` tells whether they are still unbuilt).
     """
 

@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 
 from ..data.tensors import TensorDictDataset, iterate_batches, make_batch
 from ..evaluate import eval_mode, median_seconds
-from ..losses.causal import batch_token_mask, next_token_mask, next_token_nll, shared_vocabulary
 from ..losses.divergences import divergence
+from ..losses.forms import shared_vocabulary
+from ..losses.tokens import batch_token_mask, next_token_mask, next_token_nll
 from .data import right_pad
 from .forward import causal_lm_forward
 

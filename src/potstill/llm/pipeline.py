@@ -38,8 +38,8 @@ from ..hf import (
     shared_vocab_size,
 )
 from ..io import atomic_write_text
-from ..losses.causal import next_token_ce_term, token_term
 from ..losses.objective import Objective, Term
+from ..losses.terms import next_token_ce_term, token_term
 from ..models import count_parameters
 from ..pipeline import _check_run_dir, _start_run_dir
 from ..recipe import _Strict

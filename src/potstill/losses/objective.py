@@ -11,8 +11,6 @@ import torch
 from torch import nn
 
 from ..signal import Signal, StudentView, TopK
-from .divergences import divergence, soft_target_loss
-from .sparse import sparse_divergence
 
 TermFn = Callable[[StudentView, "Signal | None", Mapping[str, Any]], torch.Tensor]
 
@@ -57,68 +55,6 @@ def teacher_target(signal: Signal | None, term: str) -> torch.Tensor | TopK:
     if signal is None or signal.logits is None:
         raise ValueError(f"the {term!r} term needs the teacher's logits (or a top-k cache)")
     return signal.logits
-
-
-def kd_term(temperature: float = 2.0, weight: float = 0.5, name: str = "kd") -> Term:
-    """Hinton's soft-target term: ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, batch mean. With a
-    top-k teacher (a cache) the KL is taken on the k+1 buckets (``sparse_divergence``)."""
-
-    def fn(view: StudentView, signal: Signal | None, batch: Mapping[str, Any]) -> torch.Tensor:
-        target = teacher_target(signal, name)
-        if isinstance(target, TopK):
-            kl = sparse_divergence(view.logits, target, "fkl", temperature=temperature)
-            return temperature**2 * kl
-        return soft_target_loss(view.logits, target, temperature=temperature)
-
-    return Term(name, fn, weight)
-
-
-def ce_term(
-    weight: float = 0.5, ignore_index: int = -100, label_smoothing: float = 0.0, name: str = "ce"
-) -> Term:
-    """Cross-entropy with the labels, averaged over labelled examples; 0 when a batch has none."""
-
-    def fn(view: StudentView, signal: Signal | None, batch: Mapping[str, Any]) -> torch.Tensor:
-        labels = batch["label"]
-        logits = view.logits.reshape(-1, view.logits.shape[-1])
-        labels = labels.reshape(-1)
-        # a sum over a clamped count rather than reduction="mean": no host sync, and a batch
-        # without labels gives 0 instead of NaN
-        total = nn.functional.cross_entropy(
-            logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            reduction="sum",
-        )  # fmt: skip
-        return total / (labels != ignore_index).sum().clamp_min(1)
-
-    def count(batch: Mapping[str, Any]) -> torch.Tensor:
-        return (batch["label"] != ignore_index).sum()
-
-    return Term(name, fn, weight, needs_teacher=False, count=count)
-
-
-def divergence_term(
-    kind: str,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    weight: float = 1.0,
-    name: str | None = None,
-    skew: float = 0.1,
-) -> Term:
-    """A token/row-level divergence between student and teacher logits (see ``divergence``);
-    on the k+1 buckets (``sparse_divergence``) when the teacher is a top-k cache."""
-
-    def fn(view: StudentView, signal: Signal | None, batch: Mapping[str, Any]) -> torch.Tensor:
-        target = teacher_target(signal, name or kind)
-        opts = {"temperature": temperature, "beta": beta, "skew": skew, "mask": batch.get("mask")}
-        if isinstance(target, TopK):
-            return sparse_divergence(view.logits, target, kind, **opts)
-        return divergence(view.logits, target, kind, **opts)
-
-    def count(batch: Mapping[str, Any]) -> torch.Tensor | int:
-        mask = batch.get("mask")
-        return batch_examples(batch) if mask is None else mask.sum()
-
-    return Term(name or kind, fn, weight, count=count)
 
 
 class Objective(nn.Module):
@@ -211,13 +147,3 @@ class Objective(nn.Module):
             total = weighted if total is None else total + weighted
         assert total is not None
         return total, values
-
-
-def hinton_objective(temperature: float = 2.0, alpha: float = 0.5) -> Objective:
-    """The classic objective ``alpha·kd + (1−alpha)·ce``: the same value as ``kd_loss``."""
-    return Objective([kd_term(temperature, alpha), ce_term(1.0 - alpha)])
-
-
-def labels_only_objective() -> Objective:
-    """Cross-entropy alone: the baseline student trained without a teacher."""
-    return Objective([ce_term(1.0)])
