@@ -43,11 +43,11 @@ from potstill import Distiller
 from potstill.cache import CachedTeacher, Encoding, cache_status, write_cache
 from potstill.data.tensors import TensorDictDataset
 from potstill.llm.forward import causal_lm_forward
-from potstill.llm.pipeline import lm_datasets, load_lm_teacher
 from potstill.losses.objective import Objective
 from potstill.losses.terms import token_term
 from potstill.losses.tokens import batch_token_mask
 from potstill.recipe import load_recipe
+from potstill.runs.lm_data import lm_datasets, load_lm_teacher
 from potstill.students import derive
 from potstill.teachers import LiveTeacher
 

@@ -61,9 +61,9 @@ def worker(workload: str, steps: int, warmup: int, out: Path) -> None:
         forward: dict = {}
     else:
         from potstill.llm.forward import causal_lm_forward
-        from potstill.llm.pipeline import lm_datasets, load_lm_teacher
         from potstill.losses.terms import token_term
         from potstill.recipe import load_recipe
+        from potstill.runs.lm_data import lm_datasets, load_lm_teacher
         from potstill.students import derive
 
         recipe = load_recipe("smollm2-fortunes")

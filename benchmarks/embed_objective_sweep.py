@@ -19,7 +19,7 @@ from potstill.data.fortunes import load_fortunes
 from potstill.distiller import Distiller
 from potstill.hf import load_model, load_tokenizer
 from potstill.losses.objective import Objective
-from potstill.recipe import TermSpec
+from potstill.recipe.common import TermSpec
 from potstill.students import derive
 from potstill.tasks.embedding import (
     embed,

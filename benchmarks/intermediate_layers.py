@@ -23,8 +23,8 @@ import statistics
 import time
 from pathlib import Path
 
-from potstill.pipeline import run_recipe
 from potstill.recipe import load_recipe
+from potstill.runs import run as run_recipe
 
 LOGITS = [{"kind": "kd", "weight": 0.5, "temperature": 2.0}, {"kind": "ce", "weight": 0.5}]
 VARIANTS: dict[str, dict] = {
@@ -130,9 +130,9 @@ def main() -> None:
 
 def load_recipe_dict(data: dict):
     """Validate a recipe given as a dict (same checks as a YAML file)."""
-    from potstill.recipe import Recipe
+    from potstill.recipe.classic import ClassicRecipe
 
-    return Recipe.model_validate(data)
+    return ClassicRecipe.model_validate(data)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ import torch
 from potstill import Distiller
 from potstill.llm.evaluate import lm_figures
 from potstill.llm.forward import causal_lm_forward
-from potstill.llm.pipeline import lm_datasets, load_lm_teacher
 from potstill.losses.objective import Objective
 from potstill.losses.terms import token_term
 from potstill.recipe import load_recipe
+from potstill.runs.lm_data import lm_datasets, load_lm_teacher
 from potstill.stages import plan_layers
 from potstill.students import derive
 from potstill.teachers import LiveTeacher

@@ -98,8 +98,8 @@ def peak_mb() -> float:
 
 def setup(rows: int) -> tuple:
     """Teacher, derived student, tokenizer and ``rows`` rows of exactly LENGTH real tokens."""
-    from potstill.llm.pipeline import lm_datasets, load_lm_teacher
     from potstill.recipe import load_recipe
+    from potstill.runs.lm_data import lm_datasets, load_lm_teacher
     from potstill.students import derive
 
     recipe = load_recipe("smollm2-fortunes")

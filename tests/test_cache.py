@@ -368,8 +368,8 @@ import sys, time, torch
 sys.path.insert(0, {tests!r})
 from test_llm_pipeline import tiny_llama
 from potstill.cache import write_cache
-from potstill.llm.evaluate import causal_lm_forward
-from potstill.data import TensorDictDataset
+from potstill.llm.forward import causal_lm_forward
+from potstill.data.tensors import TensorDictDataset
 torch.set_num_threads(1)
 data = TensorDictDataset(
     {{k: torch.load({data!r}, weights_only=True)[k] for k in ("input_ids", "attention_mask")}},
@@ -478,7 +478,7 @@ def test_example_cache_stores_tapped_features(digits, teacher_model, tmp_path):
 def _lm_recipe(llama_dir: Path, fortunes: Path, cache: Any = None, **over: Any):
     from test_llm_pipeline import recipe_dict
 
-    from potstill.llm.pipeline import LMRecipe
+    from potstill.recipe.causal_lm import LMRecipe
 
     data = recipe_dict(
         llama_dir,
@@ -507,15 +507,15 @@ def fortunes(tmp_path_factory) -> Path:
 
 
 def test_recipe_trains_the_same_from_a_full_cache_as_live(llama_dir, fortunes, tmp_path):
-    from potstill.llm.pipeline import run_lm_recipe
+    from potstill.runs import run as run_recipe
 
     # SGD: Adam divides each gradient by its own running size, so float rounding in gradients
     # that are nearly 0 (tokens both models find unlikely) would decide whole update steps
     sgd = {"max_steps": 3, "batch_size": 3, "optimizer": {"name": "sgd", "lr": 0.5}}
-    live = run_lm_recipe(_lm_recipe(llama_dir, fortunes, train=sgd), tmp_path / "live")
+    live = run_recipe(_lm_recipe(llama_dir, fortunes, train=sgd), tmp_path / "live")
     exact = {"k": 49152, "logprobs": "float32", "compression": "none", "shard_size": 2}
     recipe = _lm_recipe(llama_dir, fortunes, cache=exact, train=sgd)
-    cached = run_lm_recipe(recipe, tmp_path / "cached")
+    cached = run_recipe(recipe, tmp_path / "cached")
     info = cached["teacher_cache"]
     assert info["path"] == str(tmp_path / "cached" / "teacher-cache")
     assert cache_status(info["path"]).complete and info["examples"] == 6
@@ -535,22 +535,22 @@ def test_recipe_trains_the_same_from_a_full_cache_as_live(llama_dir, fortunes, t
 
 
 def test_recipe_with_the_default_top_k_cache_trains_close_to_live(llama_dir, fortunes, tmp_path):
-    from potstill.llm.pipeline import run_lm_recipe
+    from potstill.runs import run as run_recipe
 
     recipe = _lm_recipe(llama_dir, fortunes, cache=True)
     assert recipe.teacher.cache.k == 64 and recipe.teacher.cache.logprobs == "q8"
-    results = run_lm_recipe(recipe, tmp_path / "run")
+    results = run_recipe(recipe, tmp_path / "run")
     assert results["teacher_cache"]["bytes_per_token"] < 200
     # a second run reuses the shared cache as it is (nothing rewritten)
     shared = tmp_path / "run" / "teacher-cache"
     stamps = {p: p.stat().st_mtime_ns for p in (shared / "shards").iterdir()}
     again = _lm_recipe(llama_dir, fortunes, cache={"path": str(shared)})
-    run_lm_recipe(again, tmp_path / "again")
+    run_recipe(again, tmp_path / "again")
     assert {p: p.stat().st_mtime_ns for p in (shared / "shards").iterdir()} == stamps
     # … but refuses it for another k, naming the field
     other = _lm_recipe(llama_dir, fortunes, cache={"path": str(shared), "k": 8})
     with pytest.raises(CacheError, match="k differs"):
-        run_lm_recipe(other, tmp_path / "other")
+        run_recipe(other, tmp_path / "other")
 
 
 def test_cli_cache_from_a_recipe_in_parts_then_train(llama_dir, fortunes, tmp_path):

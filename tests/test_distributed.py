@@ -135,10 +135,10 @@ DIGITS = {
 
 
 def test_classic_recipe_on_two_processes_equals_one(tmp_path):
-    from potstill.pipeline import run_recipe
-    from potstill.recipe import Recipe
+    from potstill.recipe.classic import ClassicRecipe
+    from potstill.runs import run as run_recipe
 
-    one = run_recipe(Recipe.model_validate(DIGITS), tmp_path / "one")
+    one = run_recipe(ClassicRecipe.model_validate(DIGITS), tmp_path / "one")
     # two processes, micro-batches of 32 accumulated twice: the same 64 examples per step
     recipe = tmp_path / "two.yaml"
     two_train = {**DIGITS["train"], "batch_size": 32, "grad_accum": 2}
@@ -173,7 +173,8 @@ def llama_dir(tok, tmp_path_factory) -> Path:
 def test_causal_lm_recipe_on_two_processes_equals_one(
     llama_dir, small_fortunes, tmp_path, strategy
 ):
-    from potstill.llm.pipeline import LMRecipe, run_lm_recipe
+    from potstill.recipe.causal_lm import LMRecipe
+    from potstill.runs import run as run_recipe
 
     def recipe(**train) -> dict:
         data = recipe_dict(
@@ -193,7 +194,7 @@ def test_causal_lm_recipe_on_two_processes_equals_one(
         data["teacher"]["cache"] = {"k": 16, "shard_size": 3}
         return data
 
-    run_lm_recipe(LMRecipe.model_validate(recipe()), tmp_path / "one")
+    run_recipe(LMRecipe.model_validate(recipe()), tmp_path / "one")
     path = tmp_path / "two.yaml"
     # batches of 3 sequences split 2 / 1 between the processes; tokens per sequence differ, so
     # only normalising by the step's token count across processes gives one result

@@ -21,8 +21,9 @@ from potstill import hf
 from potstill.config import TrainConfig
 from potstill.data.fortunes import FORTUNES_DIR, load_fortunes
 from potstill.data.tensors import TensorDictDataset, fingerprint, make_batch
-from potstill.embed_pipeline import EmbedRecipe, run_embed_recipe
 from potstill.recipe import RecipeError, load_recipe
+from potstill.recipe.embed import EmbedRecipe
+from potstill.runs import run as run_recipe
 from potstill.students import derive
 from potstill.tasks.embedding import (
     embed,
@@ -587,7 +588,7 @@ def embed_run(tmp_path_factory):
         "throughput_batch": 8,
     })  # fmt: skip
     run_dir = tmp_path_factory.mktemp("embed_run")
-    results = run_embed_recipe(recipe, run_dir)
+    results = run_recipe(recipe, run_dir)
     return recipe, run_dir, results
 
 

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from torch import nn
 
-import potstill.pipeline
+import potstill.runs.classic
 from potstill.cache import CachedTeacher, build_logit_cache
 from potstill.config import OptimizerConfig
 from potstill.data.images import load_splits
@@ -40,8 +40,10 @@ from potstill.losses.objective import Objective
 from potstill.losses.relational import pkt, rkd_angle, rkd_distance
 from potstill.losses.terms import ce_term, kd_term
 from potstill.models import ArchSpec, build_model, load_model, save_model
-from potstill.pipeline import run_recipe
-from potstill.recipe import Recipe, RecipeError, TermSpec
+from potstill.recipe import RecipeError
+from potstill.recipe.classic import ClassicRecipe
+from potstill.recipe.common import TermSpec
+from potstill.runs import run as run_recipe
 from potstill.signal import Signal, StudentView
 from potstill.taps import Taps, tap_counts, tapped_forward
 from potstill.teachers import LiveTeacher
@@ -435,7 +437,7 @@ def test_term_spec_validation(fields, match):
     with pytest.raises(ValidationError, match=match):
         TermSpec(**fields)
     with pytest.raises(ValidationError, match=match):
-        Recipe.model_validate({"objective": [{"kind": "ce"}, fields]})
+        ClassicRecipe.model_validate({"objective": [{"kind": "ce"}, fields]})
 
 
 def test_relational_spec_defaults_to_logits():
@@ -563,9 +565,9 @@ def _quick_measure(seen: list[int]):
     return measure
 
 
-def _run(recipe: Recipe, run_dir: Path, seen: list[int], **kw) -> dict:
+def _run(recipe: ClassicRecipe, run_dir: Path, seen: list[int], **kw) -> dict:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(potstill.pipeline, "measure_cache_speedup", _quick_measure(seen))
+        mp.setattr(potstill.runs.classic, "measure_cache_speedup", _quick_measure(seen))
         return run_recipe(recipe, run_dir, **kw)
 
 
@@ -574,7 +576,7 @@ def hint_run(tmp_path_factory):
     """One recipe run with a hint stage: (run_dir, recipe, results, hooks seen on the teacher by
     the cache-speed measurement)."""
     run_dir = tmp_path_factory.mktemp("hint") / "run"
-    recipe = Recipe.model_validate(HINT_RECIPE)
+    recipe = ClassicRecipe.model_validate(HINT_RECIPE)
     seen: list[int] = []
     results = _run(recipe, run_dir, seen)
     return run_dir, recipe, results, seen
@@ -615,7 +617,7 @@ def test_hint_stage_results_budget_and_report(hint_run):
     assert f"baseline {runs['baseline']['steps']} steps" in training[0]
 
 
-def _init_student(recipe: Recipe) -> nn.Module:
+def _init_student(recipe: ClassicRecipe) -> nn.Module:
     arch = recipe.student.arch.model_copy(update={"input_shape": [1, 8, 8], "num_classes": 10})
     torch.manual_seed(recipe.seed)
     return build_model(arch)
@@ -694,6 +696,6 @@ def test_cache_speed_is_measured_on_a_teacher_without_taps(hint_run):
 
 
 def test_recipe_seed_reaches_the_hint_stage():
-    recipe = Recipe.model_validate({**HINT_RECIPE, "seed": 5})
+    recipe = ClassicRecipe.model_validate({**HINT_RECIPE, "seed": 5})
     assert recipe.train.seed == recipe.teacher.train.seed == 5
     assert recipe.hint is not None and recipe.hint.train.seed == 5

@@ -29,10 +29,11 @@ from potstill.llm.data import (
 )
 from potstill.llm.evaluate import greedy_generations, lm_figures
 from potstill.llm.forward import causal_lm_forward
-from potstill.llm.pipeline import LMRecipe, run_lm_recipe
 from potstill.losses.divergences import divergence
 from potstill.losses.terms import next_token_ce_term, token_term
 from potstill.losses.tokens import batch_token_mask, next_token_nll
+from potstill.recipe.causal_lm import LMRecipe
+from potstill.runs import run as run_recipe
 from potstill.signal import Signal, StudentView
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -505,7 +506,7 @@ def lm_run(llama_dir, tmp_path_factory) -> tuple[Path, dict[str, Any], LMRecipe]
         pytest.skip("Debian's fortunes package is not installed")
     recipe = LMRecipe.model_validate(recipe_dict(llama_dir))
     run_dir = tmp_path_factory.mktemp("lm-run")
-    return run_dir, run_lm_recipe(recipe, run_dir), recipe
+    return run_dir, run_recipe(recipe, run_dir), recipe
 
 
 def test_pipeline_results(lm_run, llama_dir):
@@ -666,7 +667,7 @@ def test_builtin_smollm2_recipe_validates():
 def test_variant_named_teacher_does_not_replace_the_teacher(llama_dir, small_fortunes, tmp_path):
     try:
         recipe = small_recipe(llama_dir, small_fortunes, variants={"teacher": [{"kind": "ce"}]})
-        results = run_lm_recipe(recipe, tmp_path)
+        results = run_recipe(recipe, tmp_path)
     except ValueError as e:  # rejecting the name is a fine answer too
         assert "teacher" in str(e)
         return
@@ -678,9 +679,7 @@ def test_variant_named_teacher_does_not_replace_the_teacher(llama_dir, small_for
 def test_variant_names_get_distinct_folders(llama_dir, small_fortunes, tmp_path):
     variants = {"forward KL": [{"kind": "fkl"}], "forward-kl": [{"kind": "rkl"}]}
     try:
-        results = run_lm_recipe(
-            small_recipe(llama_dir, small_fortunes, variants=variants), tmp_path
-        )
+        results = run_recipe(small_recipe(llama_dir, small_fortunes, variants=variants), tmp_path)
     except ValueError as e:
         assert "variants" in str(e)
         return
@@ -702,7 +701,7 @@ def test_student_with_padding_rows(llama_dir, small_fortunes, tok, tmp_path):
         student={"model": str(padded), "keep": None},
         variants={"fkl": [{"kind": "fkl"}], "ce": [{"kind": "ce"}]},
     )
-    results = run_lm_recipe(recipe, tmp_path / "run")
+    results = run_recipe(recipe, tmp_path / "run")
     assert results["vocabulary"] == len(tok) == 49152
     assert results["student"] == str(padded) and results["derived_layers"] is None
     rows = results["rows"]
@@ -718,14 +717,14 @@ def test_student_with_too_few_rows_is_refused(llama_dir, small_fortunes, tok, tm
     small = save_llama(tmp_path / "small", tok, len(tok) - 100, seed=4)
     recipe = small_recipe(llama_dir, small_fortunes, student={"model": str(small), "keep": None})
     with pytest.raises(TokenizerMismatch, match="49152"):
-        run_lm_recipe(recipe, tmp_path / "run")
+        run_recipe(recipe, tmp_path / "run")
     shutil.rmtree(tmp_path / "small")
 
 
 def test_bf16_teacher_and_mixed_precision_recipe(llama_dir, small_fortunes, tmp_path):
     """teacher.dtype: bfloat16 and train.precision: bf16 run a whole recipe; the bf16 teacher's
     held-out perplexity stays near the fp32 teacher's."""
-    fp32 = run_lm_recipe(
+    fp32 = run_recipe(
         small_recipe(llama_dir, small_fortunes, variants={"fkl": [{"kind": "fkl"}]}),
         tmp_path / "fp32",
     )
@@ -733,7 +732,7 @@ def test_bf16_teacher_and_mixed_precision_recipe(llama_dir, small_fortunes, tmp_
         llama_dir, small_fortunes, variants={"fkl": [{"kind": "fkl"}]}, train={"precision": "bf16"}
     )
     recipe.teacher.dtype = "bfloat16"
-    bf16 = run_lm_recipe(recipe, tmp_path / "bf16")
+    bf16 = run_recipe(recipe, tmp_path / "bf16")
     a, b = fp32["rows"]["teacher"]["perplexity"], bf16["rows"]["teacher"]["perplexity"]
     assert a != b and abs(math.log(b / a)) < 0.05
     assert bf16["rows"]["fkl"]["steps"] == 1 and math.isfinite(bf16["rows"]["fkl"]["perplexity"])
@@ -756,8 +755,8 @@ def test_fused_head_trains_like_full_logits_without_building_them(tok, terms):
     from potstill import Distiller
     from potstill.config import TrainConfig
     from potstill.llm.forward import causal_lm_hidden_forward
-    from potstill.llm.pipeline import LMVariantSpec
     from potstill.losses.objective import Objective
+    from potstill.recipe.causal_lm import LMVariantSpec
     from potstill.teachers import LiveTeacher
 
     data = val_dataset(tok, n=5)
@@ -772,7 +771,7 @@ def test_fused_head_trains_like_full_logits_without_building_them(tok, terms):
                           optimizer={"name": "sgd", "lr": 0.5}, log_every=1,
                           progress=False, tensorboard=False)  # fmt: skip
         fit = Distiller(
-            student, Objective([t.build(7) for t in spec.terms]), data,
+            student, Objective([t.build(chunk_size=7) for t in spec.terms]), data,
             teacher=LiveTeacher(teacher, forward=causal_lm_forward), config=cfg,
             student_forward=forward,
         ).fit()  # fmt: skip
@@ -811,7 +810,7 @@ def test_fused_head_recipe(llama_dir, small_fortunes, tmp_path):
             llama_dir, small_fortunes, variants={"fkl": [{"kind": "fkl"}]}, fused_head=fused,
             train={"max_steps": 2, "optimizer": {"name": "sgd", "lr": 0.5}},
         )  # fmt: skip
-        runs[fused] = run_lm_recipe(recipe, tmp_path / str(fused))
+        runs[fused] = run_recipe(recipe, tmp_path / str(fused))
     a, b = (runs[f]["rows"]["fkl"]["perplexity"] for f in (False, True))
     assert b == pytest.approx(a, rel=1e-5)
 
@@ -855,5 +854,5 @@ def test_fused_head_is_refused_under_torchrun_before_anything_runs(
     recipe = small_recipe(llama_dir, small_fortunes, variants={"fkl": [{"kind": "fkl"}]},
                           fused_head=True)  # fmt: skip
     with pytest.raises(ValueError, match="fused_head: false for a distributed run"):
-        run_lm_recipe(recipe, tmp_path / "run")
+        run_recipe(recipe, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before the run folder was made

@@ -14,7 +14,9 @@ import pytest
 import yaml
 from test_llm_pipeline import merged, recipe_dict, small_fortunes, tiny_llama  # noqa: F401
 
-from potstill.chain import ChainRecipe, lm_layer_count, run_chain
+from potstill.recipe.chain import ChainRecipe
+from potstill.runs import run as run_recipe
+from potstill.runs.chain import lm_layer_count
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,7 +47,7 @@ def chain_run(llama4, small_fortunes, tmp_path_factory):
         base={"teacher": {"cache": {"k": 8}}},
     )  # fmt: skip
     run_dir = tmp_path_factory.mktemp("lm-chain") / "run"
-    return chain, run_dir, run_chain(chain, run_dir)
+    return chain, run_dir, run_recipe(chain, run_dir)
 
 
 def _recipe(run_dir: Path, stage: str) -> dict[str, Any]:
@@ -119,7 +121,7 @@ def test_resumed_chain_retrains_nothing(chain_run):
     exports = sorted(run_dir.glob("*/*/export/*.safetensors"))
     assert len(exports) == 6  # two variants in each of three stages
     stamps = {p: p.stat().st_mtime_ns for p in exports}
-    again = run_chain(chain, run_dir, resume=True)
+    again = run_recipe(chain, run_dir, resume=True)
     assert {p: p.stat().st_mtime_ns for p in exports} == stamps
     assert [r["perplexity"] for r in again["rows"]] == pytest.approx(
         [r["perplexity"] for r in out["rows"]], rel=1e-6

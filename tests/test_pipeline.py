@@ -25,8 +25,9 @@ from potstill.distiller import Distiller
 from potstill.evaluate import accuracy, agreement, predict_logits
 from potstill.losses.terms import hinton_objective, labels_only_objective
 from potstill.models import ArchSpec, build_model, count_parameters, load_model
-from potstill.pipeline import run_recipe
-from potstill.recipe import Recipe, RecipeError, load_recipe
+from potstill.recipe import RecipeError, load_recipe
+from potstill.recipe.classic import ClassicRecipe
+from potstill.runs import run as run_recipe
 from potstill.teachers import LiveTeacher
 
 ROW_LABELS = ("teacher", "student without teacher", "student, distilled")
@@ -213,7 +214,7 @@ def test_resume_with_another_recipe_names_the_field(run):
     assert "train.epochs" in message
     assert "settings" in message
     assert "teacher" not in message.split("differ:")[1]
-    saved = Recipe.model_validate(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
+    saved = ClassicRecipe.model_validate(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
     assert saved == recipe  # the refused run did not overwrite the saved recipe
 
 

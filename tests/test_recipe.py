@@ -9,19 +9,14 @@ import pytest
 import yaml
 
 from potstill.losses.objective import Objective
-from potstill.recipe import (
-    Recipe,
-    RecipeError,
-    apply_overrides,
-    builtin_recipes,
-    load_recipe,
-)
+from potstill.recipe import RecipeError, apply_overrides, builtin_recipes, load_recipe
+from potstill.recipe.classic import ClassicRecipe
 
 
 def test_builtin_default_recipe_validates():
     assert "default" in builtin_recipes()
     r = load_recipe("default")
-    assert isinstance(r, Recipe)
+    assert isinstance(r, ClassicRecipe)
     assert r.name == "fashion-mnist-default"
     assert r.data.name == "fashion-mnist"
     assert r.teacher.arch.hidden == [1024, 1024]
@@ -138,7 +133,7 @@ def test_recipe_file_with_bad_yaml(tmp_path):
 def test_empty_recipe_file_gives_the_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("")
-    assert load_recipe(path) == Recipe()
+    assert load_recipe(path) == ClassicRecipe()
 
 
 def test_unknown_recipe_name_lists_builtins(tmp_path, monkeypatch):

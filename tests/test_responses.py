@@ -16,7 +16,8 @@ from test_llm_pipeline import recipe_dict, save_llama
 
 from potstill.data.instructions import instructions
 from potstill.llm.answers import read_answers
-from potstill.llm.pipeline import LMRecipe, run_lm_recipe
+from potstill.recipe.causal_lm import LMRecipe
+from potstill.runs import run as run_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,7 +50,7 @@ def _recipe(llama_dir: Path, **over: Any) -> LMRecipe:
 @pytest.fixture(scope="module")
 def run(llama_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("responses")
-    return run_dir, run_lm_recipe(_recipe(llama_dir), run_dir)
+    return run_dir, run_recipe(_recipe(llama_dir), run_dir)
 
 
 def test_the_teacher_answers_first_and_students_learn_its_answers(run, tok):
@@ -69,8 +70,8 @@ def test_the_teacher_answers_first_and_students_learn_its_answers(run, tok):
 def test_only_the_teachers_answer_tokens_carry_loss(run, llama_dir, tok):
     import torch
 
-    from potstill.llm.pipeline import lm_datasets, load_lm_teacher
     from potstill.losses.tokens import batch_token_mask
+    from potstill.runs.lm_data import lm_datasets, load_lm_teacher
 
     run_dir, _ = run
     recipe = _recipe(llama_dir)
@@ -107,7 +108,7 @@ def test_answers_to_held_out_prompts_are_scored(run):
 def test_resume_reuses_the_teachers_answers(run, llama_dir):
     run_dir, _ = run
     files = {p: p.stat().st_mtime_ns for p in (run_dir / "answers").iterdir()}
-    run_lm_recipe(_recipe(llama_dir), run_dir, resume=True)
+    run_recipe(_recipe(llama_dir), run_dir, resume=True)
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "answers").iterdir()} == files
 
 
@@ -120,14 +121,14 @@ def test_prompts_file_and_recipe_errors(llama_dir, tmp_path):
               "answers": {"max_new_tokens": 3}},
         variants={"response": [{"kind": "ce"}]},
     )  # fmt: skip
-    results = run_lm_recipe(recipe, tmp_path / "run")
+    results = run_recipe(recipe, tmp_path / "run")
     assert results["data"]["train"] == 5 and len(results["answers"]["prompts"]) == 2
     with pytest.raises(ValidationError, match="data.prompts"):
         _recipe(llama_dir, data={"name": "prompts"})
     with pytest.raises(ValidationError, match="on-policy samples need the live teacher"):
         _recipe(llama_dir, teacher={"model": str(llama_dir), "cache": True})
     with pytest.raises(ValueError, match="train 9 / val 1 but only 7 / 1 prompts"):
-        run_lm_recipe(
+        run_recipe(
             _recipe(llama_dir, data={"name": "prompts", "prompts": str(prompts), "train": 9,
                                      "val": 1}),
             tmp_path / "too-many",
@@ -199,7 +200,7 @@ def test_recipe_with_packing(llama_dir, tmp_path):
               "answers": {"max_new_tokens": 3}},
         variants={"response": [{"kind": "ce"}], "token KD": [{"kind": "fkl"}]},
     )  # fmt: skip
-    results = run_lm_recipe(recipe, tmp_path / "run")
+    results = run_recipe(recipe, tmp_path / "run")
     assert results["data"]["packing"] and results["data"]["rows"] < results["data"]["train"] == 6
     with pytest.raises(ValidationError, match="drop data.packing or on_policy"):
         _recipe(llama_dir, data={"name": "instructions", "packing": True})
@@ -238,9 +239,9 @@ def test_first_fit_packs_exactly_as_the_plain_scan(seed):
 def test_teacher_row_reads_its_recorded_answers(run, llama_dir, tok, monkeypatch):
     """The answers files keep the generated ids; the held-out teacher row uses them instead of
     generating the teacher's greedy answers again, with the same figures."""
-    import potstill.llm.pipeline as P
+    import potstill.runs.lm_data as data
+    import potstill.tasks.causal_lm as task
     from potstill.llm.evaluate import answer_tokens
-    from potstill.llm.pipeline import load_lm_teacher
 
     run_dir, results = run
     val = read_answers(run_dir / "answers" / "val.jsonl")
@@ -248,13 +249,14 @@ def test_teacher_row_reads_its_recorded_answers(run, llama_dir, tok, monkeypatch
         assert tok.decode(r["answer_ids"], skip_special_tokens=True).strip() == r["answer"]
         assert len(r["answer_ids"]) == r["tokens"] + (r["finish"] == "stop")
     # generated again now, the teacher's greedy answers are the recorded ids
-    teacher, _ = load_lm_teacher(_recipe(llama_dir))
-    _, _, heldout = P._prompt_datasets(_recipe(llama_dir), tok, teacher, run_dir)
-    again = answer_tokens(teacher, heldout["ids"], pad_token_id=P._pad_id(tok),
+    teacher, _ = data.load_lm_teacher(_recipe(llama_dir))
+    _, _, heldout = data._prompt_datasets(_recipe(llama_dir), tok, teacher, run_dir)
+    again = answer_tokens(teacher, heldout["ids"], pad_token_id=data.pad_id(tok),
                           eos_token_id=tok.eos_token_id, max_new_tokens=5)  # fmt: skip
     assert heldout["teacher_answers"] == again
     calls = []
-    monkeypatch.setattr(P, "answer_tokens", lambda *a, **k: calls.append(1) or again)
-    figures = P._answer_figures({"teacher": teacher}, teacher, tok, heldout, _recipe(llama_dir))
+    monkeypatch.setattr(task, "answer_tokens", lambda *a, **k: calls.append(1) or again)
+    batch = _recipe(llama_dir).eval_batch_size
+    figures = task.answer_metrics({"teacher": teacher}, teacher, tok, heldout, batch_size=batch)
     assert calls == []  # nothing generated for the teacher
     assert figures["rows"]["teacher"] == results["answers"]["rows"]["teacher"]

@@ -91,7 +91,7 @@ def test_chain_each_student_teaches_the_next(digits, teacher_model):
 
 
 def _chain(**over):
-    from potstill.chain import ChainRecipe
+    from potstill.recipe.chain import ChainRecipe
 
     base = {
         "data": {"name": "digits", "val_size": 200},
@@ -110,12 +110,12 @@ def _chain(**over):
 def test_chain_recipe_plans_assistants_and_runs_each_stage(tmp_path):
     import json
 
-    from potstill.chain import run_chain
+    from potstill.runs import run as run_recipe
 
     chain = _chain(assistants=1, direct=True)
     assert [s.name for s in chain.planned()] == ["assistant-1", "student"]
     assert chain.planned()[0].set["student"]["arch"]["hidden"] == [round((96 * 8) ** 0.5)]  # [28]
-    out = run_chain(chain, tmp_path / "run")
+    out = run_recipe(chain, tmp_path / "run")
     assert out["stages"] == ["assistant-1", "student", "direct"]
     # stage 2's teacher is stage 1's distilled student; 'direct' learns from the first teacher
     student_recipe = (tmp_path / "run" / "student" / "recipe.yaml").read_text()
@@ -142,19 +142,19 @@ def test_chain_recipe_plans_assistants_and_runs_each_stage(tmp_path):
     trained = sorted((tmp_path / "run").glob("**/final/*.safetensors"))
     assert len(trained) == 7  # the teacher, and per stage the distilled student and its baseline
     stamps = {p: p.stat().st_mtime_ns for p in trained}
-    again = run_chain(chain, tmp_path / "run", resume=True)
+    again = run_recipe(chain, tmp_path / "run", resume=True)
     assert {p: p.stat().st_mtime_ns for p in trained} == stamps
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in out["rows"]]
     with pytest.raises(ValueError, match="already holds a run"):
-        run_chain(chain, tmp_path / "run")
+        run_recipe(chain, tmp_path / "run")
 
 
 def test_born_again_chain_with_the_ensemble_of_generations(tmp_path):
     import yaml
 
-    from potstill.chain import run_chain
+    from potstill.runs import run as run_recipe
 
-    out = run_chain(_chain(generations=2, ensemble=True), tmp_path / "run")
+    out = run_recipe(_chain(generations=2, ensemble=True), tmp_path / "run")
     assert out["stages"] == ["generation-1", "generation-2", "ensemble"]
     teacher = yaml.safe_load((tmp_path / "run" / "ensemble" / "recipe.yaml").read_text())["teacher"]
     assert teacher["path"] == [

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .cache import cached_or_live
-from .config import OptimizerConfig, ScheduleConfig, TrainConfig
+from .config import OptimizerConfig, ScheduleConfig, TrainConfig, same_budget
 from .distiller import Distiller, FitResult
 from .evaluate import accuracy, agreement, predict_logits
 from .losses.objective import Objective
@@ -150,12 +150,11 @@ def _fit_both(
     result = DistillResult(fit.student, dict(fit.final_eval or {}), fit)
     result.metrics.pop("step", None)
     if init is not None:
-        base_cfg = config.model_copy(update={"max_steps": fit.steps, "epochs": None})
         base = Distiller(
             init,
             labels_only_objective(),
             train_data,
-            config=base_cfg,
+            config=same_budget(config, fit.steps),
             run_dir=Path(run_dir) / "baseline" if run_dir else None,
             evaluate=evaluate,
         ).fit(resume=resume)

@@ -61,9 +61,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def data_dir_override(recipe: str, data_dir: str) -> str:
     """The ``--set`` that points ``recipe`` at the dataset folder ``data_dir``: ``data.data_dir``
     in classic recipes, ``data.folder`` in text ones, under ``base.`` in a chain."""
-    from .recipe import _read_yaml
+    from .recipe import read_recipe_data
 
-    data = _read_yaml(recipe)[0]
+    data = read_recipe_data(recipe)[0]
     prefix = ""
     if data.get("kind") == "chain":  # a chain's stages share its base recipe's data
         data, prefix = data.get("base") or {}, "base."
@@ -88,9 +88,9 @@ def distill(
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
     """Run a recipe: teacher, baseline and distilled students, evaluation, report."""
-    from .pipeline import run_recipe
     from .recipe import load_recipe
-    from .report import summary_lines
+    from .report import console_text
+    from .runs import run
 
     speaks = _setup(threads)
     overrides = list(set_ or [])
@@ -100,36 +100,9 @@ def distill(
             overrides.append(data_dir_override(recipe, data_dir))
         r = load_recipe(recipe, overrides)
         run_dir = out or Path("runs") / r.name
-        if getattr(r, "kind", None) == "embed":
-            from . import distributed
-            from .embed_pipeline import run_embed_recipe
-
-            if distributed.world_size() > 1:
-                raise ValueError("embed recipes run on one process; launch without torchrun")
-            results = run_embed_recipe(r, run_dir)  # type: ignore[arg-type]
-            typer.echo((run_dir / "report.md").read_text())
-            return
-        if getattr(r, "kind", None) == "chain":
-            from .chain import run_chain
-
-            run_chain(r, run_dir, resume=resume, overwrite=overwrite)  # type: ignore[arg-type]
-            if speaks:
-                typer.echo((run_dir / "report.md").read_text())
-            return
-        if getattr(r, "kind", None) == "causal-lm":
-            from .llm.pipeline import run_lm_recipe
-
-            results = run_lm_recipe(r, run_dir, resume=resume, overwrite=overwrite)  # type: ignore[arg-type]
-            if speaks:
-                typer.echo((run_dir / "report.md").read_text().split("\n![")[0])
-                typer.echo(f"report: {run_dir / 'report.md'}  and  {run_dir / 'report.html'}")
-            return
-        results = run_recipe(r, run_dir, resume=resume, overwrite=overwrite)
-    if not speaks:
-        return
-    for line in summary_lines(results):
-        typer.echo(line.replace("**", ""))
-    typer.echo(f"report: {run_dir / 'report.md'}  and  {run_dir / 'report.html'}")
+        results = run(r, run_dir, resume=resume, overwrite=overwrite)
+    if speaks:
+        typer.echo(console_text(run_dir, results))
 
 
 @app.command()
@@ -189,8 +162,9 @@ def cache(
         rank, world = distributed.setup()
         part = (i * world + rank, n * world)
         if recipe is not None:
-            from .llm.pipeline import LMRecipe, cache_lm_recipe, cache_settings
             from .recipe import load_recipe
+            from .recipe.causal_lm import LMRecipe
+            from .runs.lm_data import cache_lm_recipe, cache_spec
 
             r = load_recipe(recipe, list(set_ or []))
             if not isinstance(r, LMRecipe):
@@ -198,7 +172,7 @@ def cache(
                     f"recipe {recipe!r} is not kind: causal-lm; classic recipes cache their "
                     "teacher's logits by themselves (teacher.cache: true)"
                 )
-            c = cache_settings(r)
+            c = cache_spec(r)
             path = out or Path(c.path or Path("runs") / r.name / "teacher-cache")
             st = cache_status(path) if status else cache_lm_recipe(r, path, part=part)
         else:
@@ -334,19 +308,12 @@ def eval_(
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> None:
-    """Rebuild report.md and report.html of a finished run."""
+    """Rebuild report.md and report.html of a finished run (any recipe kind)."""
     from .report import write_report
 
     try:
-        results = run_dir / "results.json"
-        if results.exists() and json.loads(results.read_text()).get("kind") == "causal-lm":
-            from .llm.pipeline import write_lm_report
-
-            write_lm_report(run_dir, json.loads(results.read_text()))
-            md, page = run_dir / "report.md", run_dir / "report.html"
-        else:
-            md, page = write_report(run_dir)
-    except FileNotFoundError as e:
+        md, page = write_report(run_dir)
+    except (FileNotFoundError, ValueError) as e:
         _fail(e)
         return
     typer.echo(f"report: {md}  and  {page}")

@@ -75,3 +75,10 @@ class TrainConfig(_Strict):
         if self.epochs is None and self.max_steps is None:
             self.epochs = 1
         return self
+
+
+def same_budget(config: TrainConfig, steps: int) -> TrainConfig:
+    """``config`` for exactly ``steps`` optimizer steps of the same batch size: the budget of the
+    baseline student trained without a teacher, so it gets as many updates as the distilled one
+    (whose epochs, hint stage included, came to ``steps``)."""
+    return config.model_copy(update={"max_steps": steps, "epochs": None})

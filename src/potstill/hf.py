@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("potstill")
 
-Task = Literal["encoder", "sequence-classification", "causal-lm"]
+ModelKind = Literal["encoder", "sequence-classification", "causal-lm"]
+"""Which Auto class loads a model: a bare encoder, a sequence classifier, a causal LM."""
 SAMPLE_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
     "Knowledge distillation turns a large teacher into a small, fast student!",
@@ -31,7 +32,7 @@ class TokenizerMismatch(ValueError):
     """Teacher and student do not tokenize the same way."""
 
 
-def _auto_class(task: Task):
+def _auto_class(task: ModelKind):
     import transformers
 
     classes = {
@@ -46,7 +47,7 @@ def _auto_class(task: Task):
 
 def load_model(
     name_or_path: str | os.PathLike,
-    task: Task = "encoder",
+    task: ModelKind = "encoder",
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,

@@ -5,14 +5,20 @@ linear-map cosine)."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data.tensors import TensorDictDataset, iterate_batches
+from ..data.tensors import TensorDictDataset, iterate_batches, make_batch
+from ..evaluate import file_size, median_seconds
+from ..hf import export_pretrained
+from ..models import count_parameters
+from . import Task
 
 log = logging.getLogger("potstill")
 
@@ -118,3 +124,78 @@ def linear_map_cosine(
         @ w
     )
     return float(nn.functional.cosine_similarity(mapped, teacher_test.double(), dim=-1).mean())
+
+
+def _speed(
+    model: nn.Module, data: TensorDictDataset, forward: Any, batch_size: int, repeats: int = 10
+) -> float:
+    batch = make_batch(data, torch.arange(min(batch_size, len(data))))
+    with torch.no_grad():
+        return median_seconds(lambda: forward(model, batch), repeats, warmup=2)
+
+
+def metrics(
+    models: Mapping[str, nn.Module],
+    data: TensorDictDataset,
+    *,
+    teacher: nn.Module,
+    train: TensorDictDataset,
+    teacher_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    latency_batch: int = 1,
+    throughput_batch: int = 64,
+) -> dict[str, dict[str, Any]]:
+    """Each model's figures on the held-out texts ``data`` against the teacher's embeddings:
+    neighbour agreement, similarity rank correlation, cosine after the least-squares linear map
+    fitted on ``train``; its size and measured speed. ``teacher_embeddings``: the teacher's on
+    (``data``, ``train``) when already computed."""
+    t_val, t_train = teacher_embeddings or (
+        embed(teacher, data, TEACHER_FORWARD),
+        embed(teacher, train, TEACHER_FORWARD),
+    )
+    rows = {}
+    for name, model in models.items():
+        forward = TEACHER_FORWARD if model is teacher else STUDENT_FORWARD
+        if model is teacher:
+            e_val, e_train = t_val, t_train
+        else:
+            e_val, e_train = embed(model, data, forward), embed(model, train, forward)
+        rows[name] = {
+            "neighbour_agreement@10": neighbour_agreement(e_val, t_val, 10),
+            "similarity_spearman": similarity_correlation(e_val, t_val),
+            "linear_map_cosine": linear_map_cosine(e_train, t_train, e_val, t_val),
+            "parameters": count_parameters(model),
+            "layers": model.config.num_hidden_layers,
+            "hidden_size": model.config.hidden_size,
+            "file_bytes": file_size(model),
+            "latency_ms": 1e3 * _speed(model, data, forward, latency_batch),
+            "throughput": throughput_batch / _speed(model, data, forward, throughput_batch, 3),
+        }
+    return rows
+
+
+def export(
+    model: nn.Module,
+    folder: Path,
+    *,
+    tokenizer: Any = None,
+    sentence_transformers_from: str | os.PathLike | None = None,
+) -> Path:
+    """A plain Hugging Face folder with the tokenizer and, given the sentence-transformers
+    folder the student came from, its pooling modules (``SentenceTransformer(folder)`` loads
+    it)."""
+    return export_pretrained(
+        model, folder, tokenizer=tokenizer, sentence_transformers_from=sentence_transformers_from
+    )
+
+
+STUDENT_FORWARD = encoder_forward("s_")
+TEACHER_FORWARD = encoder_forward("t_")
+
+TASK = Task(
+    name="embedding",
+    tokens=False,
+    student_forward=STUDENT_FORWARD,
+    teacher_forward=TEACHER_FORWARD,
+    metrics=metrics,
+    export=export,
+)

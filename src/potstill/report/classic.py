@@ -1,21 +1,25 @@
-"""The run report: ``report.md`` and a self-contained ``report.html`` (plots embedded) built from
-``results.json`` and each sub-run's ``metrics.jsonl``: teacher, student without teacher and
-distilled student side by side."""
+"""The classic run's report: ``report.md`` and a self-contained ``report.html`` (plots embedded)
+built from ``results.json`` and each sub-run's ``metrics.jsonl``: teacher, student without
+teacher and distilled student side by side, per setting."""
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-import json
 from pathlib import Path
 from typing import Any
 
-import markdown as markdown_lib
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .page import (  # noqa: E402
+    describe_term,
+    human_count,
+    human_size,
+    png_base64,
+    read_metrics,
+    write_page,
+)
 
 COLUMNS = (
     "model",
@@ -28,18 +32,6 @@ COLUMNS = (
     "retention",
     "speed-up",
 )
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
 def _rows(results: dict[str, Any], setting: dict[str, Any]) -> list[list[str]]:
@@ -59,8 +51,8 @@ def _rows(results: dict[str, Any], setting: dict[str, Any]) -> list[list[str]]:
                 label,
                 f"{100 * m['accuracy']:.2f}%",
                 f"{100 * m['agreement']:.2f}%" if "agreement" in m else "—",
-                _count(m["parameters"]),
-                _size(m["file_bytes"]),
+                human_count(m["parameters"]),
+                human_size(m["file_bytes"]),
                 f"{m['latency_ms']:.3f}",
                 f"{m['throughput']:,.0f}",
                 f"{100 * m['accuracy'] / t['accuracy']:.1f}%",
@@ -87,35 +79,6 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
             f"{100 * runs['distilled']['accuracy']:.2f}%)."
         )
     return out
-
-
-def describe_term(term: dict[str, Any]) -> str:
-    """A recipe term in a few words: kind, what it reads, weight and options."""
-    text = term["kind"]
-    if "student" in term or "teacher" in term:
-        text += f" {term.get('student', 'logits')}→{term.get('teacher', 'logits')}"
-    opts = [f"weight {term.get('weight', 1.0)}"]
-    if "temperature" in term:
-        opts.append(f"T={term['temperature']}")
-    for key in ("beta", "skew", "loss", "layer_map", "p", "relation_heads"):
-        if key in term:
-            opts.append(f"{key} {term[key]}")
-    return f"{text} ({', '.join(opts)})"
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Training rows (not evaluation rows) of a metrics.jsonl file."""
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if "eval" not in r]
-
-
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def plot_losses(results: dict[str, Any], run_dir: Path) -> Any:
@@ -173,37 +136,6 @@ def plot_tradeoffs(results: dict[str, Any]) -> Any:
     axes[1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
-
-
-def plot_metric_curves(curves: dict[str, Path], key: str, title: str) -> str:
-    """One line per run of ``key`` over optimizer steps (training rows of each metrics.jsonl),
-    log scale; returns the PNG as base64."""
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    for label, path in curves.items():
-        rows = [r for r in read_metrics(path) if key in r]
-        ax.plot([r["step"] for r in rows], [max(r[key], 1e-8) for r in rows], label=label, lw=1.2)
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def html_page(title: str, md: str, pngs: dict[str, str]) -> str:
-    """A self-contained HTML page: the Markdown ``md`` rendered, then the base64 PNGs."""
-    body = markdown_lib.markdown(md, extensions=["tables"])
-    imgs = "".join(f'<img alt="{n}" src="data:image/png;base64,{d}">' for n, d in pngs.items())
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>"
-        f"{html.escape(title)} — potstill report</title><style>"
-        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-        "padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
-        "img{max-width:100%;display:block;margin:1em 0}code{background:#f3f3f3}</style>"
-        f"</head><body>{body}{imgs}</body></html>"
-    )
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -273,24 +205,18 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``report.md`` (with PNG plots beside it) and a self-contained ``report.html``."""
-    run_dir = Path(run_dir)
-    path = run_dir / "results.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {run_dir} is not a finished potstill run")
-    results = json.loads(path.read_text())
-    md = markdown(results)
+def write(run_dir: Path, results: dict[str, Any]) -> tuple[Path, Path]:
+    """``report.md`` (with the PNG plots beside it) and a self-contained ``report.html``."""
     pngs = {
-        "losses": _png(plot_losses(results, run_dir)),
-        "tradeoffs": _png(plot_tradeoffs(results)),
+        "losses": png_base64(plot_losses(results, run_dir)),
+        "tradeoffs": png_base64(plot_tradeoffs(results)),
     }
-    for name, data in pngs.items():
-        (run_dir / f"{name}.png").write_bytes(base64.b64decode(data))
-    md_full = (
-        md + "\n![loss terms](losses.png)\n\n![accuracy against size and latency](tradeoffs.png)\n"
-    )
-    (run_dir / "report.md").write_text(md_full)
-    page = html_page(results["name"], md, pngs)
-    (run_dir / "report.html").write_text(page)
-    return run_dir / "report.md", run_dir / "report.html"
+    captions = {"losses": "loss terms", "tradeoffs": "accuracy against size and latency"}
+    return write_page(run_dir, results["name"], markdown(results), pngs, captions)
+
+
+def console(run_dir: Path, results: dict[str, Any]) -> str:
+    """What ``potstill distill`` prints: the gain of each setting and where the report is."""
+    lines = [line.replace("**", "") for line in summary_lines(results)]
+    lines.append(f"report: {run_dir / 'report.md'}  and  {run_dir / 'report.html'}")
+    return "\n".join(lines)

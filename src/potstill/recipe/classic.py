@@ -1,0 +1,124 @@
+"""The classic recipe (``kind: classic``, the default when ``kind`` is absent): a classifier on
+tensors (a built-in dataset), a teacher trained first or loaded, a student architecture, the
+objective, experimental settings (labelled fractions) and the same-budget baseline."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from ..config import TrainConfig
+from ..losses.objective import Objective
+from ..models import ArchSpec
+from .common import (
+    StrictModel,
+    TapsSpec,
+    TermSpec,
+    budget_default,
+    build_objective,
+    check_terms,
+    share_seed,
+)
+
+DEFAULT_EPOCHS = 10
+DEFAULT_TEACHER_EPOCHS = 5
+
+
+class DataSpec(StrictModel):
+    """Which built-in dataset, where its files are, how much of the training set is held out."""
+
+    name: Literal["fashion-mnist", "digits"] = "fashion-mnist"
+    data_dir: str | None = Field(None, description="folder with the IDX files (fashion-mnist)")
+    val_size: int = Field(5000, gt=0)
+
+
+class TeacherSpec(StrictModel):
+    """A saved teacher (``path``; a list of paths: their ensemble, the mean of their logits), or
+    an architecture that potstill trains first and keeps."""
+
+    path: str | list[str] | None = None
+    arch: ArchSpec = Field(default_factory=lambda: ArchSpec(hidden=[1024, 1024], dropout=0.2))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=DEFAULT_TEACHER_EPOCHS))
+    cache: bool = Field(True, description="compute the teacher's logits once and reuse them")
+
+
+class StudentSpec(StrictModel):
+    """The student's architecture."""
+
+    arch: ArchSpec = Field(default_factory=lambda: ArchSpec(hidden=[32]))
+
+
+class HintSpec(StrictModel):
+    """An optional first stage (FitNets hints): the distilled student is trained on these
+    feature terms alone before the main objective."""
+
+    objective: list[TermSpec]
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1))
+
+
+class SettingSpec(StrictModel):
+    """One experimental setting: the student sees labels for ``labelled_fraction`` of the
+    training set; the teacher labels all of it."""
+
+    name: str
+    labelled_fraction: float = Field(1.0, gt=0, le=1)
+
+
+class EvalSpec(StrictModel):
+    """Final evaluation: speed measurement batch sizes."""
+
+    latency_batch: int = Field(1, gt=0)
+    throughput_batch: int = Field(256, gt=0)
+    measure_cache_speedup: bool = True
+
+
+class ClassicRecipe(StrictModel):
+    """A whole classic distillation run (``kind: classic``, or no ``kind``)."""
+
+    kind: Literal["classic"] = "classic"
+    name: str = "run"
+    seed: int = 0
+    data: DataSpec = Field(default_factory=DataSpec)
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)  # type: ignore[arg-type]
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    objective: list[TermSpec] = Field(
+        default_factory=lambda: [
+            TermSpec(kind="kd", weight=0.5, temperature=4.0),
+            TermSpec(kind="ce", weight=0.5),
+        ]
+    )
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=DEFAULT_EPOCHS))
+    taps: TapsSpec = Field(default_factory=TapsSpec)
+    hint: HintSpec | None = None
+    settings: list[SettingSpec] = Field(default_factory=lambda: [SettingSpec(name="main")])
+    baseline: bool = Field(True, description="also train the student without a teacher")
+    evaluation: EvalSpec = Field(default_factory=EvalSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_budget_defaults(cls, data: Any) -> Any:
+        data = budget_default(data, ("train",), {"epochs": DEFAULT_EPOCHS})
+        return budget_default(data, ("teacher", "train"), {"epochs": DEFAULT_TEACHER_EPOCHS})
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassicRecipe:
+        hint = (self.hint.train,) if self.hint else ()
+        share_seed(self.seed, self.train, self.teacher.train, *hint)
+        check_terms("objective", self.objective)
+        snames = [s.name for s in self.settings]
+        if len(set(snames)) != len(snames):
+            raise ValueError(f"settings: names must be unique, got {snames}")
+        return self
+
+    def build_objective(self, layer_counts: dict[str, dict[str, int]] | None = None) -> Objective:
+        """The objective of the distilled student (``layer_counts``: see ``TermSpec.build``)."""
+        return build_objective(self.objective, layer_counts)
+
+    def build_hint_objective(
+        self, layer_counts: dict[str, dict[str, int]] | None = None
+    ) -> Objective | None:
+        """The hint stage's objective, or None when the recipe has no hint stage."""
+        if self.hint is None:
+            return None
+        return build_objective(self.hint.objective, layer_counts)

@@ -1,0 +1,65 @@
+"""The sentence-embedding recipe (``kind: embed``): a Hugging Face encoder teacher, a student
+derived from a smaller encoder, texts, and several objectives (variants) at the same budget."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from ..config import TrainConfig
+from .common import (
+    DerivedModelSpec,
+    HFModelSpec,
+    StrictModel,
+    TapsSpec,
+    TermSpec,
+    budget_default,
+    check_terms,
+    check_variant_names,
+    share_seed,
+)
+
+RESERVED_ROWS = ("teacher", "original student model", "derived, not distilled")
+"""Rows every embedding report has: variants may not take these names."""
+
+
+class TextDataSpec(StrictModel):
+    """Texts for embedding distillation (Debian's fortunes)."""
+
+    name: Literal["fortunes"] = "fortunes"
+    folder: str | None = None
+    max_length: int = Field(48, gt=2)
+    train: int = Field(1500, gt=0)
+    val: int = Field(500, gt=10)
+
+
+class EmbedRecipe(StrictModel):
+    """A sentence-embedding distillation run (``kind: embed``)."""
+
+    kind: Literal["embed"]
+    name: str = "embed"
+    seed: int = 0
+    teacher: HFModelSpec
+    student: DerivedModelSpec
+    data: TextDataSpec = Field(default_factory=TextDataSpec)
+    taps: TapsSpec = Field(default_factory=TapsSpec)
+    variants: dict[str, list[TermSpec]]
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=2, batch_size=16))
+    latency_batch: int = 1
+    throughput_batch: int = 64
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_budget_default(cls, data: Any) -> Any:
+        return budget_default(data, ("train",), {"epochs": 2})
+
+    @model_validator(mode="after")
+    def _check(self) -> EmbedRecipe:
+        share_seed(self.seed, self.train)
+        if not self.variants:
+            raise ValueError("variants: give at least one, e.g. {PKT: [{kind: pkt}]}")
+        check_variant_names(self.variants, RESERVED_ROWS)
+        for name, terms in self.variants.items():
+            check_terms(f"variants.{name}", terms)
+        return self
