@@ -1,0 +1,350 @@
+"""The classic runner: train or load the teacher, cache its logits, train for each setting the
+student without a teacher (the baseline) and with distillation at the same budget, evaluate all
+of them on the test set, write ``results.json``, the report and each student's model card."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from .. import distributed
+from ..cache import CachedTeacher, cached_or_live
+from ..config import TrainConfig, same_budget
+from ..data.images import load_splits
+from ..data.splits import Splits, hide_labels, labelled_only
+from ..distiller import Distiller
+from ..evaluate import classification_eval, predict_logits
+from ..losses.objective import Objective
+from ..losses.terms import labels_only_objective
+from ..models import ArchSpec, build_model, load_model
+from ..recipe.classic import ClassicRecipe
+from ..report import write_report
+from ..report.card import model_card, write_model_card
+from ..taps import TapsLike, tap_counts
+from ..tasks import get_task
+from ..teachers import Ensemble, LiveTeacher, TeacherSource
+from .folder import RunFolder
+
+log = logging.getLogger("potstill")
+
+TASK = get_task("classifier")
+
+
+@dataclass
+class SubRun:
+    """One trained model of a run: where it lives and what its training measured."""
+
+    model: nn.Module
+    folder: Path
+    info: dict[str, Any]
+
+
+def train_classifier(
+    run: RunFolder,
+    part: str,
+    model: nn.Module,
+    spec: ArchSpec | None,
+    objective: Objective,
+    train: Dataset,
+    val: Dataset,
+    config: TrainConfig,
+    teacher: TeacherSource | None,
+    student_taps: TapsLike | None = None,
+) -> SubRun:
+    """Train one model in the run's subfolder ``part`` (or reload it when it finished before)."""
+    folder = run.path / part
+    info = run.finished(part)
+    if info is not None:
+        loaded, _ = load_model(folder / "final")
+        log.info("%s: finished earlier, reusing %s", part, folder / "final")
+        return SubRun(loaded, folder, info)
+    result = Distiller(
+        model, objective, train, teacher=teacher, config=config, run_dir=folder,
+        evaluate=classification_eval(val), best_metric="accuracy", name=part,
+        student_forward=TASK.student_forward, student_taps=student_taps,
+    ).fit(resume=run.resume)  # fmt: skip
+    info = {
+        "steps": result.steps,
+        "train_time_s": result.train_time_s,
+        "examples_per_s": result.examples_per_s,
+        "val_final": result.final_eval,
+        "val_best": result.best,
+        "examples": len(train),  # type: ignore[arg-type]
+    }
+    if distributed.is_main():  # every process holds the same trained model; rank 0 saves it
+        TASK.export(result.student, folder / "final", spec=spec)
+        run.mark_finished(part, info)
+    distributed.barrier()
+    return SubRun(result.student, folder, info)
+
+
+def _teacher(recipe: ClassicRecipe, splits: Splits, run: RunFolder) -> tuple[nn.Module, dict]:
+    spec = recipe.teacher
+    if isinstance(spec.path, list):
+        members = [load_model(p)[0] for p in spec.path]
+        return Ensemble(members).eval(), {"source": f"ensemble of {', '.join(spec.path)}"}
+    if spec.path:
+        model, _ = load_model(spec.path)
+        return model, {"source": str(spec.path)}
+    arch = _sized(spec.arch, splits)
+    torch.manual_seed(spec.train.seed)
+    sub = train_classifier(
+        run, "teacher", build_model(arch), arch, labels_only_objective(), splits.train,
+        splits.val, spec.train, None,
+    )  # fmt: skip
+    return sub.model, {"source": "trained in this run", **sub.info}
+
+
+def _sized(arch: ArchSpec, splits: Splits) -> ArchSpec:
+    return arch.model_copy(
+        update={"input_shape": list(splits.input_shape), "num_classes": len(splits.classes)}
+    )
+
+
+def measure_cache_speedup(
+    student: nn.Module,
+    objective: Objective,
+    train: Dataset,
+    live: TeacherSource,
+    cached: TeacherSource,
+    config: TrainConfig,
+    steps: int = 60,
+    rounds: int = 2,
+) -> dict[str, float]:
+    """Training throughput with the live teacher and with its cache, measured alternately on
+    fresh copies of the same student, and the epoch times they imply."""
+    cfg = config.model_copy(
+        update={
+            "max_steps": steps, "epochs": None, "progress": False, "eval_every": 10**9,
+            "log_every": 10**9,
+        }
+    )  # fmt: skip
+    rates: dict[str, list[float]] = {"live": [], "cached": []}
+    for _ in range(rounds):
+        for name, source in (("live", live), ("cached", cached)):
+            r = Distiller(
+                copy.deepcopy(student), copy.deepcopy(objective), train, teacher=source, config=cfg
+            ).fit()
+            rates[name].append(r.examples_per_s)
+    n = len(train)  # type: ignore[arg-type]
+    live_rate, cached_rate = max(rates["live"]), max(rates["cached"])
+    return {
+        "steps_measured": steps,
+        "live_examples_per_s": live_rate,
+        "cached_examples_per_s": cached_rate,
+        "live_epoch_s": n / live_rate,
+        "cached_epoch_s": n / cached_rate,
+        "speedup": cached_rate / live_rate,
+    }
+
+
+def run(
+    recipe: ClassicRecipe, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
+    """Run a classic recipe in ``run_dir``; returns the results (also written to results.json).
+
+    An existing run folder is continued only with ``resume`` (finished parts are reused, an
+    interrupted one continues from its last checkpoint) or emptied first with ``overwrite``.
+    """
+    with RunFolder(run_dir, recipe, resume=resume, overwrite=overwrite) as folder:
+        splits = load_splits(
+            recipe.data.name, data_dir=recipe.data.data_dir, val_size=recipe.data.val_size,
+            seed=recipe.seed,
+        )  # fmt: skip
+        folder.start()
+        return _run(recipe, folder, splits)
+
+
+def _run(recipe: ClassicRecipe, run: RunFolder, splits: Splits) -> dict[str, Any]:
+    teacher, teacher_info = _teacher(recipe, splits, run)
+    main = distributed.is_main()  # rank 0 evaluates and reports; every process trains
+    ev = recipe.evaluation
+    figures = {"latency_batch": ev.latency_batch, "throughput_batch": ev.throughput_batch}
+    teacher_row: dict[str, Any] = dict(teacher_info)
+    teacher_test_logits = None
+    if main:
+        teacher_test_logits, _ = predict_logits(teacher, splits.test)
+        row = TASK.metrics(
+            {"teacher": teacher}, splits.test, teacher=teacher,
+            teacher_logits=teacher_test_logits, **figures,
+        )  # fmt: skip
+        teacher_row = {**row["teacher"], **teacher_info}
+
+    cache_path = run.path / "teacher" / "cache-train" if recipe.teacher.cache else None
+    t = time.perf_counter()
+    source = cached_or_live(teacher, splits.train, cache_path, forward=TASK.teacher_forward)
+    cache_info: dict[str, Any] = {"enabled": cache_path is not None}
+    if isinstance(source, CachedTeacher):
+        cache_info.update(path=str(cache_path), ready_s=time.perf_counter() - t)
+
+    student_taps, teacher_taps = recipe.taps.as_taps("student"), recipe.taps.as_taps("teacher")
+
+    @contextmanager
+    def source_for(objective: Objective) -> Iterator[TeacherSource]:
+        # the logit cache serves terms on logits; terms on features need the live teacher's
+        # taps, whose hooks leave the shared teacher as soon as that training ends
+        if not objective.needs_teacher_features:
+            yield source
+            return
+        live = LiveTeacher(teacher, forward=TASK.teacher_forward, taps=teacher_taps)
+        try:
+            yield live
+        finally:
+            live.close()
+
+    student_arch = _sized(recipe.student.arch, splits)
+    settings_out = []
+    for setting in recipe.settings:
+        train = hide_labels(splits.train, setting.labelled_fraction, recipe.seed)
+        assert isinstance(train, TensorDataset)
+        labelled = labelled_only(train)
+        runs: dict[str, SubRun] = {}
+        torch.manual_seed(recipe.seed)
+        init = build_model(student_arch)  # both students start from the same weights
+        counts = {
+            "student": tap_counts(init, student_taps),
+            "teacher": tap_counts(teacher, teacher_taps),
+        }
+        objective = recipe.build_objective(counts)
+        hint_objective = recipe.build_hint_objective(counts)
+        start, hint = copy.deepcopy(init), None
+        if hint_objective is not None:
+            assert recipe.hint is not None
+            with source_for(hint_objective) as hint_source:
+                hint = train_classifier(
+                    run, f"{setting.name}/distilled/hint", start, student_arch, hint_objective,
+                    train, splits.val, recipe.hint.train, hint_source, student_taps,
+                )  # fmt: skip
+            start = hint.model
+        with source_for(objective) as main_source:
+            runs["distilled"] = train_classifier(
+                run, f"{setting.name}/distilled", start, student_arch, objective, train,
+                splits.val, recipe.train, main_source, student_taps,
+            )  # fmt: skip
+        if recipe.baseline:
+            # same budget: as many optimizer steps of the same batch size (hint stage
+            # included), on the labelled part
+            steps = runs["distilled"].info["steps"] + (hint.info["steps"] if hint else 0)
+            runs["baseline"] = train_classifier(
+                run, f"{setting.name}/baseline", copy.deepcopy(init), student_arch,
+                labels_only_objective(), labelled, splits.val, same_budget(recipe.train, steps),
+                None,
+            )  # fmt: skip
+        rows: dict[str, Any] = {}
+        if main:
+            measured = TASK.metrics(
+                {kind: sub.model for kind, sub in runs.items()}, splits.test,
+                teacher_logits=teacher_test_logits, **figures,
+            )  # fmt: skip
+            for kind, sub in runs.items():
+                rows[kind] = {
+                    **measured[kind],
+                    **sub.info,
+                    "metrics": str(sub.folder.relative_to(run.path) / "metrics.jsonl"),
+                }
+            if hint is not None:
+                rows["distilled"]["hint"] = {
+                    **hint.info,
+                    "metrics": str(hint.folder.relative_to(run.path) / "metrics.jsonl"),
+                }
+            _write_cards(recipe, run, setting.name, runs, rows, teacher_row, len(train))
+        settings_out.append(
+            {
+                "name": setting.name,
+                "labelled_fraction": setting.labelled_fraction,
+                "labelled_examples": len(labelled),
+                "transfer_examples": len(train),
+                "runs": rows,
+            }
+        )
+        if (
+            recipe.evaluation.measure_cache_speedup
+            and distributed.world_size() == 1  # measured on one process
+            and isinstance(source, CachedTeacher)
+            and not objective.needs_teacher_features
+            and "live_examples_per_s" not in cache_info
+        ):
+            cache_info.update(
+                measure_cache_speedup(
+                    init, objective, train, LiveTeacher(teacher), source, recipe.train
+                )
+            )
+
+    results = run.write_results(
+        {
+            "data": {
+                "name": recipe.data.name,
+                "train": len(splits.train),
+                "val": len(splits.val),
+                "test": len(splits.test),
+            },
+            "objective": [t.model_dump(exclude_unset=True) for t in recipe.objective],
+            "hint_objective": [t.model_dump(exclude_unset=True) for t in recipe.hint.objective]
+            if recipe.hint
+            else [],
+            "teacher": teacher_row,
+            "student_arch": student_arch.model_dump(),
+            "teacher_cache": cache_info,
+            "settings": settings_out,
+        }
+    )
+    if main:
+        write_report(run.path, results)
+    distributed.barrier()
+    return results
+
+
+def _write_cards(
+    recipe: ClassicRecipe,
+    run: RunFolder,
+    setting: str,
+    runs: dict[str, SubRun],
+    rows: dict[str, Any],
+    teacher_row: dict[str, Any],
+    examples: int,
+) -> None:
+    """The model card of each student of a setting, in its exported folder."""
+    arch = recipe.student.arch
+    student = f"a {arch.kind} ({_arch_words(arch)}, {rows['distilled']['parameters']:,} parameters)"
+    teacher = f"a teacher ({teacher_row.get('source')}, {teacher_row['parameters']:,} parameters)"
+    for kind, sub in runs.items():
+        row = rows[kind]
+        distilled = kind == "distilled"
+        summary = (
+            f"Test accuracy {100 * row['accuracy']:.2f}% (teacher "
+            f"{100 * teacher_row['accuracy']:.2f}%)"
+            + (f", top-1 agreement with the teacher {100 * row['agreement']:.2f}%." if
+               "agreement" in row else ".")
+        )  # fmt: skip
+        card = model_card(
+            title=f"{recipe.name}: {setting}, {'distilled' if distilled else 'baseline'}",
+            teacher=teacher if distilled else "no teacher (the same-budget baseline)",
+            student=student,
+            data=f"{recipe.data.name} ({examples:,} training examples, setting {setting})",
+            steps=row.get("steps"),
+            objective=[t.model_dump(exclude_unset=True) for t in recipe.objective]
+            if distilled
+            else [{"kind": "ce", "weight": 1.0}],
+            figures={k: v for k, v in row.items() if k not in ("metrics", "val_best")},
+            summary=summary,
+            command=f"potstill distill {run.path / 'recipe.yaml'} --out {run.path} --resume",
+        )
+        write_model_card(sub.folder / "final", card)
+
+
+def _arch_words(arch: ArchSpec) -> str:
+    parts = []
+    if arch.channels:
+        parts.append(f"channels {arch.channels}")
+    parts.append(f"hidden {arch.hidden}")
+    return ", ".join(parts)

@@ -1,0 +1,145 @@
+"""The embedding runner: a Hugging Face sentence-encoder teacher, a student derived by keeping
+some layers of a smaller encoder, several objectives at the same budget, every model evaluated
+against the teacher, exported students with their model cards, a report."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import distributed
+from ..assets import resolve
+from ..data.fortunes import load_fortunes
+from ..distiller import Distiller
+from ..hf import check_aligned_positions, load_model, load_tokenizer
+from ..recipe.common import build_objective, folder_name
+from ..recipe.embed import EmbedRecipe
+from ..report import write_report
+from ..report.card import model_card, write_model_card
+from ..students import derive
+from ..taps import tap_counts
+from ..tasks import get_task
+from ..tasks.embedding import embed, tokenize_pair
+from ..teachers import PrecomputedTeacher
+from .folder import RunFolder
+
+log = logging.getLogger("potstill")
+
+TASK = get_task("embedding")
+
+
+def run(
+    recipe: EmbedRecipe, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
+    """Run an embedding recipe in ``run_dir``; returns the results (also in results.json).
+
+    An existing run folder is continued only with ``resume`` (finished variants are reloaded
+    from their exports, an interrupted one continues from its last checkpoint) or emptied first
+    with ``overwrite``. Embedding runs use one process: under torchrun they are refused.
+    """
+    if distributed.world_size() > 1:
+        raise ValueError("embed recipes run on one process; launch without torchrun")
+    with RunFolder(run_dir, recipe, resume=resume, overwrite=overwrite) as folder:
+        return _run(recipe, folder)
+
+
+def _run(recipe: EmbedRecipe, run: RunFolder) -> dict[str, Any]:
+    t_spec, s_spec = recipe.teacher, recipe.student
+    t_path, s_path = resolve(t_spec.model), resolve(s_spec.model)
+    teacher = load_model(
+        t_path, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code,
+        attn_implementation="eager",
+    )  # fmt: skip
+    base = load_model(
+        s_path, dtype=s_spec.dtype, trust_remote_code=s_spec.trust_remote_code,
+        attn_implementation="eager",
+    )  # fmt: skip
+    t_tok = load_tokenizer(t_path, trust_remote_code=t_spec.trust_remote_code)
+    s_tok = load_tokenizer(s_path, trust_remote_code=s_spec.trust_remote_code)
+
+    texts = load_fortunes(recipe.data.folder)
+    random.Random(recipe.seed).shuffle(texts)
+    n_train, n_val = recipe.data.train, recipe.data.val
+    if n_train + n_val > len(texts):
+        raise ValueError(f"data: train + val = {n_train + n_val} but only {len(texts)} texts")
+    check_aligned_positions(t_tok, s_tok, texts[:50])
+    train = tokenize_pair(texts[:n_train], t_tok, s_tok, recipe.data.max_length)
+    val = tokenize_pair(texts[n_train : n_train + n_val], t_tok, s_tok, recipe.data.max_length)
+    run.start()
+
+    torch.manual_seed(recipe.seed)
+    init = derive(base, keep=s_spec.keep, layers=s_spec.layers) if s_spec.derived else base
+    student_taps, teacher_taps = recipe.taps.as_taps("student"), recipe.taps.as_taps("teacher")
+    counts = {
+        "student": tap_counts(init, student_taps),
+        "teacher": tap_counts(teacher, teacher_taps),
+    }
+    t0 = time.perf_counter()
+    source = PrecomputedTeacher(teacher, train, TASK.teacher_forward, teacher_taps)
+    teacher_pass_s = time.perf_counter() - t0
+    known = (embed(teacher, val, TASK.teacher_forward), source.logits)
+    figures = {
+        "teacher": teacher, "train": train, "teacher_embeddings": known,
+        "latency_batch": recipe.latency_batch, "throughput_batch": recipe.throughput_batch,
+    }  # fmt: skip
+    rows = TASK.metrics(
+        {"teacher": teacher, "original student model": base, "derived, not distilled": init},
+        val, **figures,
+    )  # fmt: skip
+    for name, terms in recipe.variants.items():
+        part = folder_name(name)
+        trained = run.finished(part)
+        if trained is not None:
+            log.info("%s: finished before, reloading %s", name, run.path / part / "export")
+            student = load_model(run.path / part / "export", dtype=init.dtype)
+        else:
+            student = copy.deepcopy(init)
+            student.train()
+            fit = Distiller(
+                student, build_objective(terms, counts), train, teacher=source,
+                config=recipe.train, run_dir=run.path / part,
+                student_forward=TASK.student_forward, student_taps=student_taps, name=name,
+            ).fit(resume=run.resume)  # fmt: skip
+            student = fit.student
+            trained = {
+                "steps": fit.steps,
+                "train_time_s": fit.train_time_s,
+                "objective": [t.model_dump(exclude_unset=True) for t in terms],
+                "metrics": str(Path(part) / "metrics.jsonl"),
+            }
+            TASK.export(
+                student, run.path / part / "export", tokenizer=s_tok,
+                sentence_transformers_from=s_path if Path(s_path).exists() else None,
+            )  # fmt: skip
+            run.mark_finished(part, trained)
+        row = {**TASK.metrics({name: student}, val, **figures)[name], **trained}
+        rows[name] = row
+        card = model_card(
+            title=f"{recipe.name}: {name}",
+            teacher=f"`{t_spec.model}`",
+            student=f"{init.config.num_hidden_layers} layers of `{s_spec.model}`",
+            data=f"{n_train} fortunes texts",
+            steps=row["steps"],
+            objective=row["objective"],
+            figures={k: v for k, v in row.items() if k not in ("objective", "metrics")},
+            command=f"potstill distill {run.path / 'recipe.yaml'} --out {run.path} --resume",
+        )
+        write_model_card(run.path / part / "export", card)
+    results = run.write_results(
+        {
+            "teacher": t_spec.model,
+            "student": s_spec.model,
+            "derived_layers": getattr(init.config, "potstill_derived_from", None),
+            "data": {"train": n_train, "val": n_val, "max_length": recipe.data.max_length},
+            "teacher_pass_s": teacher_pass_s,
+            "rows": rows,
+        }
+    )
+    write_report(run.path, results)
+    return results

@@ -1,0 +1,195 @@
+"""A run's folder, the same for every recipe kind: the guard (an existing run continues only with
+``--resume`` and the same recipe, ``--overwrite`` deletes it), a lock against a second process
+running in it, ``recipe.yaml``, markers of finished parts, and ``results.json`` with one header
+(kind, name, seed, versions, machine, threads, processes, wall time)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel
+
+from .. import distributed
+from .._version import __version__
+from ..io import atomic_write_text
+from ..recipe.common import RecipeError
+
+RECIPE_FILE = "recipe.yaml"
+RESULTS_FILE = "results.json"
+DONE_FILE = "done.json"
+LOCK_FILE = ".potstill.lock"
+
+HEADER_KEYS = (
+    "kind", "name", "seed", "potstill_version", "torch_version", "transformers_version",
+    "python", "machine", "threads", "processes", "wall_time_s",
+)  # fmt: skip
+"""The keys every run's results.json starts with, whatever its kind."""
+
+
+class RunFolder:
+    """The folder ``path`` of a run of ``recipe``.
+
+    Opening it checks the folder (see the module doc), takes its lock (rank 0; a second
+    process gets a :class:`~potstill.recipe.common.RecipeError` saying the folder is in use)
+    and, with ``overwrite``, empties it. :meth:`start` writes ``recipe.yaml`` once the run's
+    inputs have loaded (so a run that could not start does not block a retry). Use it as a
+    context manager: the lock is released on exit.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, recipe: BaseModel, *, resume: bool = False,
+        overwrite: bool = False,
+    ) -> None:  # fmt: skip
+        self.path = Path(path)
+        self.recipe = recipe
+        self.resume = resume
+        self.t_start = time.perf_counter()
+        self._lock: Any = None
+        self._check(overwrite)
+
+    # -- the guard ------------------------------------------------------------------------------
+
+    def _check(self, overwrite: bool) -> None:
+        saved = self.path / RECIPE_FILE
+        if saved.exists() and not overwrite:
+            if not self.resume:
+                raise RecipeError(
+                    f"{self.path} already holds a run; pass --resume to continue it "
+                    "(finished parts are reused) or --overwrite to start again"
+                )
+            before = type(self.recipe).model_validate(yaml.safe_load(saved.read_text()))
+            diff = sorted(_diff_fields(before.model_dump(), self.recipe.model_dump()))
+            if diff:
+                raise RecipeError(
+                    f"{self.path} was started with another recipe (fields that differ: "
+                    f"{', '.join(diff)}); use a new --out folder or --overwrite"
+                )
+        if overwrite and self.path.exists():
+            others = [p for p in self.path.iterdir() if p.name != LOCK_FILE]
+            if not saved.exists() and others:
+                raise RecipeError(
+                    f"--overwrite: {self.path} is not a potstill run folder (no recipe.yaml) "
+                    "and is not empty; refusing to delete it. Choose another --out folder."
+                )
+        self._take_lock()
+        if overwrite and self.path.exists():
+            distributed.barrier()  # every process has checked the folder before it goes
+            if distributed.is_main():
+                for p in self.path.iterdir():
+                    if p.name != LOCK_FILE:
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        distributed.barrier()  # and before rank 0 writes a new recipe.yaml into it
+
+    def _take_lock(self) -> None:
+        if not distributed.is_main():
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / LOCK_FILE, "a+")  # noqa: SIM115  (held until close())
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RecipeError(
+                f"{self.path} is in use by a potstill run ({holder}); wait for it to finish or "
+                "choose another --out folder"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {platform.node()}\n")
+        handle.flush()
+        self._lock = handle
+
+    def close(self) -> None:
+        """Release the folder's lock."""
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:  # fmt: skip
+        self.close()
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Write ``recipe.yaml`` (rank 0)."""
+        if not distributed.is_main():
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
+        atomic_write_text(self.path / RECIPE_FILE, text)
+
+    def finished(self, part: str | os.PathLike) -> dict[str, Any] | None:
+        """What the finished part in subfolder ``part`` recorded, when the run resumes and the
+        part finished before (its ``done.json`` exists); else None."""
+        done = self.path / part / DONE_FILE
+        if self.resume and done.exists():
+            return json.loads(done.read_text())
+        return None
+
+    def mark_finished(self, part: str | os.PathLike, info: dict[str, Any]) -> None:
+        """Record that the part in subfolder ``part`` is finished, with ``info`` (rank 0)."""
+        if distributed.is_main():
+            atomic_write_text(self.path / part / DONE_FILE, json.dumps(info, indent=1))
+
+    def header(self) -> dict[str, Any]:
+        """The common head of results.json (see :data:`HEADER_KEYS`)."""
+        try:
+            import transformers
+
+            hf_version: str | None = transformers.__version__
+        except ImportError:
+            hf_version = None
+        recipe = self.recipe
+        seed = getattr(recipe, "seed", None)
+        if seed is None and isinstance(getattr(recipe, "base", None), dict):  # a chain
+            seed = recipe.base.get("seed", 0)  # type: ignore[attr-defined]
+        return {
+            "kind": getattr(recipe, "kind", "classic"),
+            "name": getattr(recipe, "name", None),
+            "seed": seed,
+            "potstill_version": __version__,
+            "torch_version": torch.__version__,
+            "transformers_version": hf_version,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "threads": torch.get_num_threads(),
+            "processes": distributed.world_size(),
+            "wall_time_s": time.perf_counter() - self.t_start,
+        }
+
+    def write_results(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The header followed by ``body`` (whose keys win), written to results.json by rank 0;
+        returns them."""
+        results = {**self.header(), **body}
+        if distributed.is_main():
+            text = json.dumps(results, indent=1, default=str)
+            atomic_write_text(self.path / RESULTS_FILE, text)
+        return results
+
+
+def _diff_fields(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_fields(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [prefix.rstrip(".")] if a != b else []

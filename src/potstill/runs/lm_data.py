@@ -1,0 +1,229 @@
+"""What a causal-LM run reads: its teacher and tokenizer, the student before training, the
+tokenized training and held-out data (prompt data answered by the teacher first), and the
+teacher cache of the training data (filled when missing); ``potstill cache RECIPE`` uses the
+same pieces."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import distributed
+from ..assets import resolve
+from ..cache import CachedTeacher, CacheStatus, Encoding, cache_status, write_cache
+from ..data.instructions import instructions
+from ..data.tensors import TensorDictDataset
+from ..hf import check_same_tokenization, load_model, load_tokenizer
+from ..llm.answers import (
+    GenerationSettings,
+    Prompt,
+    encode_prompt,
+    generate_answers,
+    read_answers,
+    read_prompts,
+)
+from ..llm.data import LMExample, fortune_examples, tokenize_examples
+from ..llm.forward import causal_lm_forward
+from ..recipe.causal_lm import LMCacheSpec, LMRecipe
+from ..students import derive
+
+log = logging.getLogger("potstill")
+
+
+def initial_student(
+    recipe: LMRecipe, teacher: torch.nn.Module, tok: Any
+) -> tuple[torch.nn.Module, torch.nn.Module, str]:
+    """The recipe's student before training, the model it comes from and that model's name:
+    ``student.keep``/``layers`` of ``student.model`` (default: the teacher) with weights copied,
+    or ``student.model`` itself. A student model must share the teacher's tokenization."""
+    spec = recipe.student
+    if spec.model is None or spec.model == recipe.teacher.model:
+        base, s_name = teacher, recipe.teacher.model
+    else:
+        s_name = spec.model
+        s_path = resolve(spec.model)
+        base = load_model(
+            s_path, "causal-lm", dtype=spec.dtype, trust_remote_code=spec.trust_remote_code
+        )
+        s_tok = load_tokenizer(s_path, trust_remote_code=spec.trust_remote_code)
+        check_same_tokenization(tok, s_tok)
+    torch.manual_seed(recipe.seed)
+    init = derive(base, keep=spec.keep, layers=spec.layers) if spec.keep or spec.layers else None
+    if init is None:
+        if base is teacher:
+            raise ValueError(
+                "student: give keep or layers to derive a student from the teacher, or another "
+                "model sharing its tokenizer"
+            )
+        init = base
+    return init, base, s_name
+
+
+def load_lm_teacher(recipe: LMRecipe) -> tuple[torch.nn.Module, Any]:
+    """The recipe's teacher model and its tokenizer."""
+    t_path = resolve(recipe.teacher.model)
+    teacher = load_model(
+        t_path,
+        "causal-lm",
+        dtype=recipe.teacher.dtype,
+        trust_remote_code=recipe.teacher.trust_remote_code,
+    )
+    return teacher, load_tokenizer(t_path, trust_remote_code=recipe.teacher.trust_remote_code)
+
+
+def pad_id(tok: Any) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def lm_datasets(
+    recipe: LMRecipe,
+    tok: Any,
+    *,
+    teacher: torch.nn.Module | None = None,
+    run_dir: Path | None = None,
+) -> tuple[TensorDictDataset, TensorDictDataset, dict[str, Any] | None]:
+    """The recipe's tokenized training and held-out data (shuffled with the recipe's seed), and
+    for prompt data the held-out prompts with the teacher's greedy answers (else None).
+
+    Prompt data (``instructions``, ``prompts``) needs ``teacher`` and ``run_dir``: the teacher's
+    answers are generated into ``run_dir/answers/`` first (an interrupted run continues there).
+    """
+    d = recipe.data
+    if d.name != "fortunes":
+        if teacher is None or run_dir is None:
+            raise ValueError(f"data.name: {d.name} needs the teacher to answer its prompts")
+        return _prompt_datasets(recipe, tok, teacher, run_dir)
+    examples = fortune_examples(d.folder, prompt=d.prompt, max_chars=d.max_chars)
+    random.Random(recipe.seed).shuffle(examples)
+    if d.train + d.val > len(examples):
+        raise ValueError(f"data: train + val = {d.train + d.val} but only {len(examples)} texts")
+    fmt = {"fmt": d.format, "system": d.system}
+    train = tokenize_examples(examples[: d.train], tok, d.max_length, **fmt)
+    val = tokenize_examples(examples[d.train : d.train + d.val], tok, d.max_length, **fmt)
+    return train, val, None
+
+
+def _prompt_datasets(
+    recipe: LMRecipe, tok: Any, teacher: torch.nn.Module, run_dir: Path
+) -> tuple[TensorDictDataset, TensorDictDataset, dict[str, Any]]:
+    d, a = recipe.data, recipe.data.answers
+    if d.name == "instructions":
+        train_p = [Prompt(f"train-{i}", prompt=t) for i, t in enumerate(instructions("train"))]
+        val_p = [Prompt(f"val-{i}", prompt=t) for i, t in enumerate(instructions("val"))]
+    else:
+        assert d.prompts is not None
+        every = read_prompts(d.prompts)
+        random.Random(recipe.seed + 1).shuffle(every)
+        val_p, train_p = every[: d.val], every[d.val :]
+    random.Random(recipe.seed).shuffle(train_p)
+    if d.train > len(train_p) or d.val > len(val_p):
+        raise ValueError(
+            f"data: train {d.train} / val {d.val} but only {len(train_p)} / {len(val_p)} prompts"
+        )
+    train_p, val_p = train_p[: d.train], val_p[: d.val]
+    sampled = GenerationSettings(
+        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+        format=d.format, system=d.system, batch_size=a.batch_size,
+    )  # fmt: skip
+    greedy = dataclasses.replace(sampled, temperature=0.0)
+    folder = run_dir / "answers"
+    by_split = {}
+    val_ids: list[list[int]] | None = None
+    for split, prompts, settings in (("train", train_p, sampled), ("val", val_p, greedy)):
+        out = folder / f"{split}.jsonl"
+        with distributed.main_first():  # rank 0 answers; the others then find the answers done
+            generate_answers(
+                teacher, tok, prompts, out, settings, teacher_name=recipe.teacher.model
+            )
+        records = {r["id"]: r for r in read_answers(out)}
+        by_split[split] = [LMExample(p.text(), records[p.id]["answer"]) for p in prompts]
+        if split == "val":  # the teacher's greedy answers as ids (files from before: None)
+            ids = [records[p.id].get("answer_ids") for p in val_p]
+            val_ids = None if any(x is None for x in ids) else ids
+    fmt = {"fmt": d.format, "system": d.system}
+    train = tokenize_examples(by_split["train"], tok, d.max_length, **fmt)
+    val = tokenize_examples(by_split["val"], tok, d.max_length, **fmt)
+    heldout = {
+        "texts": [p.text() for p in val_p],
+        "ids": [encode_prompt(tok, p, greedy) for p in val_p],
+        "references": [e.response for e in by_split["val"]],
+        "max_new_tokens": a.max_new_tokens,
+        "teacher_answers": val_ids,
+    }
+    return train, val, heldout
+
+
+def cache_spec(recipe: LMRecipe) -> LMCacheSpec:
+    """The recipe's teacher-cache settings (its defaults when the recipe trains live)."""
+    return recipe.teacher.cache or LMCacheSpec()
+
+
+def cache_lm_recipe(
+    recipe: LMRecipe,
+    path: str | Path,
+    *,
+    part: tuple[int, int] = (0, 1),
+    progress: bool | None = None,
+) -> CacheStatus:
+    """Fill (this ``part`` of) the teacher cache of a recipe's training data at ``path``: what
+    ``potstill cache RECIPE`` does, on one machine or as one of N."""
+    c = cache_spec(recipe)
+    teacher, tok = load_lm_teacher(recipe)
+    train, _, _ = lm_datasets(recipe, tok, teacher=teacher, run_dir=Path(path).parent)
+    return write_cache(
+        teacher, train, path, unit="token", k=c.k,
+        encoding=Encoding(logprobs=c.logprobs, compression=c.compression),
+        forward=causal_lm_forward, tokenizer=tok, shard_size=c.shard_size,
+        batch_size=c.batch_size, part=part, teacher_name=recipe.teacher.model, progress=progress,
+    )  # fmt: skip
+
+
+def cached_source(
+    recipe: LMRecipe,
+    run_dir: Path,
+    teacher: torch.nn.Module,
+    tok: Any,
+    train: TensorDictDataset,
+) -> tuple[CachedTeacher, TensorDictDataset, dict[str, Any]]:
+    """The recipe's teacher cache over ``train`` (filled first unless ``allow_incomplete``),
+    the training data it covers, and its figures for the results."""
+    c = recipe.teacher.cache
+    assert c is not None
+    path = Path(c.path) if c.path else run_dir / "teacher-cache"
+    encoding = Encoding(logprobs=c.logprobs, compression=c.compression)
+    t0 = time.perf_counter()
+    # write_cache checks the whole manifest against this teacher, tokenizer and data before it
+    # fills anything; only a cache used as it is needs the reader to hash them
+    checks: dict[str, Any] = {"teacher": teacher, "tokenizer": tok, "dataset": train}
+    if not c.allow_incomplete:
+        write_cache(
+            teacher, train, path, unit="token", k=c.k, encoding=encoding,
+            forward=causal_lm_forward, tokenizer=tok, shard_size=c.shard_size,
+            batch_size=c.batch_size, teacher_name=recipe.teacher.model,
+            part=(distributed.rank(), distributed.world_size()),  # under torchrun: split
+        )  # fmt: skip
+        distributed.barrier()
+        checks = {}
+    cached = CachedTeacher(
+        path,
+        expect={"k": c.k, "encoding": asdict(encoding)},
+        allow_incomplete=c.allow_incomplete,
+        **checks,
+    )
+    if c.allow_incomplete:
+        train = cached.subset(train)
+        log.info("teacher cache %s: training on the %d examples it holds", path, len(train))
+    status = cache_status(path)
+    info = {
+        "path": str(path), "k": c.k, "encoding": asdict(encoding), "bytes": status.bytes,
+        "positions": status.positions, "bytes_per_token": status.bytes / max(1, status.positions),
+        "examples": len(train), "ready_s": time.perf_counter() - t0,
+    }  # fmt: skip
+    return cached, train, info
