@@ -133,3 +133,36 @@ def tok():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(assets.resolve("HuggingFaceTB/SmolLM2-135M-Instruct"))
+
+
+def assert_results_header(results: dict, kind: str) -> None:
+    """results.json of any kind starts with the same header, filled in."""
+    import platform
+
+    import potstill
+    from potstill.runs.folder import HEADER_KEYS
+
+    assert tuple(results)[: len(HEADER_KEYS)] == HEADER_KEYS
+    assert results["kind"] == kind
+    assert results["potstill_version"] == potstill.__version__
+    assert results["torch_version"] == torch.__version__
+    assert results["python"] == platform.python_version()
+    assert results["threads"] >= 1 and results["processes"] == 1
+    assert isinstance(results["seed"], int) and results["wall_time_s"] > 0
+
+
+def assert_report_rebuilds(run_dir: Path) -> None:
+    """``potstill report RUN`` writes the run's report.md again, word for word, and its HTML."""
+    from typer.testing import CliRunner
+
+    from potstill.cli import app
+
+    before = (run_dir / "report.md").read_text()
+    (run_dir / "report.md").unlink()
+    (run_dir / "report.html").unlink(missing_ok=True)
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert f"report: {run_dir / 'report.md'}" in result.output
+    assert (run_dir / "report.md").read_text() == before
+    page = (run_dir / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and "<table>" in page

@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MINILM
+from conftest import MINILM, assert_report_rebuilds, assert_results_header
 from safetensors.torch import load_file
 from transformers import AutoModel, BertConfig, BertModel
 
@@ -681,3 +681,27 @@ def test_embed_run_export_reloads_as_the_trained_student(embed_run, minilm):
     assert similarity_correlation(e_val, t_val) == pytest.approx(
         row["similarity_spearman"], abs=1e-6
     )
+
+
+def test_embed_results_header_and_report(embed_run):
+    _, run_dir, results = embed_run
+    assert_results_header(results, "embed")
+    assert_report_rebuilds(run_dir)
+
+
+def test_embed_run_keeps_its_folder_and_resumes(embed_run):
+    """An embed run refuses a folder holding a run unless told to resume or overwrite; resumed,
+    it reloads finished variants instead of training them again, with the same figures."""
+    recipe, run_dir, results = embed_run
+    export = run_dir / "embedding" / "export" / "model.safetensors"
+    stamp = export.stat().st_mtime_ns
+    with pytest.raises(RecipeError, match="already holds a run"):
+        run_recipe(recipe, run_dir)
+    changed = recipe.model_copy(update={"seed": 1})
+    with pytest.raises(RecipeError, match="another recipe.*seed"):
+        run_recipe(changed, run_dir, resume=True)
+    again = run_recipe(recipe, run_dir, resume=True)
+    assert export.stat().st_mtime_ns == stamp  # nothing trained again
+    row, before = again["rows"]["embedding"], results["rows"]["embedding"]
+    for key in ("neighbour_agreement@10", "similarity_spearman", "steps", "objective"):
+        assert row[key] == before[key], key

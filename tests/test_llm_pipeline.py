@@ -856,3 +856,12 @@ def test_fused_head_is_refused_under_torchrun_before_anything_runs(
     with pytest.raises(ValueError, match="fused_head: false for a distributed run"):
         run_recipe(recipe, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
+def test_causal_lm_results_header_and_report(lm_run):
+    from conftest import assert_report_rebuilds, assert_results_header
+
+    run_dir, results, _ = lm_run
+    assert_results_header(results, "causal-lm")
+    assert results["transformers_version"] is not None
+    assert_report_rebuilds(run_dir)

@@ -164,3 +164,14 @@ def test_data_dir_option_reaches_every_recipe_kind(recipe, field, tmp_path):
         loaded = loaded.base_recipe()
     data = loaded.data
     assert str(tmp_path) == (data.folder if field.endswith("folder") else data.data_dir)
+
+
+def test_chain_results_header_and_report(chain_run):
+    from conftest import assert_report_rebuilds, assert_results_header
+
+    _, run_dir, out = chain_run
+    assert_results_header(out, "chain")
+    assert_report_rebuilds(run_dir)
+    for stage in out["stages"]:  # each stage is an ordinary run with the same header
+        stage_results = json.loads((run_dir / stage / "results.json").read_text())
+        assert_results_header(stage_results, "causal-lm")

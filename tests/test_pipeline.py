@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_mlp, needs_fashion_mnist, quiet_config, state_equal
+from conftest import (
+    assert_report_rebuilds,
+    assert_results_header,
+    make_mlp,
+    needs_fashion_mnist,
+    quiet_config,
+    state_equal,
+)
 
 import potstill
 from potstill.cache import CachedTeacher
@@ -516,3 +523,26 @@ def test_fashion_mnist_default_recipe_end_to_end_small(tmp_path):
         assert row["steps"] == 30
         assert row["parameters"] == 784 * 32 + 32 + 32 * 10 + 10
     assert (tmp_path / "run" / "report.html").exists()
+
+
+def test_classic_results_header_report_and_model_cards(run):
+    run_dir, recipe, results = run
+    assert_results_header(results, "classic")
+    assert_report_rebuilds(run_dir)
+    for setting in results["settings"]:
+        for kind, row in setting["runs"].items():
+            card = (run_dir / setting["name"] / kind / "final" / "README.md").read_text()
+            assert card.startswith(f"# {recipe.name}: {setting['name']}, {kind}")
+            assert f"Test accuracy {100 * row['accuracy']:.2f}%" in card
+            assert ("no teacher" in card) == (kind == "baseline")
+            assert f"| steps | {row['steps']} |" in card
+
+
+def test_a_second_process_cannot_run_in_the_same_folder(tmp_path):
+    from potstill.runs.folder import RunFolder
+
+    recipe = load_recipe("default")
+    with RunFolder(tmp_path / "run", recipe):
+        with pytest.raises(RecipeError, match=r"is in use by a potstill run \(pid \d+"):
+            RunFolder(tmp_path / "run", recipe)
+    RunFolder(tmp_path / "run", recipe).close()  # free again once the first one is done

@@ -3,7 +3,9 @@ field, the bad value and what is accepted."""
 
 from __future__ import annotations
 
+import json
 from importlib import resources
+from pathlib import Path
 
 import pytest
 import yaml
@@ -180,3 +182,125 @@ def test_duplicate_term_and_setting_names_are_refused():
 
 def test_string_field_can_be_set_to_a_numeric_looking_value():
     assert load_recipe("default", ["name=2024"]).name == "2024"
+
+
+# --- one schema for every kind ---------------------------------------------------------------
+
+BEFORE = Path(__file__).parent / "data" / "builtin_recipes_before.json"
+# fields the one schema added: the kind of classic recipes, a dtype on every Hugging Face model
+# spec, and the term fields every kind now shares (at their defaults in causal-LM terms)
+ADDED = {"kind", "dtype", "label_smoothing", "student", "teacher", "loss", "normalize",
+         "layer_map", "k", "p", "relation_heads"}  # fmt: skip
+# fields dropped: an embedding teacher's keep / layers, accepted before and never used (a
+# teacher is not derived); they were unset (None) in every built-in recipe
+REMOVED = {("teacher", "keep"), ("teacher", "layers")}
+
+
+def _leaves(data, prefix=()):
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _leaves(value, (*prefix, key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from _leaves(value, (*prefix, i))
+    else:
+        yield prefix, data
+
+
+@pytest.mark.parametrize("name", builtin_recipes())
+def test_builtin_recipes_validate_to_the_same_settings_as_before(name):
+    """Every built-in recipe gives the settings it gave before the schemas became one package
+    (tests/data/builtin_recipes_before.json, dumped by that code); the only new fields are the
+    documented additions, at their defaults."""
+    before = dict(_leaves(json.loads(BEFORE.read_text())[name]))
+    now = dict(_leaves(load_recipe(name).model_dump(mode="json")))
+    for path in REMOVED & set(before):
+        assert before.pop(path) is None and path not in now
+    assert {p: now.get(p, "<missing>") for p in before} == before
+    added = {p for p in now if p not in before}
+    assert {p[-1] for p in added} <= ADDED, sorted(added)
+
+
+def test_every_kind_loads_through_one_union():
+    from potstill.recipe import RECIPE_KINDS, recipe_kind, validate_recipe
+
+    assert list(RECIPE_KINDS) == ["classic", "embed", "causal-lm", "chain"]
+    for name in builtin_recipes():
+        r = load_recipe(name)
+        assert type(r) is RECIPE_KINDS[recipe_kind(r)]
+    assert type(validate_recipe({})) is RECIPE_KINDS["classic"]  # no kind: classic
+    assert type(validate_recipe({"kind": "classic"})) is RECIPE_KINDS["classic"]
+
+
+def test_unknown_kind_lists_the_kinds_accepted(tmp_path):
+    from typer.testing import CliRunner
+
+    from potstill.cli import app
+
+    path = tmp_path / "r.yaml"
+    path.write_text("kind: distill-everything\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert "kind: unknown recipe kind 'distill-everything'" in msg
+    assert "accepted kinds: classic, embed, causal-lm, chain" in msg
+    result = CliRunner().invoke(app, ["distill", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "accepted kinds" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_errors_name_fields_without_the_kind_tag(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"kind": "causal-lm", "variants": {"x": [{"kind": "fkl"}]}}))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert "\n  teacher: Field required" in str(err.value)  # not "causal-lm.teacher"
+
+
+@pytest.mark.parametrize("beta", [0, 1])
+def test_jsd_at_an_end_of_beta_is_refused_in_every_kind(beta):
+    """jsd at beta 0 or 1 is identically 0 whatever the student: a term that teaches nothing
+    (TRL's GKD calls beta 0 its forward KL), refused with the fix in classic and causal-LM."""
+    from potstill.recipe import validate_recipe
+
+    classic = {"objective": [{"kind": "jsd", "beta": beta}, {"kind": "ce"}]}
+    lm = {"kind": "causal-lm", "teacher": {"model": "m"},
+          "variants": {"x": [{"kind": "jsd", "beta": beta}]}}  # fmt: skip
+    for data in (classic, lm):
+        with pytest.raises(RecipeError, match="identically 0.*give 0 < beta < 1, or use fkl"):
+            validate_recipe(data)
+    assert validate_recipe({"objective": [{"kind": "jsd", "beta": 0.3}]}).objective[0].beta == 0.3
+
+
+def test_causal_lm_terms_accept_only_token_kinds_and_fields():
+    from potstill.recipe import validate_recipe
+
+    def lm(term):
+        return {"kind": "causal-lm", "teacher": {"model": "m"}, "variants": {"x": [term]}}
+
+    with pytest.raises(RecipeError, match=r"variants\.x\.terms\.0\.kind: Input should be 'ce'"):
+        validate_recipe(lm({"kind": "pkt"}))
+    with pytest.raises(RecipeError, match="label_smoothing: not a field of a causal-LM term"):
+        validate_recipe(lm({"kind": "ce", "label_smoothing": 0.1}))
+    with pytest.raises(RecipeError, match="student, teacher: not a field of a causal-LM term"):
+        validate_recipe(lm({"kind": "fkl", "student": "h", "teacher": "h"}))
+    term = validate_recipe(lm({"kind": "skl", "skew": 0.2})).variants["x"].terms[0]
+    assert (term.kind, term.skew) == ("skl", 0.2)
+
+
+def test_term_names_must_be_unique_in_every_kind():
+    from potstill.recipe import validate_recipe
+
+    two = [{"kind": "pkt"}, {"kind": "pkt"}]
+    embed = {"kind": "embed", "teacher": {"model": "t"}, "student": {"model": "s"},
+             "variants": {"v": two}}  # fmt: skip
+    for data in ({"objective": two}, embed):
+        with pytest.raises(RecipeError, match="term names must be unique"):
+            validate_recipe(data)
+
+
+def test_a_chain_base_must_be_a_stage_kind():
+    from potstill.recipe import validate_recipe
+
+    with pytest.raises(RecipeError, match="base.kind: a chain's stages are runs of kind classic"):
+        validate_recipe({"kind": "chain", "generations": 1, "base": {"kind": "embed"}})

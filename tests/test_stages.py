@@ -147,6 +147,11 @@ def test_chain_recipe_plans_assistants_and_runs_each_stage(tmp_path):
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in out["rows"]]
     with pytest.raises(ValueError, match="already holds a run"):
         run_recipe(chain, tmp_path / "run")
+    from conftest import assert_report_rebuilds, assert_results_header
+
+    assert_results_header(out, "chain")
+    assert out["seed"] == chain.base.get("seed", 0)
+    assert_report_rebuilds(tmp_path / "run")
 
 
 def test_born_again_chain_with_the_ensemble_of_generations(tmp_path):

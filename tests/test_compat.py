@@ -1,0 +1,100 @@
+"""What was written before issue 17 rebuilt the package's rooms still works: teacher caches made
+then read back to the same signals, and a run interrupted then resumes to the same weights as
+the uninterrupted run of that time (files in tests/data/before-17, made by make_before_17.py
+with potstill at commit 4089819)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from potstill.cache import CachedTeacher, CacheError
+from potstill.config import TrainConfig
+from potstill.data.tensors import TensorDictDataset
+from potstill.distiller import Distiller
+from potstill.losses.terms import hinton_objective
+from potstill.teachers import LiveTeacher
+
+BEFORE = Path(__file__).parent / "data" / "before-17"
+
+
+def _lm() -> nn.Module:
+    lm = nn.Sequential(nn.Embedding(40, 8), nn.Tanh(), nn.Linear(8, 40))
+    lm.load_state_dict(load_file(str(BEFORE / "lm.safetensors")))
+    return lm
+
+
+def _classifier() -> nn.Module:
+    clf = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+    clf.load_state_dict(load_file(str(BEFORE / "clf.safetensors")))
+    return clf
+
+
+def _rows() -> TensorDataset:
+    t = load_file(str(BEFORE / "rows.safetensors"))
+    return TensorDataset(t["x"], t["y"])
+
+
+@pytest.mark.parametrize("name", ["q8-zlib", "f32-none"])
+def test_token_cache_written_before_reads_the_same_signal(name):
+    data = TensorDictDataset(load_file(str(BEFORE / "tokens.safetensors")))
+    expected = load_file(str(BEFORE / "expected-signals.safetensors"))
+    # the manifest's checks pass against the same teacher and data, recomputed today
+    cached = CachedTeacher(BEFORE / f"cache-{name}", teacher=_lm(), dataset=data)
+    topk = cached.signal(data.batch(torch.arange(len(data)))).topk
+    assert torch.equal(topk.ids, expected[f"{name}.ids"])
+    assert torch.equal(topk.logprobs, expected[f"{name}.logprobs"])
+    assert torch.equal(topk.tail_mass, expected[f"{name}.tail"])
+    # and the exact encoding still equals the teacher's own top-k at the real positions
+    if name == "f32-none":
+        live = torch.log_softmax(_lm()(data.tensors["input_ids"]).float(), -1)
+        real = data.tensors["attention_mask"].bool()
+        want = live.topk(8, dim=-1)
+        torch.testing.assert_close(topk.logprobs[real], want.values[real], atol=1e-6, rtol=0)
+
+
+def test_logit_cache_written_before_reads_the_same_logits():
+    rows = _rows()
+    cached = CachedTeacher(BEFORE / "cache-logits", teacher=_classifier(), dataset=rows)
+    logits = cached.signal({"index": torch.arange(len(rows))}).logits
+    assert torch.equal(logits, load_file(str(BEFORE / "expected-signals.safetensors"))["logits"])
+    with torch.no_grad():
+        torch.testing.assert_close(logits, _classifier()(rows.tensors[0]), atol=1e-6, rtol=0)
+
+
+def test_cache_written_before_still_refuses_another_teacher():
+    other = _classifier()
+    with torch.no_grad():
+        other[0].weight.add_(1.0)
+    with pytest.raises(CacheError, match="teacher_weights differs"):
+        CachedTeacher(BEFORE / "cache-logits", teacher=other, dataset=_rows())
+
+
+def test_checkpoint_written_before_resumes_to_the_uninterrupted_result(tmp_path):
+    run_dir = tmp_path / "interrupted"
+    shutil.copytree(BEFORE / "interrupted", run_dir)
+    config = TrainConfig(**json.loads((BEFORE / "README.json").read_text())["config"])
+    student = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    student.load_state_dict(load_file(str(BEFORE / "student-init.safetensors")))
+    seen: list[int] = []
+    fit = Distiller(
+        student, hinton_objective(2.0, 0.5), _rows(), teacher=LiveTeacher(_classifier()),
+        config=config, run_dir=run_dir, callbacks=[lambda step, row: seen.append(step)],
+    ).fit(resume=True)  # fmt: skip
+    assert seen == [4, 5, 6]  # it continued from the checkpoint at step 3
+    assert fit.steps == 6
+    final = load_file(str(BEFORE / "student-final.safetensors"))
+    # equal to the uninterrupted run only if weights, optimizer moments, schedule and random
+    # state all came back from the old checkpoint
+    for name, weight in fit.student.state_dict().items():
+        torch.testing.assert_close(weight, final[name], atol=1e-6, rtol=0, msg=name)
+    # the log keeps the rows up to the checkpoint (step 3) and continues from there
+    steps = [json.loads(line).get("step") for line in (run_dir / "metrics.jsonl").open()]
+    assert [s for s in steps if s is not None] == [1, 2, 3, 4, 5, 6]
