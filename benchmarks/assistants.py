@@ -20,8 +20,7 @@ import time
 import torch
 
 import potstill
-from potstill.data.images import load_splits
-from potstill.data.splits import hide_labels
+from potstill.data.splits import hide_labels, load_splits
 from potstill.evaluate import accuracy, predict_logits
 from potstill.models import ArchSpec, build_model, count_parameters, load_model
 from potstill.stages import distill_chain, plan_arch

@@ -15,8 +15,7 @@ import torch
 
 from potstill import Distiller
 from potstill.cache import CachedTeacher
-from potstill.data.images import load_splits
-from potstill.data.splits import hide_labels, labelled_only
+from potstill.data.splits import hide_labels, labelled_only, load_splits
 from potstill.evaluate import classification_eval
 from potstill.losses.terms import hinton_objective, labels_only_objective
 from potstill.models import build_model

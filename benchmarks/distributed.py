@@ -48,7 +48,7 @@ def worker(workload: str, steps: int, warmup: int, out: Path) -> None:
     cfg = dict(max_steps=steps + warmup, progress=False, tensorboard=False, log_every=10**6,
                eval_every=10**6, optimizer={"name": "adamw", "lr": 3e-4})  # fmt: skip
     if workload == "mlp":
-        from potstill.data.images import load_splits
+        from potstill.data.splits import load_splits
         from potstill.models import ArchSpec, build_model
 
         splits = load_splits("fashion-mnist")

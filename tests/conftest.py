@@ -12,8 +12,8 @@ from torch import nn
 
 from potstill import assets
 from potstill.config import OptimizerConfig, ScheduleConfig, TrainConfig
-from potstill.data.images import FASHION_MNIST_DIR, load_splits
-from potstill.data.splits import Splits
+from potstill.data.images import FASHION_MNIST_DIR
+from potstill.data.splits import Splits, load_splits
 from potstill.distiller import Distiller
 from potstill.losses.terms import labels_only_objective
 from potstill.models import ArchSpec, build_model

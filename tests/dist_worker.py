@@ -16,8 +16,7 @@ from safetensors.torch import save_model
 
 from potstill import distributed
 from potstill.config import TrainConfig
-from potstill.data.images import load_splits
-from potstill.data.splits import hide_labels
+from potstill.data.splits import hide_labels, load_splits
 from potstill.distiller import Distiller
 from potstill.losses.terms import hinton_objective
 from potstill.models import ArchSpec, build_model

@@ -11,13 +11,9 @@ import torch
 from conftest import FASHION_FILES, needs_fashion_mnist
 from torch.utils.data import Dataset, TensorDataset
 
-from potstill.data.images import (
-    FASHION_MNIST_DIR,
-    load_digits_tensors,
-    load_fashion_mnist,
-    load_splits,
-)
-from potstill.data.splits import IGNORE_INDEX, DataError, hide_labels, labelled_only
+from potstill.data.images import FASHION_MNIST_DIR, load_digits_tensors, load_fashion_mnist
+from potstill.data.rows import DataError
+from potstill.data.splits import IGNORE_INDEX, hide_labels, labelled_only, load_splits
 from potstill.data.tensors import epoch_order, fingerprint, iterate_batches, make_batch
 
 # ---- digits splits ---------------------------------------------------------------------------
@@ -245,3 +241,52 @@ def test_split_off_rejects_bad_sizes(digits):
         split_off(digits.val, len(digits.val), seed=0)
     rest, val = split_off(digits.val, 7, seed=0)
     assert (len(rest), len(val)) == (len(digits.val) - 7, 7)
+
+
+# --- data sources: rows by split and column, mapped to a task's fields ---------------------
+
+
+def test_every_built_in_corpus_is_a_data_source():
+    from potstill.data.sources import SOURCES, load_rows
+
+    assert set(SOURCES) == {"fashion-mnist", "digits", "fortunes", "instructions", "prompts"}
+    digits = load_rows("digits")["all"]
+    assert len(digits) == 1797 and set(digits.columns) == {"image", "label"}
+    assert tuple(digits.column("image").shape) == (1797, 1, 8, 8)
+    assert digits.meta["input_shape"] == (1, 8, 8)
+    instr = load_rows("instructions")
+    from potstill.data.instructions import instructions
+
+    assert instr["val"].column("prompt") == instructions("val")
+
+
+def test_a_missing_column_or_source_is_named(tmp_path):
+    from potstill.data.rows import DataError
+    from potstill.data.sources import load_rows
+    from potstill.data.splits import load_splits
+
+    with pytest.raises(DataError, match="unknown dataset 'mnist'; data sources: fashion-mnist"):
+        load_rows("mnist")
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "hi"}\n{"messages": [{"role": "user", "content": "yo"}]}\n')
+    rows = load_rows("prompts", path=path)["all"]
+    assert [p.text() for p in rows.column("prompt")] == ["hi", "yo"]
+    with pytest.raises(DataError, match=r"p.jsonl has no column 'image'; its columns: id, prompt"):
+        rows.fields({"input": "image"})
+    with pytest.raises(DataError, match="digits has no column 'pixels'; its columns: image, label"):
+        load_splits("digits", columns={"input": "pixels", "label": "label"})
+
+
+def test_splits_read_a_source_through_the_column_mapping():
+    from potstill.data.images import load_digits_tensors
+    from potstill.data.splits import load_splits
+
+    a = load_splits("digits", val_size=100, seed=3)
+    b = load_splits("digits", val_size=100, seed=3, columns={"input": "image", "label": "label"})
+    assert all(torch.equal(x, y) for x, y in zip(a.test.tensors, b.test.tensors, strict=True))
+    x, y = load_digits_tensors()
+    # every example lands in exactly one split, unchanged
+    total = sum(len(s) for s in (a.train, a.val, a.test))
+    assert total == len(y) and a.classes == tuple(str(i) for i in range(10))
+    joined = torch.cat([a.train.tensors[0], a.val.tensors[0], a.test.tensors[0]])
+    assert sorted(joined.flatten(1).sum(1).tolist()) == sorted(x.flatten(1).sum(1).tolist())

@@ -709,3 +709,28 @@ def test_distiller_switches_only_tied_embeddings_and_trains_the_same(monkeypatch
     for name, a in switched.state_dict().items():
         torch.testing.assert_close(a, plain.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
     assert (switched.embed.weight - TiedLM().embed.weight).abs().max() > 1e-3  # it trained
+
+
+def test_placement_puts_every_batch_on_its_device(digits):
+    """The Distiller hands the teacher and the student batches placed by its Placement (the
+    seam GPUs come in through); on the CPU placement training is unchanged."""
+    from potstill.placement import CPU, Placement
+
+    seen: list[str] = []
+
+    class Recording(Placement):
+        def batch(self, batch):
+            placed = super().batch(batch)
+            seen.append(placed["input"].device.type)
+            return placed
+
+    def fit(placement):
+        student = make_mlp([16], seed=0)
+        cfg = quiet_config(max_steps=5, batch_size=32)
+        return Distiller(
+            student, labels_only_objective(), digits.train, config=cfg, placement=placement
+        ).fit()
+
+    plain, recorded = fit(CPU), fit(Recording())
+    assert seen == ["cpu"] * 5  # one placed batch per step
+    assert state_equal(plain.student, recorded.student)

@@ -19,8 +19,7 @@ from torch import nn
 import potstill.runs.classic
 from potstill.cache import CachedTeacher, build_logit_cache
 from potstill.config import OptimizerConfig
-from potstill.data.images import load_splits
-from potstill.data.splits import hide_labels
+from potstill.data.splits import hide_labels, load_splits
 from potstill.distiller import Distiller
 from potstill.losses.attention import (
     attention_kl,

@@ -12,14 +12,8 @@ import pytest
 import torch
 from test_llm_pipeline import tiny_llama
 
-from potstill.llm.answers import (
-    GenerationSettings,
-    Prompt,
-    encode_prompt,
-    generate_answers,
-    read_answers,
-    read_prompts,
-)
+from potstill.data.prompts import Prompt, read_prompts
+from potstill.llm.answers import GenerationSettings, encode_prompt, generate_answers, read_answers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -26,8 +26,8 @@ from conftest import (
 import potstill
 from potstill.cache import CachedTeacher
 from potstill.config import OptimizerConfig, ScheduleConfig
-from potstill.data.images import load_splits
-from potstill.data.splits import DataError, hide_labels, labelled_only
+from potstill.data.rows import DataError
+from potstill.data.splits import hide_labels, labelled_only, load_splits
 from potstill.distiller import Distiller
 from potstill.evaluate import accuracy, agreement, predict_logits
 from potstill.losses.terms import hinton_objective, labels_only_objective

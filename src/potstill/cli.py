@@ -261,8 +261,9 @@ def generate(
     (prompt, answer, settings, teacher). An interrupted run continues when rerun.
     """
     from .assets import resolve
+    from .data.prompts import read_prompts
     from .hf import load_model, load_tokenizer
-    from .llm.answers import GenerationSettings, generate_answers, read_prompts
+    from .llm.answers import GenerationSettings, generate_answers
 
     _setup(threads)
     with _reported(interrupted="rerun the same command to continue"):
@@ -291,7 +292,7 @@ def eval_(
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
     """Evaluate a saved model on a dataset's test split; prints JSON."""
-    from .data.images import load_splits
+    from .data.splits import load_splits
     from .evaluate import model_card_figures, predict_logits
     from .models import load_model
 

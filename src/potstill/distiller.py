@@ -38,6 +38,7 @@ from .logs import MetricsLog
 from .losses.chunked import single_backward
 from .losses.objective import Objective
 from .optim import make_optimizer, make_scheduler
+from .placement import CPU, Placement
 from .signal import StudentView
 from .taps import Taps, TapsLike, tapped_forward
 from .teachers import TeacherSource, default_forward
@@ -115,7 +116,9 @@ class Distiller:
     logging steps and empty otherwise. ``batch_transform(batch, micro)`` (optional) replaces each
     training batch before the teacher and the student see it, ``micro`` counting micro-batches
     from the start of training (so a resumed run transforms as an uninterrupted one would): how
-    on-policy distillation swaps in the student's own completions.
+    on-policy distillation swaps in the student's own completions. ``placement`` puts the student,
+    the objective's trainable parts and every batch on its device (the teacher is placed by
+    whoever builds it; :mod:`potstill.placement`; the CPU by default).
 
     Under ``torchrun`` (see :mod:`potstill.distributed`) every process builds the same
     Distiller: each global batch of ``config.batch_size`` examples is split into contiguous
@@ -147,6 +150,7 @@ class Distiller:
         name: str = "student",
         student_taps: TapsLike | None = None,
         batch_transform: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
+        placement: Placement = CPU,
     ) -> None:
         if objective.needs_teacher and teacher is None:
             raise ValueError(
@@ -156,7 +160,8 @@ class Distiller:
             )
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-        self.student = student
+        self.placement = placement
+        self.student = placement.model(student)
         self.objective = objective
         self.train_data = train_data
         self.teacher = teacher if objective.needs_teacher else None
@@ -188,6 +193,7 @@ class Distiller:
         self.checkpoint_every = self.cfg.checkpoint_every or self.eval_every
 
         self._probe()
+        placement.model(self.objective)  # with the projectors its terms built on the probe
         self.rank, self.world = distributed.setup()
         self.main = self.rank == 0
         self.fsdp = self.world > 1 and self.cfg.distributed == "fsdp"
@@ -233,7 +239,7 @@ class Distiller:
         try:
             self.objective.check_features(set(taps.names) if taps else set(), teacher_names)
             order = epoch_order(self.n, self.cfg.seed, 0, self.cfg.shuffle)
-            batch = make_batch(self.train_data, order[: self.cfg.batch_size])
+            batch = self.placement.batch(make_batch(self.train_data, order[: self.cfg.batch_size]))
             was_training = self.student.training
             self.student.eval()
             try:
@@ -335,7 +341,7 @@ class Distiller:
         index = self._order[start * cfg.batch_size : (start + 1) * cfg.batch_size]
         share = index[distributed.shard_of(len(index))] if self.world > 1 else index
         empty = len(share) == 0
-        batch = make_batch(self.train_data, index[:1] if empty else share)
+        batch = self.placement.batch(make_batch(self.train_data, index[:1] if empty else share))
         if self.batch_transform is not None:
             batch = self.batch_transform(batch, micro)
         if not self._weigh:

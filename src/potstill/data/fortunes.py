@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .rows import Rows
+
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 
 
@@ -52,3 +54,13 @@ def load_fortunes(
 ) -> list[str]:
     """The texts of :func:`fortune_entries`, without their categories."""
     return [text for _, text in fortune_entries(folder, min_chars=min_chars, max_chars=max_chars)]
+
+
+def fortune_rows(
+    folder: str | Path | None = None, *, min_chars: int = 20, max_chars: int = 400
+) -> dict[str, Rows]:
+    """Debian's fortunes as a data source: ``all`` rows with columns ``category`` (the file
+    name) and ``text``, as :func:`fortune_entries` finds them."""
+    entries = fortune_entries(folder, min_chars=min_chars, max_chars=max_chars)
+    columns = {"category": [c for c, _ in entries], "text": [t for _, t in entries]}
+    return {"all": Rows(columns, "fortunes")}

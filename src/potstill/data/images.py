@@ -1,5 +1,5 @@
-"""Built-in image corpora: Fashion-MNIST from its IDX files (Debian's dataset-fashion-mnist)
-and scikit-learn's 8×8 digits, as train / validation / test splits."""
+"""Built-in image corpora as data sources: Fashion-MNIST from its IDX files (Debian's
+dataset-fashion-mnist) and scikit-learn's 8×8 digits, rows of ``image`` and ``label``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from .splits import DataError, Splits, split_off
+from .rows import DataError, Rows
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -69,22 +69,21 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def load_splits(
-    name: str, *, data_dir: str | None = None, val_size: int = 5000, seed: int = 0
-) -> Splits:
-    """Train/validation/test splits of a built-in task: ``fashion-mnist`` or ``digits``.
+def fashion_mnist_rows(data_dir: str | os.PathLike | None = None) -> dict[str, Rows]:
+    """Fashion-MNIST as a data source: ``train`` (60,000) and ``test`` (10,000) rows with columns
+    ``image`` ((1, 28, 28) floats in [0, 1]) and ``label``."""
+    meta = {"classes": FASHION_MNIST_CLASSES, "input_shape": (1, 28, 28)}
+    train, test = load_fashion_mnist(data_dir)
+    return {
+        split: Rows({"image": ds.tensors[0], "label": ds.tensors[1]}, "fashion-mnist", meta)
+        for split, ds in (("train", train), ("test", test))
+    }
 
-    The validation set is carved out of the training set with ``seed``; the test set is untouched.
-    """
-    if name == "fashion-mnist":
-        train, test = load_fashion_mnist(data_dir)
-        train, val = split_off(train, val_size, seed)
-        return Splits(train, val, test, FASHION_MNIST_CLASSES, (1, 28, 28))
-    if name == "digits":
-        x, y = load_digits_tensors()
-        full = TensorDataset(x, y)
-        n_test = len(full) // 5
-        rest, test = split_off(full, n_test, seed + 1)
-        train, val = split_off(rest, min(val_size, len(rest) // 5), seed)
-        return Splits(train, val, test, tuple(str(i) for i in range(10)), (1, 8, 8))
-    raise DataError(f"unknown dataset {name!r}; built-in datasets are 'fashion-mnist' and 'digits'")
+
+def digits_rows(data_dir: str | os.PathLike | None = None) -> dict[str, Rows]:
+    """scikit-learn's digits as a data source: ``all`` 1,797 rows with columns ``image``
+    ((1, 8, 8) floats in [0, 1]) and ``label`` (no test split of its own). They come inside
+    scikit-learn: ``data_dir`` is not read."""
+    x, y = load_digits_tensors()
+    meta = {"classes": tuple(str(i) for i in range(10)), "input_shape": (1, 8, 8)}
+    return {"all": Rows({"image": x, "label": y}, "digits", meta)}

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
+from .rows import Rows
+
 _CONCEPTS = (
     "photosynthesis", "gravity", "inflation", "a rainbow", "the water cycle", "an eclipse",
     "vaccination", "compound interest", "a black hole", "evolution", "democracy", "recycling",
@@ -134,4 +136,12 @@ def instructions(split: Literal["train", "val", "all"] = "train") -> list[str]:
     return [t for t in items if _held_out(t) == (split == "val")]
 
 
-__all__ = ["instructions"]
+def instruction_rows() -> dict[str, Rows]:
+    """The built-in instructions as a data source: ``train`` and ``val`` rows with the column
+    ``prompt``."""
+    return {
+        split: Rows({"prompt": instructions(split)}, "instructions") for split in ("train", "val")
+    }
+
+
+__all__ = ["instruction_rows", "instructions"]

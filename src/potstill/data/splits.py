@@ -3,17 +3,17 @@ labelled fraction (the other labels hidden, the inputs kept for the teacher), th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from .rows import DataError, Rows
+from .sources import load_rows
+
 IGNORE_INDEX = -100
 """Label of an example the student may not see the label of (the teacher still labels it)."""
-
-
-class DataError(ValueError):
-    """A dataset could not be found or read; the message says which file and what to do."""
 
 
 @dataclass
@@ -62,3 +62,42 @@ def labelled_only(ds: TensorDataset) -> TensorDataset:
     x, y = ds.tensors
     keep = y != IGNORE_INDEX
     return TensorDataset(x[keep], y[keep])
+
+
+def load_splits(
+    name: str,
+    *,
+    data_dir: str | None = None,
+    val_size: int = 5000,
+    seed: int = 0,
+    columns: Mapping[str, str] | None = None,
+) -> Splits:
+    """Train / validation / test splits for the classifier task from the data source ``name``
+    (see :data:`potstill.data.sources.SOURCES`): ``columns`` maps the task's ``input`` and
+    ``label`` to the source's columns (default ``image`` and ``label``).
+
+    The validation set is carved out of the training rows with ``seed``; a source's own test
+    split is kept untouched, and a source without one (digits) gives a fifth of its rows to the
+    test set first (with ``seed + 1``)."""
+    options = {"data_dir": data_dir} if data_dir is not None else {}
+    rows = load_rows(name, **options)
+    mapping = dict(columns or {"input": "image", "label": "label"})
+
+    def tensors(r: Rows) -> TensorDataset:
+        f = r.fields(mapping)
+        return TensorDataset(f["input"], f["label"])
+
+    first = next(iter(rows.values()))
+    classes, shape = first.meta.get("classes"), first.meta.get("input_shape")
+    if "test" in rows:
+        train, val = split_off(tensors(rows["train"]), val_size, seed)
+        test = tensors(rows["test"])
+    else:
+        full = tensors(rows["all"])
+        rest, test = split_off(full, len(full) // 5, seed + 1)
+        train, val = split_off(rest, min(val_size, len(rest) // 5), seed)
+    if classes is None:
+        classes = tuple(str(c) for c in sorted(set(train.tensors[1].tolist())))
+    if shape is None:
+        shape = tuple(train.tensors[0].shape[1:])
+    return Splits(train, val, test, tuple(classes), tuple(shape))

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.prompts import Prompt
 from ..evaluate import eval_mode
 from ..teachers import model_fingerprint
-from .data import iter_jsonl, prompt_ids
+from .data import prompt_ids
 
 log = logging.getLogger("potstill")
 
@@ -57,50 +58,6 @@ class GenerationSettings:
     def sampling(self) -> dict[str, Any]:
         """What changes the answers (batch size and format excluded: the record shows them)."""
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One prompt: ``prompt`` text, or a chat ``messages`` list ending with the user's turn."""
-
-    id: str
-    prompt: str | None = None
-    messages: tuple[dict[str, str], ...] | None = None
-
-    def text(self) -> str:
-        """The user's last message (or the prompt)."""
-        return self.prompt if self.messages is None else self.messages[-1]["content"]
-
-
-def read_prompts(path: str | os.PathLike) -> list[Prompt]:
-    """Prompts from JSON Lines: ``{"prompt": ...}`` or ``{"messages": [...]}`` per line, with an
-    optional ``"id"`` (default: the line number). Errors name the file and line."""
-    prompts, seen = [], set()
-    for n, record in iter_jsonl(path):
-        if "prompt" not in record and "messages" not in record:
-            raise ValueError(f"{path}:{n}: needs 'prompt' or 'messages'")
-        pid = str(record.get("id", n))
-        if pid in seen:
-            raise ValueError(f"{path}:{n}: id {pid!r} appears twice")
-        seen.add(pid)
-        messages = record.get("messages")
-        if messages is None:
-            prompts.append(Prompt(pid, prompt=str(record["prompt"])))
-            continue
-        if not (
-            isinstance(messages, list)
-            and messages
-            and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages)
-            and messages[-1]["role"] == "user"
-        ):
-            raise ValueError(
-                f"{path}:{n}: messages must be a list of {{role, content}} ending with the "
-                "user's turn"
-            )
-        prompts.append(Prompt(pid, messages=tuple(dict(m) for m in messages)))
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts
 
 
 def encode_prompt(tokenizer: Any, p: Prompt, settings: GenerationSettings) -> list[int]:
@@ -307,10 +264,8 @@ def read_answers(path: str | os.PathLike) -> list[dict[str, Any]]:
 __all__ = [
     "GenerationSettings",
     "GenerationStats",
-    "Prompt",
     "encode_prompt",
     "generate_answers",
     "read_answers",
-    "read_prompts",
     "sample_completions",
 ]

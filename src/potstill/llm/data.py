@@ -3,16 +3,16 @@ as plain text) and tokenized together with the prompt length, so losses read onl
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from ..data.fortunes import fortune_entries
+from ..data.prompts import iter_jsonl
+from ..data.sources import load_rows
 from ..data.tensors import TensorDictDataset
 
 log = logging.getLogger("potstill")
@@ -40,9 +40,10 @@ def fortune_examples(
     ``prompt`` becomes the file name, e.g. ``computers``), the response is the fortune."""
     if "{" in prompt.replace("{category}", ""):
         raise ValueError(f"data.prompt may hold only the field {{category}}, got {prompt!r}")
+    rows = load_rows("fortunes", folder=folder, min_chars=min_chars, max_chars=max_chars)["all"]
     return [
         LMExample(prompt.replace("{category}", category), text)
-        for category, text in fortune_entries(folder, min_chars=min_chars, max_chars=max_chars)
+        for category, text in zip(rows.column("category"), rows.column("text"), strict=True)
     ]
 
 
@@ -129,22 +130,6 @@ def right_pad(
         ids[b, : len(row)] = torch.tensor(list(row), dtype=dtype)
         mask[b, : len(row)] = 1
     return ids, mask
-
-
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` for each non-empty line of a JSON Lines file; ValueError naming
-    the file and line for a line that is not a JSON object."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{n}: expected an object, got {type(record).__name__}")
-            yield n, record
 
 
 def read_jsonl_examples(path: str | Path) -> list[LMExample]:

@@ -20,8 +20,7 @@ from torch.utils.data import Dataset, TensorDataset
 from .. import distributed
 from ..cache import CachedTeacher, cached_or_live
 from ..config import TrainConfig, same_budget
-from ..data.images import load_splits
-from ..data.splits import Splits, hide_labels, labelled_only
+from ..data.splits import Splits, hide_labels, labelled_only, load_splits
 from ..distiller import Distiller
 from ..evaluate import classification_eval, predict_logits
 from ..losses.objective import Objective

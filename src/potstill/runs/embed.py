@@ -15,7 +15,7 @@ import torch
 
 from .. import distributed
 from ..assets import resolve
-from ..data.fortunes import load_fortunes
+from ..data.sources import load_rows
 from ..distiller import Distiller
 from ..hf import check_aligned_positions, load_model, load_tokenizer
 from ..recipe.common import build_objective, folder_name
@@ -63,7 +63,7 @@ def _run(recipe: EmbedRecipe, run: RunFolder) -> dict[str, Any]:
     t_tok = load_tokenizer(t_path, trust_remote_code=t_spec.trust_remote_code)
     s_tok = load_tokenizer(s_path, trust_remote_code=s_spec.trust_remote_code)
 
-    texts = load_fortunes(recipe.data.folder)
+    texts = list(load_rows(recipe.data.name, folder=recipe.data.folder)["all"].column("text"))
     random.Random(recipe.seed).shuffle(texts)
     n_train, n_val = recipe.data.train, recipe.data.val
     if n_train + n_val > len(texts):

@@ -18,17 +18,11 @@ import torch
 from .. import distributed
 from ..assets import resolve
 from ..cache import CachedTeacher, CacheStatus, Encoding, cache_status, write_cache
-from ..data.instructions import instructions
+from ..data.prompts import Prompt
+from ..data.sources import load_rows
 from ..data.tensors import TensorDictDataset
 from ..hf import check_same_tokenization, load_model, load_tokenizer
-from ..llm.answers import (
-    GenerationSettings,
-    Prompt,
-    encode_prompt,
-    generate_answers,
-    read_answers,
-    read_prompts,
-)
+from ..llm.answers import GenerationSettings, encode_prompt, generate_answers, read_answers
 from ..llm.data import LMExample, fortune_examples, tokenize_examples
 from ..llm.forward import causal_lm_forward
 from ..recipe.causal_lm import LMCacheSpec, LMRecipe
@@ -115,11 +109,14 @@ def _prompt_datasets(
 ) -> tuple[TensorDictDataset, TensorDictDataset, dict[str, Any]]:
     d, a = recipe.data, recipe.data.answers
     if d.name == "instructions":
-        train_p = [Prompt(f"train-{i}", prompt=t) for i, t in enumerate(instructions("train"))]
-        val_p = [Prompt(f"val-{i}", prompt=t) for i, t in enumerate(instructions("val"))]
+        rows = load_rows("instructions")
+        train_p = [
+            Prompt(f"train-{i}", prompt=t) for i, t in enumerate(rows["train"].column("prompt"))
+        ]
+        val_p = [Prompt(f"val-{i}", prompt=t) for i, t in enumerate(rows["val"].column("prompt"))]
     else:
         assert d.prompts is not None
-        every = read_prompts(d.prompts)
+        every = list(load_rows("prompts", path=d.prompts)["all"].column("prompt"))
         random.Random(recipe.seed + 1).shuffle(every)
         val_p, train_p = every[: d.val], every[d.val :]
     random.Random(recipe.seed).shuffle(train_p)

@@ -1,0 +1,34 @@
+"""Data sources: rows from somewhere, by split and column (:class:`~potstill.data.rows.Rows`),
+which a task maps by column name to its fields. Today the built-in corpora; a new source (files,
+Hugging Face datasets) is one file with its loader and one entry in :data:`SOURCES`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import import_module
+from typing import Any
+
+from .rows import DataError, Rows
+
+SOURCES: dict[str, str] = {
+    "fashion-mnist": "potstill.data.images:fashion_mnist_rows",
+    "digits": "potstill.data.images:digits_rows",
+    "fortunes": "potstill.data.fortunes:fortune_rows",
+    "instructions": "potstill.data.instructions:instruction_rows",
+    "prompts": "potstill.data.prompts:prompt_rows",
+}
+"""Source name → ``module:loader``; a loader takes the source's options and returns its splits
+(``{"train": Rows, "test": Rows}``, or ``{"all": Rows}`` when the source has no splits)."""
+
+
+def loader(name: str) -> Callable[..., dict[str, Rows]]:
+    """The loader of source ``name``; DataError listing the sources otherwise."""
+    if name not in SOURCES:
+        raise DataError(f"unknown dataset {name!r}; data sources: {', '.join(SOURCES)}")
+    module, _, function = SOURCES[name].partition(":")
+    return getattr(import_module(module), function)
+
+
+def load_rows(name: str, **options: Any) -> dict[str, Rows]:
+    """The rows of every split of data source ``name`` (``options`` go to its loader)."""
+    return loader(name)(**options)
