@@ -105,6 +105,20 @@ def sparse_tied_embeddings(model: nn.Module) -> Iterator[list[nn.Embedding]]:
             m.sparse = False
 
 
+def plan_steps(n: int, cfg: TrainConfig) -> tuple[int, int, int, int]:
+    """``(batches per epoch, optimizer steps, steps between evaluations, steps between
+    checkpoints)`` of training on ``n`` examples: ``max_steps`` when given, else the epochs'
+    steps (at least one); an evaluation per epoch and a checkpoint at each unless set."""
+    batches_per_epoch = math.ceil(n / cfg.batch_size)
+    if cfg.max_steps is not None:
+        total = cfg.max_steps
+    else:
+        assert cfg.epochs is not None
+        total = max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
+    eval_every = cfg.eval_every or max(1, batches_per_epoch // cfg.grad_accum)
+    return batches_per_epoch, total, eval_every, cfg.checkpoint_every or eval_every
+
+
 class Distiller:
     """Train ``student`` on ``train_data`` to minimise ``objective`` against ``teacher``.
 
@@ -179,18 +193,9 @@ class Distiller:
         self.n = len(train_data)  # type: ignore[arg-type]
         if self.n == 0:
             raise ValueError("train_data is empty")
-        self.batches_per_epoch = math.ceil(self.n / self.cfg.batch_size)
-        if self.cfg.max_steps is not None:
-            self.total_steps = self.cfg.max_steps
-        else:
-            assert self.cfg.epochs is not None
-            self.total_steps = max(
-                1, math.ceil(self.cfg.epochs * self.batches_per_epoch / self.cfg.grad_accum)
-            )
-        self.eval_every = self.cfg.eval_every or max(
-            1, self.batches_per_epoch // self.cfg.grad_accum
+        self.batches_per_epoch, self.total_steps, self.eval_every, self.checkpoint_every = (
+            plan_steps(self.n, self.cfg)
         )
-        self.checkpoint_every = self.cfg.checkpoint_every or self.eval_every
 
         self._probe()
         placement.model(self.objective)  # with the projectors its terms built on the probe
@@ -417,18 +422,8 @@ class Distiller:
             last = self.step >= self.total_steps
             row: dict[str, float] = {}
             if self.step % cfg.log_every == 0 or last:
-                now = time.perf_counter()
-                keys = list(self._sums)  # the same order on every process
-                summed = distributed.all_reduce_sum(
-                    torch.stack([self._sums[k].detach().double().reshape(()) for k in keys])
-                ) if keys else torch.zeros(0)  # fmt: skip
-                row = {
-                    "step": self.step,
-                    "epoch": round(micro / self.batches_per_epoch, 4),
-                    "lr": lr,
-                    **{k: float(v) / self._n_sums for k, v in zip(keys, summed, strict=True)},
-                    "examples_per_s": interval_examples / max(now - interval_t, 1e-9),
-                }
+                rate = interval_examples / max(time.perf_counter() - interval_t, 1e-9)
+                row = self._interval_row(micro, lr, rate)
                 self._log(row, writer)
                 bar.set_postfix(
                     {k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "epoch", "lr")},
@@ -447,6 +442,21 @@ class Distiller:
                 self.save_checkpoint()
                 t0 = time.perf_counter()
         self.train_time_s += time.perf_counter() - t0
+
+    def _interval_row(self, micro: int, lr: float, examples_per_s: float) -> dict[str, float]:
+        """The logged row of the interval since the last one: each term's and the loss's mean
+        over its steps, summed across processes."""
+        keys = list(self._sums)  # the same order on every process
+        summed = distributed.all_reduce_sum(
+            torch.stack([self._sums[k].detach().double().reshape(()) for k in keys])
+        ) if keys else torch.zeros(0)  # fmt: skip
+        return {
+            "step": self.step,
+            "epoch": round(micro / self.batches_per_epoch, 4),
+            "lr": lr,
+            **{k: float(v) / self._n_sums for k, v in zip(keys, summed, strict=True)},
+            "examples_per_s": examples_per_s,
+        }
 
     # ---- evaluation and logs ---------------------------------------------------------------
 

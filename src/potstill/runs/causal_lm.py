@@ -77,47 +77,8 @@ def _run(recipe: LMRecipe, run: RunFolder) -> dict[str, Any]:
         source, train, cache_info = cached_source(recipe, run.path, teacher, tok, train)
 
     untrained = "derived, not distilled" if init is not base else "student, not distilled"
-    students: dict[str, torch.nn.Module] = {untrained: init}
-    trained: dict[str, dict[str, Any]] = {}
-    forward = causal_lm_hidden_forward if recipe.fused_head else TASK.student_forward
-    for name, variant in recipe.variants.items():
-        part = folder_name(name)
-        info = run.finished(part)
-        if info is not None:
-            log.info("%s: finished before, reloading %s", name, run.path / part / "export")
-            trained[name] = info
-            students[name] = load_model(run.path / part / "export", "causal-lm", dtype=init.dtype)
-            continue
-        objective = build_objective(variant.terms, tokens=True, chunk_size=recipe.chunk_size)
-        student = copy.deepcopy(init)
-        student.train()
-        sampler = None
-        if variant.on_policy > 0:
-            sampler = OnPolicySampler(
-                student, lam=variant.on_policy, pad_token_id=pad_id(tok),
-                eos_token_id=tok.eos_token_id, seed=recipe.seed,
-                sampling=SamplingSpec(**variant.sampling.model_dump()),
-            )  # fmt: skip
-        fit = Distiller(
-            student, objective, train, teacher=source if objective.needs_teacher else None,
-            config=recipe.train, run_dir=run.path / part, student_forward=forward, name=name,
-            batch_transform=sampler,
-        ).fit(resume=run.resume)  # fmt: skip
-        students[name] = fit.student
-        trained[name] = {
-            "steps": fit.steps,
-            "train_time_s": fit.train_time_s,
-            "objective": [t.model_dump(exclude_unset=True) for t in variant.terms],
-            "on_policy": variant.on_policy,
-            "metrics": str(Path(part) / "metrics.jsonl"),
-            "export": str(Path(part) / "export"),
-        }
-        if distributed.is_main():  # every process holds the same student; rank 0 saves it
-            TASK.export(fit.student, run.path / part / "export", tokenizer=tok)
-            run.mark_finished(part, trained[name])
-            if not recipe.keep_checkpoints:
-                shutil.rmtree(run.path / part / "checkpoints", ignore_errors=True)
-        distributed.barrier()
+    students, trained = _train_variants(recipe, run, init, train, source, tok)
+    students = {untrained: init, **students}
     if not distributed.is_main():  # rank 0 evaluates and reports
         distributed.barrier()
         return {"kind": "causal-lm", "name": recipe.name, "rows": {}}
@@ -163,6 +124,60 @@ def _run(recipe: LMRecipe, run: RunFolder) -> dict[str, Any]:
     write_report(run.path, results)
     distributed.barrier()
     return results
+
+
+def _train_variants(
+    recipe: LMRecipe,
+    run: RunFolder,
+    init: torch.nn.Module,
+    train: Any,
+    source: TeacherSource,
+    tok: Any,
+) -> tuple[dict[str, torch.nn.Module], dict[str, dict[str, Any]]]:
+    """Every variant's student trained from ``init`` (or reloaded from its export when it
+    finished before), and what its training recorded."""
+    students: dict[str, torch.nn.Module] = {}
+    trained: dict[str, dict[str, Any]] = {}
+    forward = causal_lm_hidden_forward if recipe.fused_head else TASK.student_forward
+    for name, variant in recipe.variants.items():
+        part = folder_name(name)
+        info = run.finished(part)
+        if info is not None:
+            log.info("%s: finished before, reloading %s", name, run.path / part / "export")
+            trained[name] = info
+            students[name] = load_model(run.path / part / "export", "causal-lm", dtype=init.dtype)
+            continue
+        objective = build_objective(variant.terms, tokens=True, chunk_size=recipe.chunk_size)
+        student = copy.deepcopy(init)
+        student.train()
+        sampler = None
+        if variant.on_policy > 0:
+            sampler = OnPolicySampler(
+                student, lam=variant.on_policy, pad_token_id=pad_id(tok),
+                eos_token_id=tok.eos_token_id, seed=recipe.seed,
+                sampling=SamplingSpec(**variant.sampling.model_dump()),
+            )  # fmt: skip
+        fit = Distiller(
+            student, objective, train, teacher=source if objective.needs_teacher else None,
+            config=recipe.train, run_dir=run.path / part, student_forward=forward, name=name,
+            batch_transform=sampler,
+        ).fit(resume=run.resume)  # fmt: skip
+        students[name] = fit.student
+        trained[name] = {
+            "steps": fit.steps,
+            "train_time_s": fit.train_time_s,
+            "objective": [t.model_dump(exclude_unset=True) for t in variant.terms],
+            "on_policy": variant.on_policy,
+            "metrics": str(Path(part) / "metrics.jsonl"),
+            "export": str(Path(part) / "export"),
+        }
+        if distributed.is_main():  # every process holds the same student; rank 0 saves it
+            TASK.export(fit.student, run.path / part / "export", tokenizer=tok)
+            run.mark_finished(part, trained[name])
+            if not recipe.keep_checkpoints:
+                shutil.rmtree(run.path / part / "checkpoints", ignore_errors=True)
+        distributed.barrier()
+    return students, trained
 
 
 def _write_cards(

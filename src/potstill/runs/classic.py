@@ -26,7 +26,7 @@ from ..evaluate import classification_eval, predict_logits
 from ..losses.objective import Objective
 from ..losses.terms import labels_only_objective
 from ..models import ArchSpec, build_model, load_model
-from ..recipe.classic import ClassicRecipe
+from ..recipe.classic import ClassicRecipe, SettingSpec
 from ..report import write_report
 from ..report.card import model_card, write_model_card
 from ..taps import TapsLike, tap_counts
@@ -164,121 +164,41 @@ def run(
         return _run(recipe, folder, splits)
 
 
-def _run(recipe: ClassicRecipe, run: RunFolder, splits: Splits) -> dict[str, Any]:
-    teacher, teacher_info = _teacher(recipe, splits, run)
-    main = distributed.is_main()  # rank 0 evaluates and reports; every process trains
-    ev = recipe.evaluation
-    figures = {"latency_batch": ev.latency_batch, "throughput_batch": ev.throughput_batch}
-    teacher_row: dict[str, Any] = dict(teacher_info)
-    teacher_test_logits = None
-    if main:
-        teacher_test_logits, _ = predict_logits(teacher, splits.test)
-        row = TASK.metrics(
-            {"teacher": teacher}, splits.test, teacher=teacher,
-            teacher_logits=teacher_test_logits, **figures,
-        )  # fmt: skip
-        teacher_row = {**row["teacher"], **teacher_info}
+@dataclass
+class Shared:
+    """What every setting of a classic run shares: the teacher, its training-set source (live or
+    cached), the taps, the evaluation options and the teacher's test logits (rank 0)."""
 
-    cache_path = run.path / "teacher" / "cache-train" if recipe.teacher.cache else None
-    t = time.perf_counter()
-    source = cached_or_live(teacher, splits.train, cache_path, forward=TASK.teacher_forward)
-    cache_info: dict[str, Any] = {"enabled": cache_path is not None}
-    if isinstance(source, CachedTeacher):
-        cache_info.update(path=str(cache_path), ready_s=time.perf_counter() - t)
-
-    student_taps, teacher_taps = recipe.taps.as_taps("student"), recipe.taps.as_taps("teacher")
+    recipe: ClassicRecipe
+    run: RunFolder
+    splits: Splits
+    teacher: nn.Module
+    teacher_row: dict[str, Any]
+    source: TeacherSource
+    cache_info: dict[str, Any]
+    figures: dict[str, int]
+    teacher_logits: torch.Tensor | None
 
     @contextmanager
-    def source_for(objective: Objective) -> Iterator[TeacherSource]:
-        # the logit cache serves terms on logits; terms on features need the live teacher's
-        # taps, whose hooks leave the shared teacher as soon as that training ends
+    def source_for(self, objective: Objective) -> Iterator[TeacherSource]:
+        """The teacher source for ``objective``: the (cached) one for terms on logits; terms on
+        features need the live teacher's taps, whose hooks leave the shared teacher as soon as
+        that training ends."""
         if not objective.needs_teacher_features:
-            yield source
+            yield self.source
             return
-        live = LiveTeacher(teacher, forward=TASK.teacher_forward, taps=teacher_taps)
+        taps = self.recipe.taps.as_taps("teacher")
+        live = LiveTeacher(self.teacher, forward=TASK.teacher_forward, taps=taps)
         try:
             yield live
         finally:
             live.close()
 
-    student_arch = _sized(recipe.student.arch, splits)
-    settings_out = []
-    for setting in recipe.settings:
-        train = hide_labels(splits.train, setting.labelled_fraction, recipe.seed)
-        assert isinstance(train, TensorDataset)
-        labelled = labelled_only(train)
-        runs: dict[str, SubRun] = {}
-        torch.manual_seed(recipe.seed)
-        init = build_model(student_arch)  # both students start from the same weights
-        counts = {
-            "student": tap_counts(init, student_taps),
-            "teacher": tap_counts(teacher, teacher_taps),
-        }
-        objective = recipe.build_objective(counts)
-        hint_objective = recipe.build_hint_objective(counts)
-        start, hint = copy.deepcopy(init), None
-        if hint_objective is not None:
-            assert recipe.hint is not None
-            with source_for(hint_objective) as hint_source:
-                hint = train_classifier(
-                    run, f"{setting.name}/distilled/hint", start, student_arch, hint_objective,
-                    train, splits.val, recipe.hint.train, hint_source, student_taps,
-                )  # fmt: skip
-            start = hint.model
-        with source_for(objective) as main_source:
-            runs["distilled"] = train_classifier(
-                run, f"{setting.name}/distilled", start, student_arch, objective, train,
-                splits.val, recipe.train, main_source, student_taps,
-            )  # fmt: skip
-        if recipe.baseline:
-            # same budget: as many optimizer steps of the same batch size (hint stage
-            # included), on the labelled part
-            steps = runs["distilled"].info["steps"] + (hint.info["steps"] if hint else 0)
-            runs["baseline"] = train_classifier(
-                run, f"{setting.name}/baseline", copy.deepcopy(init), student_arch,
-                labels_only_objective(), labelled, splits.val, same_budget(recipe.train, steps),
-                None,
-            )  # fmt: skip
-        rows: dict[str, Any] = {}
-        if main:
-            measured = TASK.metrics(
-                {kind: sub.model for kind, sub in runs.items()}, splits.test,
-                teacher_logits=teacher_test_logits, **figures,
-            )  # fmt: skip
-            for kind, sub in runs.items():
-                rows[kind] = {
-                    **measured[kind],
-                    **sub.info,
-                    "metrics": str(sub.folder.relative_to(run.path) / "metrics.jsonl"),
-                }
-            if hint is not None:
-                rows["distilled"]["hint"] = {
-                    **hint.info,
-                    "metrics": str(hint.folder.relative_to(run.path) / "metrics.jsonl"),
-                }
-            _write_cards(recipe, run, setting.name, runs, rows, teacher_row, len(train))
-        settings_out.append(
-            {
-                "name": setting.name,
-                "labelled_fraction": setting.labelled_fraction,
-                "labelled_examples": len(labelled),
-                "transfer_examples": len(train),
-                "runs": rows,
-            }
-        )
-        if (
-            recipe.evaluation.measure_cache_speedup
-            and distributed.world_size() == 1  # measured on one process
-            and isinstance(source, CachedTeacher)
-            and not objective.needs_teacher_features
-            and "live_examples_per_s" not in cache_info
-        ):
-            cache_info.update(
-                measure_cache_speedup(
-                    init, objective, train, LiveTeacher(teacher), source, recipe.train
-                )
-            )
 
+def _run(recipe: ClassicRecipe, run: RunFolder, splits: Splits) -> dict[str, Any]:
+    shared = _shared(recipe, run, splits)
+    student_arch = _sized(recipe.student.arch, splits)
+    settings_out = [_setting(shared, student_arch, setting) for setting in recipe.settings]
     results = run.write_results(
         {
             "data": {
@@ -291,16 +211,127 @@ def _run(recipe: ClassicRecipe, run: RunFolder, splits: Splits) -> dict[str, Any
             "hint_objective": [t.model_dump(exclude_unset=True) for t in recipe.hint.objective]
             if recipe.hint
             else [],
-            "teacher": teacher_row,
+            "teacher": shared.teacher_row,
             "student_arch": student_arch.model_dump(),
-            "teacher_cache": cache_info,
+            "teacher_cache": shared.cache_info,
             "settings": settings_out,
         }
     )
-    if main:
+    if distributed.is_main():
         write_report(run.path, results)
     distributed.barrier()
     return results
+
+
+def _shared(recipe: ClassicRecipe, run: RunFolder, splits: Splits) -> Shared:
+    """The teacher (trained, loaded or an ensemble), its test row and its training-set source."""
+    teacher, teacher_info = _teacher(recipe, splits, run)
+    ev = recipe.evaluation
+    figures = {"latency_batch": ev.latency_batch, "throughput_batch": ev.throughput_batch}
+    teacher_row: dict[str, Any] = dict(teacher_info)
+    teacher_logits = None
+    if distributed.is_main():  # rank 0 evaluates and reports; every process trains
+        teacher_logits, _ = predict_logits(teacher, splits.test)
+        row = TASK.metrics(
+            {"teacher": teacher}, splits.test, teacher=teacher, teacher_logits=teacher_logits,
+            **figures,
+        )  # fmt: skip
+        teacher_row = {**row["teacher"], **teacher_info}
+    cache_path = run.path / "teacher" / "cache-train" if recipe.teacher.cache else None
+    t = time.perf_counter()
+    source = cached_or_live(teacher, splits.train, cache_path, forward=TASK.teacher_forward)
+    cache_info: dict[str, Any] = {"enabled": cache_path is not None}
+    if isinstance(source, CachedTeacher):
+        cache_info.update(path=str(cache_path), ready_s=time.perf_counter() - t)
+    return Shared(
+        recipe, run, splits, teacher, teacher_row, source, cache_info, figures, teacher_logits
+    )
+
+
+def _setting(shared: Shared, student_arch: ArchSpec, setting: SettingSpec) -> dict[str, Any]:
+    """One setting: the distilled student (after its hint stage, if any) and the baseline at
+    the same budget, from the same initial weights; their rows and model cards."""
+    recipe, run, splits = shared.recipe, shared.run, shared.splits
+    train = hide_labels(splits.train, setting.labelled_fraction, recipe.seed)
+    assert isinstance(train, TensorDataset)
+    labelled = labelled_only(train)
+    student_taps = recipe.taps.as_taps("student")
+    runs: dict[str, SubRun] = {}
+    torch.manual_seed(recipe.seed)
+    init = build_model(student_arch)  # both students start from the same weights
+    counts = {
+        "student": tap_counts(init, student_taps),
+        "teacher": tap_counts(shared.teacher, recipe.taps.as_taps("teacher")),
+    }
+    objective = recipe.build_objective(counts)
+    hint_objective = recipe.build_hint_objective(counts)
+    start, hint = copy.deepcopy(init), None
+    if hint_objective is not None:
+        assert recipe.hint is not None
+        with shared.source_for(hint_objective) as hint_source:
+            hint = train_classifier(
+                run, f"{setting.name}/distilled/hint", start, student_arch, hint_objective,
+                train, splits.val, recipe.hint.train, hint_source, student_taps,
+            )  # fmt: skip
+        start = hint.model
+    with shared.source_for(objective) as main_source:
+        runs["distilled"] = train_classifier(
+            run, f"{setting.name}/distilled", start, student_arch, objective, train,
+            splits.val, recipe.train, main_source, student_taps,
+        )  # fmt: skip
+    if recipe.baseline:
+        # same budget: as many optimizer steps of the same batch size (hint stage included),
+        # on the labelled part
+        steps = runs["distilled"].info["steps"] + (hint.info["steps"] if hint else 0)
+        runs["baseline"] = train_classifier(
+            run, f"{setting.name}/baseline", copy.deepcopy(init), student_arch,
+            labels_only_objective(), labelled, splits.val, same_budget(recipe.train, steps), None,
+        )  # fmt: skip
+    rows = _rows(shared, setting.name, runs, hint, len(train)) if distributed.is_main() else {}
+    cache = shared.cache_info
+    if (
+        recipe.evaluation.measure_cache_speedup
+        and distributed.world_size() == 1  # measured on one process
+        and isinstance(shared.source, CachedTeacher)
+        and not objective.needs_teacher_features
+        and "live_examples_per_s" not in cache
+    ):
+        live = LiveTeacher(shared.teacher)
+        cache.update(
+            measure_cache_speedup(init, objective, train, live, shared.source, recipe.train)
+        )
+    return {
+        "name": setting.name,
+        "labelled_fraction": setting.labelled_fraction,
+        "labelled_examples": len(labelled),
+        "transfer_examples": len(train),
+        "runs": rows,
+    }
+
+
+def _rows(
+    shared: Shared, setting: str, runs: dict[str, SubRun], hint: SubRun | None, examples: int
+) -> dict[str, Any]:
+    """The setting's students measured on the test set (rank 0), and their model cards."""
+    run = shared.run
+    measured = TASK.metrics(
+        {kind: sub.model for kind, sub in runs.items()}, shared.splits.test,
+        teacher_logits=shared.teacher_logits, **shared.figures,
+    )  # fmt: skip
+    rows: dict[str, Any] = {}
+    for kind, sub in runs.items():
+        rows[kind] = {
+            **measured[kind],
+            **sub.info,
+            "metrics": str(sub.folder.relative_to(run.path) / "metrics.jsonl"),
+        }
+    if hint is not None:
+        rows["distilled"]["hint"] = {
+            **hint.info,
+            "metrics": str(hint.folder.relative_to(run.path) / "metrics.jsonl"),
+        }
+    _write_cards(shared.recipe, run, setting, runs, rows, shared.teacher_row, examples)
+    return rows
 
 
 def _write_cards(

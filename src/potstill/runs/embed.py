@@ -8,6 +8,7 @@ import copy
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ import torch
 from .. import distributed
 from ..assets import resolve
 from ..data.sources import load_rows
+from ..data.tensors import TensorDictDataset
 from ..distiller import Distiller
 from ..hf import check_aligned_positions, load_model, load_tokenizer
-from ..recipe.common import build_objective, folder_name
+from ..recipe.common import TermSpec, build_objective, folder_name
 from ..recipe.embed import EmbedRecipe
 from ..report import write_report
 from ..report.card import model_card, write_model_card
@@ -92,45 +94,10 @@ def _run(recipe: EmbedRecipe, run: RunFolder) -> dict[str, Any]:
         {"teacher": teacher, "original student model": base, "derived, not distilled": init},
         val, **figures,
     )  # fmt: skip
+    shared = Shared(recipe, run, init, source, counts, student_taps, figures, train, val, s_tok,
+                    s_path)  # fmt: skip
     for name, terms in recipe.variants.items():
-        part = folder_name(name)
-        trained = run.finished(part)
-        if trained is not None:
-            log.info("%s: finished before, reloading %s", name, run.path / part / "export")
-            student = load_model(run.path / part / "export", dtype=init.dtype)
-        else:
-            student = copy.deepcopy(init)
-            student.train()
-            fit = Distiller(
-                student, build_objective(terms, counts), train, teacher=source,
-                config=recipe.train, run_dir=run.path / part,
-                student_forward=TASK.student_forward, student_taps=student_taps, name=name,
-            ).fit(resume=run.resume)  # fmt: skip
-            student = fit.student
-            trained = {
-                "steps": fit.steps,
-                "train_time_s": fit.train_time_s,
-                "objective": [t.model_dump(exclude_unset=True) for t in terms],
-                "metrics": str(Path(part) / "metrics.jsonl"),
-            }
-            TASK.export(
-                student, run.path / part / "export", tokenizer=s_tok,
-                sentence_transformers_from=s_path if Path(s_path).exists() else None,
-            )  # fmt: skip
-            run.mark_finished(part, trained)
-        row = {**TASK.metrics({name: student}, val, **figures)[name], **trained}
-        rows[name] = row
-        card = model_card(
-            title=f"{recipe.name}: {name}",
-            teacher=f"`{t_spec.model}`",
-            student=f"{init.config.num_hidden_layers} layers of `{s_spec.model}`",
-            data=f"{n_train} fortunes texts",
-            steps=row["steps"],
-            objective=row["objective"],
-            figures={k: v for k, v in row.items() if k not in ("objective", "metrics")},
-            command=f"potstill distill {run.path / 'recipe.yaml'} --out {run.path} --resume",
-        )
-        write_model_card(run.path / part / "export", card)
+        rows[name] = _variant(shared, name, terms)
     results = run.write_results(
         {
             "teacher": t_spec.model,
@@ -143,3 +110,65 @@ def _run(recipe: EmbedRecipe, run: RunFolder) -> dict[str, Any]:
     )
     write_report(run.path, results)
     return results
+
+
+@dataclass
+class Shared:
+    """What every variant of an embedding run shares."""
+
+    recipe: EmbedRecipe
+    run: RunFolder
+    init: torch.nn.Module
+    source: PrecomputedTeacher
+    counts: dict[str, dict[str, int]]
+    student_taps: dict[str, Any]
+    figures: dict[str, Any]
+    train: TensorDictDataset
+    val: TensorDictDataset
+    tokenizer: Any
+    student_path: str
+
+
+def _variant(shared: Shared, name: str, terms: list[TermSpec]) -> dict[str, Any]:
+    """One variant's student: trained from the derived student (or reloaded from its export
+    when it finished before), exported with its card; returns its row."""
+    recipe, run, init = shared.recipe, shared.run, shared.init
+    part = folder_name(name)
+    trained = run.finished(part)
+    if trained is not None:
+        log.info("%s: finished before, reloading %s", name, run.path / part / "export")
+        student = load_model(run.path / part / "export", dtype=init.dtype)
+    else:
+        student = copy.deepcopy(init)
+        student.train()
+        fit = Distiller(
+            student, build_objective(terms, shared.counts), shared.train, teacher=shared.source,
+            config=recipe.train, run_dir=run.path / part, student_forward=TASK.student_forward,
+            student_taps=shared.student_taps, name=name,
+        ).fit(resume=run.resume)  # fmt: skip
+        student = fit.student
+        trained = {
+            "steps": fit.steps,
+            "train_time_s": fit.train_time_s,
+            "objective": [t.model_dump(exclude_unset=True) for t in terms],
+            "metrics": str(Path(part) / "metrics.jsonl"),
+        }
+        st_from = shared.student_path if Path(shared.student_path).exists() else None
+        TASK.export(
+            student, run.path / part / "export", tokenizer=shared.tokenizer,
+            sentence_transformers_from=st_from,
+        )  # fmt: skip
+        run.mark_finished(part, trained)
+    row = {**TASK.metrics({name: student}, shared.val, **shared.figures)[name], **trained}
+    card = model_card(
+        title=f"{recipe.name}: {name}",
+        teacher=f"`{recipe.teacher.model}`",
+        student=f"{init.config.num_hidden_layers} layers of `{recipe.student.model}`",
+        data=f"{recipe.data.train} fortunes texts",
+        steps=row["steps"],
+        objective=row["objective"],
+        figures={k: v for k, v in row.items() if k not in ("objective", "metrics")},
+        command=f"potstill distill {run.path / 'recipe.yaml'} --out {run.path} --resume",
+    )
+    write_model_card(run.path / part / "export", card)
+    return row
