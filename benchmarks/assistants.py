@@ -22,7 +22,7 @@ import torch
 import potstill
 from potstill.data.splits import hide_labels, load_splits
 from potstill.evaluate import accuracy, predict_logits
-from potstill.models import ArchSpec, build_model, count_parameters, load_model
+from potstill.models import ArchSpec, build_model, count_parameters, load_model_folder
 from potstill.stages import distill_chain, plan_arch
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     t0 = time.perf_counter()
     splits = load_splits("fashion-mnist", val_size=5000, seed=0)
     x, y = splits.test.tensors
-    teacher = load_model(args.teacher)[0] if args.teacher else _train_teacher(splits, 0)
+    teacher = load_model_folder(args.teacher)[0] if args.teacher else _train_teacher(splits, 0)
     teacher.eval()
     t_acc = accuracy(predict_logits(teacher, splits.test)[0], y)
     big = ArchSpec(hidden=[1024, 1024])

@@ -38,7 +38,7 @@ from potstill.losses.features import ConvProjector, feature_distance
 from potstill.losses.objective import Objective
 from potstill.losses.relational import pkt, rkd_angle, rkd_distance
 from potstill.losses.terms import ce_term, kd_term
-from potstill.models import ArchSpec, build_model, load_model, save_model
+from potstill.models import ArchSpec, build_model, load_model_folder, save_model_folder
 from potstill.recipe import RecipeError
 from potstill.recipe.classic import ClassicRecipe
 from potstill.recipe.common import TermSpec
@@ -168,12 +168,12 @@ def test_exact_resume_restores_student_and_projector(digits, tmp_path):
     assert rows_a == [r["feature"] for r in result_b.history]
 
     # the exported student holds only the student's weights
-    save_model(result_b.student, tmp_path / "export", STUDENT_ARCH)
+    save_model_folder(result_b.student, tmp_path / "export", STUDENT_ARCH)
     with safe_open(str(tmp_path / "export" / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
     assert keys == set(build_model(STUDENT_ARCH).state_dict())
     assert not any("projector" in k or "term_modules" in k for k in keys)
-    loaded, _ = load_model(tmp_path / "export")
+    loaded, _ = load_model_folder(tmp_path / "export")
     _assert_bitwise(_state(loaded), _state(result_b.student))
     for d in (full, crashed, resumed):
         d.teacher.close()
@@ -628,10 +628,10 @@ def test_hint_stage_feeds_the_distilled_stage(hint_run):
     run_dir, recipe, _, _ = hint_run
     splits = load_splits("digits", val_size=recipe.data.val_size, seed=recipe.seed)
     train = hide_labels(splits.train, 1.0, recipe.seed)
-    teacher, _ = load_model(run_dir / "teacher" / "final")
+    teacher, _ = load_model_folder(run_dir / "teacher" / "final")
     init = _init_student(recipe)
-    hint_final, _ = load_model(run_dir / "main" / "distilled" / "hint" / "final")
-    distilled_final, _ = load_model(run_dir / "main" / "distilled" / "final")
+    hint_final, _ = load_model_folder(run_dir / "main" / "distilled" / "hint" / "final")
+    distilled_final, _ = load_model_folder(run_dir / "main" / "distilled" / "final")
     assert not torch.equal(hint_final[0].weight, init[0].weight)
 
     taps = recipe.taps.as_taps("student")

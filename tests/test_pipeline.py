@@ -31,7 +31,7 @@ from potstill.data.splits import hide_labels, labelled_only, load_splits
 from potstill.distiller import Distiller
 from potstill.evaluate import accuracy, agreement, predict_logits
 from potstill.losses.terms import hinton_objective, labels_only_objective
-from potstill.models import ArchSpec, build_model, count_parameters, load_model
+from potstill.models import ArchSpec, build_model, count_parameters, load_model_folder
 from potstill.recipe import RecipeError, load_recipe
 from potstill.recipe.classic import ClassicRecipe
 from potstill.runs import run as run_recipe
@@ -138,13 +138,13 @@ def test_results_have_teacher_baseline_and_distilled_rows(run):
 def test_saved_models_reproduce_the_reported_figures(run):
     run_dir, _, results = run
     splits = load_splits("digits")
-    teacher, spec = load_model(run_dir / "teacher" / "final")
+    teacher, spec = load_model_folder(run_dir / "teacher" / "final")
     assert spec == _arch([64])
     t_logits, labels = predict_logits(teacher, splits.test)
     assert accuracy(t_logits, labels) == results["teacher"]["accuracy"]
     for s in results["settings"]:
         for kind, row in s["runs"].items():
-            model, _ = load_model(run_dir / s["name"] / kind / "final")
+            model, _ = load_model_folder(run_dir / s["name"] / kind / "final")
             logits, _ = predict_logits(model, splits.test)
             assert accuracy(logits, labels) == row["accuracy"], (s["name"], kind)
             assert agreement(logits, t_logits) == row["agreement"], (s["name"], kind)
@@ -156,7 +156,7 @@ def test_baseline_and_distilled_start_from_the_same_weights(run):
     """Rebuild both students of one setting by hand from the same seed and compare."""
     run_dir, recipe, results = run
     splits = load_splits("digits")
-    teacher, _ = load_model(run_dir / "teacher" / "final")
+    teacher, _ = load_model_folder(run_dir / "teacher" / "final")
     train = hide_labels(splits.train, 0.2, recipe.seed)
     torch.manual_seed(recipe.seed)
     init = build_model(_arch([8]))
@@ -175,7 +175,7 @@ def test_baseline_and_distilled_start_from_the_same_weights(run):
         config=cfg.model_copy(update={"max_steps": distilled.steps, "epochs": None}),
     ).fit()
     for kind, model in (("distilled", distilled.student), ("baseline", baseline.student)):
-        saved, _ = load_model(run_dir / "few-labels" / kind / "final")
+        saved, _ = load_model_folder(run_dir / "few-labels" / kind / "final")
         for (name, a), (_, b) in zip(
             saved.state_dict().items(), model.state_dict().items(), strict=True
         ):
@@ -270,7 +270,7 @@ def test_resume_after_a_crash_between_training_and_done_json(run):
     ``done.json`` were written: resume restores the last checkpoint and trains no further."""
     run_dir, recipe, results = run
     sub = run_dir / "same-data" / "distilled"
-    before, _ = load_model(sub / "final")
+    before, _ = load_model_folder(sub / "final")
     info = json.loads((sub / "done.json").read_text())
     (sub / "done.json").unlink()
     for p in (sub / "final").iterdir():
@@ -279,7 +279,7 @@ def test_resume_after_a_crash_between_training_and_done_json(run):
     baseline_done = (run_dir / "same-data" / "baseline" / "done.json").stat().st_mtime_ns
 
     again = run_recipe(recipe, run_dir, resume=True)
-    after, _ = load_model(sub / "final")
+    after, _ = load_model_folder(sub / "final")
     assert state_equal(before, after)
     new_info = json.loads((sub / "done.json").read_text())
     for key in ("steps", "val_final", "val_best", "examples"):

@@ -294,13 +294,15 @@ def eval_(
     """Evaluate a saved model on a dataset's test split; prints JSON."""
     from .data.splits import load_splits
     from .evaluate import model_card_figures, predict_logits
-    from .models import load_model
+    from .models import load_model_folder
 
     _setup(threads)
     try:
         splits = load_splits(data, data_dir=data_dir, val_size=val_size, seed=seed)
-        m, _ = load_model(model)
-        t_logits = predict_logits(load_model(teacher)[0], splits.test)[0] if teacher else None
+        m, _ = load_model_folder(model)
+        t_logits = (
+            predict_logits(load_model_folder(teacher)[0], splits.test)[0] if teacher else None
+        )
     except _user_errors() as e:
         _fail(e)
         return

@@ -67,7 +67,7 @@ def count_parameters(model: nn.Module) -> int:
     return n
 
 
-def save_model(
+def save_model_folder(
     model: nn.Module,
     folder: str | os.PathLike,
     spec: ArchSpec | None = None,
@@ -82,8 +82,8 @@ def save_model(
     return path
 
 
-def load_model(folder: str | os.PathLike) -> tuple[nn.Module, ArchSpec]:
-    """Load a built-in model saved by :func:`save_model`."""
+def load_model_folder(folder: str | os.PathLike) -> tuple[nn.Module, ArchSpec]:
+    """Load a built-in model saved by :func:`save_model_folder`."""
     folder = Path(folder)
     spec_path = folder / SPEC_FILE
     if not spec_path.exists():

@@ -25,7 +25,7 @@ from ..distiller import Distiller
 from ..evaluate import classification_eval, predict_logits
 from ..losses.objective import Objective
 from ..losses.terms import labels_only_objective
-from ..models import ArchSpec, build_model, load_model
+from ..models import ArchSpec, build_model, load_model_folder
 from ..recipe.classic import ClassicRecipe, SettingSpec
 from ..report import write_report
 from ..report.card import model_card, write_model_card
@@ -64,7 +64,7 @@ def train_classifier(
     folder = run.path / part
     info = run.finished(part)
     if info is not None:
-        loaded, _ = load_model(folder / "final")
+        loaded, _ = load_model_folder(folder / "final")
         log.info("%s: finished earlier, reusing %s", part, folder / "final")
         return SubRun(loaded, folder, info)
     result = Distiller(
@@ -90,10 +90,10 @@ def train_classifier(
 def _teacher(recipe: ClassicRecipe, splits: Splits, run: RunFolder) -> tuple[nn.Module, dict]:
     spec = recipe.teacher
     if isinstance(spec.path, list):
-        members = [load_model(p)[0] for p in spec.path]
+        members = [load_model_folder(p)[0] for p in spec.path]
         return Ensemble(members).eval(), {"source": f"ensemble of {', '.join(spec.path)}"}
     if spec.path:
-        model, _ = load_model(spec.path)
+        model, _ = load_model_folder(spec.path)
         return model, {"source": str(spec.path)}
     arch = _sized(spec.arch, splits)
     torch.manual_seed(spec.train.seed)

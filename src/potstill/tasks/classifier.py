@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..evaluate import model_card_figures, predict_logits
-from ..models import ArchSpec, save_model
+from ..models import ArchSpec, save_model_folder
 from ..teachers import default_forward
 from . import Task
 
@@ -45,7 +45,7 @@ def metrics(
 
 def export(model: nn.Module, folder: Path, *, spec: ArchSpec | None = None) -> Path:
     """The model's folder (weights in safetensors beside its architecture spec)."""
-    save_model(model, folder, spec)
+    save_model_folder(model, folder, spec)
     return folder
 
 
