@@ -229,3 +229,28 @@ def test_names_benchmarks_and_docs_import_exist(where, module, name):
     mod = importlib.import_module(module)
     if not hasattr(mod, name):
         importlib.import_module(f"{module}.{name}")  # a submodule
+
+
+HYPOTHETICAL = {"potstill.data.measurements", "potstill.runs.my_kind"}
+"""Files the layout's worked examples tell you to add: they do not exist."""
+
+
+def _doc_references() -> list[str]:
+    found = set()
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        found |= set(re.findall(r"\bpotstill(?:\.[A-Za-z_]+)+", path.read_text()))
+    return sorted(found - HYPOTHETICAL)
+
+
+@pytest.mark.parametrize("ref", _doc_references())
+def test_dotted_names_in_the_docs_exist(ref):
+    parts = ref.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+            break
+        except ImportError:
+            continue
+    for name in parts[i:]:
+        assert hasattr(obj, name), f"{ref}: {name!r} not found"
+        obj = getattr(obj, name)

@@ -188,8 +188,9 @@ def test_string_field_can_be_set_to_a_numeric_looking_value():
 
 BEFORE = Path(__file__).parent / "data" / "builtin_recipes_before.json"
 # fields the one schema added: the kind of classic recipes, a dtype on every Hugging Face model
-# spec, and the term fields every kind now shares (at their defaults in causal-LM terms)
-ADDED = {"kind", "dtype", "label_smoothing", "student", "teacher", "loss", "normalize",
+# spec, a classic data source's columns, and the term fields every kind now shares (at their
+# defaults in causal-LM terms)
+ADDED = {"kind", "dtype", "columns", "label_smoothing", "student", "teacher", "loss", "normalize",
          "layer_map", "k", "p", "relation_heads"}  # fmt: skip
 # fields dropped: an embedding teacher's keep / layers, accepted before and never used (a
 # teacher is not derived); they were unset (None) in every built-in recipe

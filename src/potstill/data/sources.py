@@ -10,22 +10,26 @@ from typing import Any
 
 from .rows import DataError, Rows
 
-SOURCES: dict[str, str] = {
+SOURCES: dict[str, str | Callable[..., dict[str, Rows]]] = {
     "fashion-mnist": "potstill.data.images:fashion_mnist_rows",
     "digits": "potstill.data.images:digits_rows",
     "fortunes": "potstill.data.fortunes:fortune_rows",
     "instructions": "potstill.data.instructions:instruction_rows",
     "prompts": "potstill.data.prompts:prompt_rows",
 }
-"""Source name → ``module:loader``; a loader takes the source's options and returns its splits
-(``{"train": Rows, "test": Rows}``, or ``{"all": Rows}`` when the source has no splits)."""
+"""Source name → its loader: ``module:function`` (imported when first used) or the function
+itself (a source registered from your own code). A loader takes the source's options and returns
+its splits (``{"train": Rows, "test": Rows}``, or ``{"all": Rows}`` when it has no splits)."""
 
 
 def loader(name: str) -> Callable[..., dict[str, Rows]]:
     """The loader of source ``name``; DataError listing the sources otherwise."""
     if name not in SOURCES:
         raise DataError(f"unknown dataset {name!r}; data sources: {', '.join(SOURCES)}")
-    module, _, function = SOURCES[name].partition(":")
+    entry = SOURCES[name]
+    if callable(entry):
+        return entry
+    module, _, function = entry.partition(":")
     return getattr(import_module(module), function)
 
 

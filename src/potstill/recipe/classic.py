@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config import TrainConfig
+from ..data.sources import SOURCES
 from ..losses.objective import Objective
 from ..models import ArchSpec
 from .common import (
@@ -26,11 +27,24 @@ DEFAULT_TEACHER_EPOCHS = 5
 
 
 class DataSpec(StrictModel):
-    """Which built-in dataset, where its files are, how much of the training set is held out."""
+    """Which data source (:data:`potstill.data.sources.SOURCES`: the built-in ``fashion-mnist``
+    and ``digits``, or one registered there), where its files are, how much of the training set
+    is held out."""
 
-    name: Literal["fashion-mnist", "digits"] = "fashion-mnist"
+    name: str = "fashion-mnist"
     data_dir: str | None = Field(None, description="folder with the IDX files (fashion-mnist)")
     val_size: int = Field(5000, gt=0)
+    columns: dict[Literal["input", "label"], str] | None = Field(
+        None, description="the source's columns for the task's input and label (default: "
+        "image and label)"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_source(cls, name: str) -> str:
+        if name not in SOURCES:
+            raise ValueError(f"unknown dataset {name!r}; data sources: {', '.join(SOURCES)}")
+        return name
 
 
 class TeacherSpec(StrictModel):

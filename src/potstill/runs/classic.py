@@ -156,10 +156,10 @@ def run(
     interrupted one continues from its last checkpoint) or emptied first with ``overwrite``.
     """
     with RunFolder(run_dir, recipe, resume=resume, overwrite=overwrite) as folder:
+        d = recipe.data
         splits = load_splits(
-            recipe.data.name, data_dir=recipe.data.data_dir, val_size=recipe.data.val_size,
-            seed=recipe.seed,
-        )  # fmt: skip
+            d.name, data_dir=d.data_dir, val_size=d.val_size, seed=recipe.seed, columns=d.columns
+        )
         folder.start()
         return _run(recipe, folder, splits)
 
