@@ -35,8 +35,9 @@ class DataSpec(StrictModel):
     data_dir: str | None = Field(None, description="folder with the IDX files (fashion-mnist)")
     val_size: int = Field(5000, gt=0)
     columns: dict[Literal["input", "label"], str] | None = Field(
-        None, description="the source's columns for the task's input and label (default: "
-        "image and label)"
+        None,
+        description="the source's columns for the task's input and label (default: "
+        "image and label)",
     )
 
     @field_validator("name")
