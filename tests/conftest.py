@@ -135,8 +135,24 @@ def tok():
     return AutoTokenizer.from_pretrained(assets.resolve("HuggingFaceTB/SmolLM2-135M-Instruct"))
 
 
+KEYS_BEFORE = {
+    "classic": {"name", "potstill_version", "torch_version", "python", "machine", "threads",
+                "seed", "data", "objective", "hint_objective", "teacher", "student_arch",
+                "teacher_cache", "settings", "wall_time_s", "processes"},
+    "embed": {"kind", "name", "seed", "potstill_version", "torch_version", "threads", "teacher",
+              "student", "derived_layers", "data", "teacher_pass_s", "rows", "wall_time_s"},
+    "causal-lm": {"kind", "name", "seed", "potstill_version", "torch_version", "threads",
+                  "teacher", "student", "derived_layers", "vocabulary", "data", "train",
+                  "teacher_cache", "prompts", "generations", "answers", "answers_eval_s",
+                  "eval_s", "rows", "wall_time_s"},
+    "chain": {"kind", "name", "base_kind", "setting", "stages", "rows", "wall_time_s"},
+}  # fmt: skip
+"""The keys each kind's results.json had before the common header (issue 17): all kept."""
+
+
 def assert_results_header(results: dict, kind: str) -> None:
-    """results.json of any kind starts with the same header, filled in."""
+    """results.json of any kind starts with the same header, filled in, and keeps every key the
+    kind had before."""
     import platform
 
     import potstill
@@ -149,6 +165,7 @@ def assert_results_header(results: dict, kind: str) -> None:
     assert results["python"] == platform.python_version()
     assert results["threads"] >= 1 and results["processes"] == 1
     assert isinstance(results["seed"], int) and results["wall_time_s"] > 0
+    assert KEYS_BEFORE[kind] <= set(results), KEYS_BEFORE[kind] - set(results)
 
 
 def assert_report_rebuilds(run_dir: Path) -> None:

@@ -166,6 +166,14 @@ def test_data_dir_option_reaches_every_recipe_kind(recipe, field, tmp_path):
     assert str(tmp_path) == (data.folder if field.endswith("folder") else data.data_dir)
 
 
+def test_data_dir_option_for_a_recipe_that_names_kind_classic(tmp_path):
+    from potstill.cli import data_dir_override
+
+    path = tmp_path / "r.yaml"
+    path.write_text("kind: classic\nname: x\n")
+    assert data_dir_override(str(path), "/d") == "data.data_dir=/d"
+
+
 def test_chain_results_header_and_report(chain_run):
     from conftest import assert_report_rebuilds, assert_results_header
 

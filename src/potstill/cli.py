@@ -61,13 +61,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def data_dir_override(recipe: str, data_dir: str) -> str:
     """The ``--set`` that points ``recipe`` at the dataset folder ``data_dir``: ``data.data_dir``
     in classic recipes, ``data.folder`` in text ones, under ``base.`` in a chain."""
-    from .recipe import read_recipe_data
+    from .recipe import read_recipe_data, recipe_kind
 
     data = read_recipe_data(recipe)[0]
     prefix = ""
-    if data.get("kind") == "chain":  # a chain's stages share its base recipe's data
+    if recipe_kind(data) == "chain":  # a chain's stages share its base recipe's data
         data, prefix = data.get("base") or {}, "base."
-    field = "folder" if data.get("kind") else "data_dir"
+    field = "data_dir" if recipe_kind(data) == "classic" else "folder"
     return f"{prefix}data.{field}={data_dir}"
 
 

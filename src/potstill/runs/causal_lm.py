@@ -203,6 +203,6 @@ def _write_cards(
             figures={k: v for k, v in row.items() if k not in ("objective", "metrics", "export")},
             summary=f"Held-out perplexity {row['perplexity']:.2f} (teacher "
             f"{rows['teacher']['perplexity']:.2f}).",
-            command=f"potstill distill {run.path / 'recipe.yaml'} --out {run.path} --resume",
+            command=run.rerun_command,
         )
         write_model_card(run.path / info["export"], card)

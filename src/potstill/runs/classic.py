@@ -367,7 +367,7 @@ def _write_cards(
             else [{"kind": "ce", "weight": 1.0}],
             figures={k: v for k, v in row.items() if k not in ("metrics", "val_best")},
             summary=summary,
-            command=f"potstill distill {run.path / 'recipe.yaml'} --out {run.path} --resume",
+            command=run.rerun_command,
         )
         write_model_card(sub.folder / "final", card)
 

@@ -168,7 +168,7 @@ def _variant(shared: Shared, name: str, terms: list[TermSpec]) -> dict[str, Any]
         steps=row["steps"],
         objective=row["objective"],
         figures={k: v for k, v in row.items() if k not in ("objective", "metrics")},
-        command=f"potstill distill {run.path / 'recipe.yaml'} --out {run.path} --resume",
+        command=run.rerun_command,
     )
     write_model_card(run.path / part / "export", card)
     return row

@@ -150,6 +150,11 @@ class RunFolder:
         if distributed.is_main():
             atomic_write_text(self.path / part / DONE_FILE, json.dumps(info, indent=1))
 
+    @property
+    def rerun_command(self) -> str:
+        """The command that reproduces this run (finished parts reused)."""
+        return f"potstill distill {self.path / RECIPE_FILE} --out {self.path} --resume"
+
     def header(self) -> dict[str, Any]:
         """The common head of results.json (see :data:`HEADER_KEYS`)."""
         try:
