@@ -60,6 +60,9 @@ class RunFolder:
     # -- the guard ------------------------------------------------------------------------------
 
     def _check(self, overwrite: bool) -> None:
+        # decided once, before rank 0 creates the folder for its lock, so every process takes
+        # the same barriers below
+        existed = self.path.exists()
         saved = self.path / RECIPE_FILE
         if saved.exists() and not overwrite:
             if not self.resume:
@@ -74,7 +77,7 @@ class RunFolder:
                     f"{self.path} was started with another recipe (fields that differ: "
                     f"{', '.join(diff)}); use a new --out folder or --overwrite"
                 )
-        if overwrite and self.path.exists():
+        if overwrite and existed:
             others = [p for p in self.path.iterdir() if p.name != LOCK_FILE]
             if not saved.exists() and others:
                 raise RecipeError(
@@ -82,7 +85,7 @@ class RunFolder:
                     "and is not empty; refusing to delete it. Choose another --out folder."
                 )
         self._take_lock()
-        if overwrite and self.path.exists():
+        if overwrite and existed:
             distributed.barrier()  # every process has checked the folder before it goes
             if distributed.is_main():
                 for p in self.path.iterdir():
