@@ -98,3 +98,62 @@ def test_checkpoint_written_before_resumes_to_the_uninterrupted_result(tmp_path)
     # the log keeps the rows up to the checkpoint (step 3) and continues from there
     steps = [json.loads(line).get("step") for line in (run_dir / "metrics.jsonl").open()]
     assert [s for s in steps if s is not None] == [1, 2, 3, 4, 5, 6]
+
+
+def test_every_term_gives_bitwise_the_values_and_gradients_of_before():
+    """kd, ce and every divergence per row and per token, dense, chunked, top-k and fused with
+    the LM head: the same value and student gradient, to the bit, as the code before issue 17
+    gave on the same inputs (make_before_17.loss_values)."""
+    from potstill.losses.terms import (
+        ce_term,
+        divergence_term,
+        kd_term,
+        next_token_ce_term,
+        token_term,
+    )
+    from potstill.signal import Signal, StudentView, TopK
+
+    g = torch.Generator().manual_seed(7)
+    rows_s, rows_t = torch.randn(6, 11, generator=g), torch.randn(6, 11, generator=g)
+    labels = torch.tensor([1, -100, 3, 4, -100, 0])
+    B, T, V, H = 2, 5, 13, 4
+    hidden, head = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g)
+    tok_t = torch.randn(B, T, V, generator=g)
+    batch = {
+        "input_ids": torch.randint(0, V, (B, T), generator=g),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+        "prompt_length": torch.tensor([1, 2]),
+        "label": labels,
+        "index": torch.arange(B),
+    }
+    before = load_file(str(BEFORE / "loss-values.safetensors"))
+    seen = []
+
+    def check(name, term, student, signal, deferred=False):
+        x = student.clone().requires_grad_()
+        if deferred:
+            view = StudentView(hidden=x, head=nn.Linear(H, V, bias=False))
+            view.head.weight.data.copy_(head)
+        else:
+            view = StudentView(logits=x)
+        value = term.fn(view, signal, batch if x.dim() == 3 else {"label": labels})
+        value.backward()
+        assert torch.equal(value.detach(), before[f"{name}.value"]), name
+        assert torch.equal(x.grad, before[f"{name}.grad"]), name
+        seen.append(name)
+
+    check("kd", kd_term(2.0, 1.0), rows_s, Signal(logits=rows_t))
+    check("ce", ce_term(1.0, label_smoothing=0.1), rows_s, None)
+    check("ce.token", next_token_ce_term(), tok_t * 0.5, None)
+    topk = TopK.from_logits(tok_t, 4)
+    for kind in ["fkl", "rkl", "jsd", "tvd", "mse", "skl", "srkl"]:
+        opts = {"temperature": 1.5, "beta": 0.3, "skew": 0.2}
+        check(f"row.{kind}", divergence_term(kind, **opts), rows_s, Signal(logits=rows_t))
+        for chunk in (None, 3):
+            term = token_term(kind, chunk_size=chunk, **opts)
+            check(f"token.{kind}.{chunk}", term, tok_t * 0.5, Signal(logits=tok_t))
+            if kind != "mse":
+                check(f"topk.{kind}.{chunk}", term, tok_t * 0.5, Signal(topk=topk))
+        check(f"fused.{kind}", token_term(kind, chunk_size=3, **opts), hidden,
+              Signal(logits=tok_t), deferred=True)  # fmt: skip
+    assert 2 * len(seen) == len(before)  # every recorded value was compared

@@ -41,6 +41,59 @@ def student() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
 
 
+def loss_values() -> dict[str, torch.Tensor]:
+    """Every term's value and student gradient on fixed inputs, as the code of that time gave
+    them: kd, ce, each divergence per row and per token (dense, chunked, top-k, fused head)."""
+    from potstill.losses.causal import next_token_ce_term, token_term
+    from potstill.losses.llm import TopK
+
+    from potstill.losses.objective import ce_term, divergence_term, kd_term
+    from potstill.signal import Signal, StudentView
+
+    g = torch.Generator().manual_seed(7)
+    rows_s, rows_t = torch.randn(6, 11, generator=g), torch.randn(6, 11, generator=g)
+    labels = torch.tensor([1, -100, 3, 4, -100, 0])
+    B, T, V, H = 2, 5, 13, 4
+    hidden, head = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g)
+    tok_t = torch.randn(B, T, V, generator=g)
+    batch = {
+        "input_ids": torch.randint(0, V, (B, T), generator=g),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+        "prompt_length": torch.tensor([1, 2]),
+        "label": labels,
+        "index": torch.arange(B),
+    }
+    out: dict[str, torch.Tensor] = {}
+
+    def record(name, term, student, signal, deferred=False):
+        x = student.clone().requires_grad_()
+        if deferred:
+            view = StudentView(hidden=x, head=nn.Linear(H, V, bias=False))
+            view.head.weight.data.copy_(head)
+        else:
+            view = StudentView(logits=x)
+        value = term.fn(view, signal, batch if x.dim() == 3 else {"label": labels})
+        value.backward()
+        out[f"{name}.value"], out[f"{name}.grad"] = value.detach(), x.grad
+
+    kinds = ["fkl", "rkl", "jsd", "tvd", "mse", "skl", "srkl"]
+    record("kd", kd_term(2.0, 1.0), rows_s, Signal(logits=rows_t))
+    record("ce", ce_term(1.0, label_smoothing=0.1), rows_s, None)
+    record("ce.token", next_token_ce_term(), tok_t * 0.5, None)
+    topk = TopK.from_logits(tok_t, 4)
+    for kind in kinds:
+        opts = {"temperature": 1.5, "beta": 0.3, "skew": 0.2}
+        record(f"row.{kind}", divergence_term(kind, **opts), rows_s, Signal(logits=rows_t))
+        for chunk in (None, 3):
+            term = token_term(kind, chunk_size=chunk, **opts)
+            record(f"token.{kind}.{chunk}", term, tok_t * 0.5, Signal(logits=tok_t))
+            if kind != "mse":
+                record(f"topk.{kind}.{chunk}", term, tok_t * 0.5, Signal(topk=topk))
+        record(f"fused.{kind}", token_term(kind, chunk_size=3, **opts), hidden,
+               Signal(logits=tok_t), deferred=True)  # fmt: skip
+    return out
+
+
 def main(out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -98,6 +151,7 @@ def main(out: Path) -> None:
                   config=cfg, run_dir=out / "interrupted", callbacks=[stop]).fit()  # fmt: skip
     except Stop:
         pass
+    save(loss_values(), out / "loss-values.safetensors")
     info = {"made_by": "potstill at commit 4089819 (before issue 17)",
             "config": cfg.model_dump(mode="json")}  # fmt: skip
     (out / "README.json").write_text(json.dumps(info, indent=1))
