@@ -345,7 +345,8 @@ def _write_cards(
 ) -> None:
     """The model card of each student of a setting, in its exported folder."""
     arch = recipe.student.arch
-    student = f"a {arch.kind} ({_arch_words(arch)}, {rows['distilled']['parameters']:,} parameters)"
+    kind = {"mlp": "an MLP", "cnn": "a CNN"}[arch.kind]
+    student = f"{kind} ({_arch_words(arch)}, {rows['distilled']['parameters']:,} parameters)"
     teacher = f"a teacher ({teacher_row.get('source')}, {teacher_row['parameters']:,} parameters)"
     for kind, sub in runs.items():
         row = rows[kind]
