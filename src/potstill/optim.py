@@ -33,7 +33,7 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     return cls(groups, lr=o.lr, betas=o.betas, fused=fused or None)
 
 
-def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     """The schedule's factor of the base learning rate at each optimizer step (for LambdaLR)."""
     s = cfg.schedule
     warmup = s.warmup_steps or int(s.warmup_ratio * total_steps)
@@ -54,4 +54,4 @@ def make_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The recipe's learning-rate schedule over ``total_steps`` optimizer steps."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))

@@ -5,7 +5,7 @@ error that names the source, the column and the columns it has."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,12 +48,3 @@ class Rows:
         """The task's fields from this source's columns: ``{field: column}`` → ``{field:
         values}`` (e.g. ``{"input": "image", "label": "label"}``)."""
         return {name: self.column(col) for name, col in mapping.items()}
-
-    def select(self, index: Sequence[int] | torch.Tensor) -> Rows:
-        """The rows at ``index``, in that order."""
-        idx = torch.as_tensor(index, dtype=torch.long)
-        cols = {
-            name: col[idx] if isinstance(col, torch.Tensor) else [col[i] for i in idx.tolist()]
-            for name, col in self.columns.items()
-        }
-        return Rows(cols, self.source, dict(self.meta))
