@@ -17,6 +17,8 @@ def fingerprint(ds: Dataset, inputs_only: bool = False) -> str:
     so one cache serves every labelling of the same inputs. TensorDatasets are hashed from their
     tensors directly; other datasets item by item.
     """
+    if hasattr(ds, "content_fingerprint"):  # a table that hashes its own buffers
+        return ds.content_fingerprint(inputs_only)
     h = hashlib.sha256()
     if isinstance(ds, TensorDictDataset):
         for name, t in sorted(ds.tensors.items()):
@@ -85,10 +87,11 @@ class TensorDictDataset(Dataset):
 def make_batch(dataset: Dataset, index: torch.Tensor) -> dict[str, torch.Tensor]:
     """The examples at ``index`` as a batch dict ``{"input", "label", "index"}``.
 
-    TensorDatasets are indexed in one operation; TensorDictDatasets too, giving their names;
+    TensorDatasets are indexed in one operation; a dataset with its own ``batch(index)``
+    (TensorDictDataset, :class:`~potstill.data.tokenized.TableDataset`) gives its named fields;
     other datasets item by item, each item being ``(input, label)`` or an input alone.
     """
-    if isinstance(dataset, TensorDictDataset):
+    if callable(getattr(dataset, "batch", None)):
         return dataset.batch(index)
     if isinstance(dataset, TensorDataset):
         tensors = [t[index] for t in dataset.tensors]

@@ -19,12 +19,14 @@ from .chain import ChainRecipe
 from .classic import ClassicRecipe
 from .common import RecipeError, StrictModel
 from .embed import EmbedRecipe
+from .text_classification import TextClassificationRecipe
 
 RECIPE_KINDS: dict[str, type[StrictModel]] = {
     "classic": ClassicRecipe,
     "embed": EmbedRecipe,
     "causal-lm": LMRecipe,
     "chain": ChainRecipe,
+    "text-classification": TextClassificationRecipe,
 }
 """Recipe kind → its schema. A new kind is a schema file here and an entry in this table (and
 its runner in :data:`potstill.runs.RUNNERS`, its report page in :data:`potstill.report.PAGES`)."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import causal_lm, chain, classic, embed
+from . import causal_lm, chain, classic, embed, text_classification
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ PAGES: dict[str, Page] = {
     "embed": Page(embed.write, embed.console),
     "causal-lm": Page(causal_lm.write, causal_lm.console),
     "chain": Page(chain.write, chain.console),
+    "text-classification": Page(text_classification.write, text_classification.console),
 }
 """Recipe kind → its report page. A new kind adds its page file and an entry here."""
 

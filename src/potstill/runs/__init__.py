@@ -17,6 +17,7 @@ RUNNERS: dict[str, str] = {
     "embed": "potstill.runs.embed",
     "causal-lm": "potstill.runs.causal_lm",
     "chain": "potstill.runs.chain",
+    "text-classification": "potstill.runs.text_classification",
 }
 """Recipe kind → the module whose ``run(recipe, run_dir, *, resume, overwrite)`` runs it. A new
 kind is its runner file and an entry here (beside its schema in :data:`potstill.recipe.RECIPE_KINDS`

@@ -34,6 +34,7 @@ class Task:
 
 TASKS: dict[str, str] = {
     "classifier": "potstill.tasks.classifier",
+    "text-classifier": "potstill.tasks.text_classifier",
     "embedding": "potstill.tasks.embedding",
     "causal-lm": "potstill.tasks.causal_lm",
 }

@@ -1,0 +1,117 @@
+"""Class labels of a table: the class names (given, from a ``ClassLabel`` column, from a
+teacher's ``id2label``, or the values found), each row's label as a class index in a ``label``
+column, rows with a label outside the classes counted, and labels a teacher cannot predict
+refused before any training."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .rows import DataError
+
+if TYPE_CHECKING:
+    from datasets import Dataset as Table
+
+log = logging.getLogger("potstill")
+
+_DEFAULT_NAME = re.compile(r"LABEL_\d+")
+
+
+def model_label_names(config: Any) -> list[str] | None:
+    """The label names of a classifier's config (``id2label``), or None when they are the
+    ``LABEL_0``, ``LABEL_1``, … that transformers makes up for an unnamed head."""
+    id2label = getattr(config, "id2label", None) or {}
+    names = [str(id2label[i]) for i in sorted(id2label, key=int)]
+    if not names or all(_DEFAULT_NAME.fullmatch(n) for n in names):
+        return None
+    return names
+
+
+def class_names(table: Table, column: str, given: Sequence[str] | None = None) -> list[str]:
+    """The classes of ``column``: ``given``; else a ``ClassLabel`` feature's names; else the
+    distinct values found (integers 0…K−1 named by their digits, other values sorted)."""
+    if given:
+        return [str(g) for g in given]
+    feature = table.features.get(column)
+    if getattr(feature, "names", None):
+        return list(feature.names)  # type: ignore[union-attr]
+    values = set(table.unique(column))
+    values.discard(None)
+    if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return [str(i) for i in range(max(values) + 1)]  # type: ignore[type-var]
+    return sorted(str(v) for v in values)
+
+
+def encode_labels(
+    tables: Mapping[str, Table],
+    column: str,
+    names: Sequence[str],
+    *,
+    drop_unknown: bool,
+    where: str = "data",
+) -> tuple[dict[str, Table], dict[str, int]]:
+    """Each table with an integer ``label`` column (the index of its row's class in
+    ``names``) and the number of rows left out per split. A row whose label is none of
+    ``names`` is left out with ``drop_unknown`` (the recipe listed the classes it wants),
+    otherwise an error naming the split, the value and the classes."""
+    index = {n: i for i, n in enumerate(names)}
+    out, dropped = {}, {}
+    for split, table in tables.items():
+        feature = table.features.get(column)
+        class_label = getattr(feature, "names", None)
+
+        def to_index(rows: dict[str, list[Any]], class_label=class_label) -> dict[str, list]:
+            labels = []
+            for v in rows[column]:
+                key = class_label[v] if class_label and isinstance(v, int) and v >= 0 else v
+                labels.append(index.get(str(key), -1) if key is not None else -1)
+            return {"label": labels}
+
+        mapped = table.map(to_index, batched=True, desc=f"labels of {split}")
+        unknown = mapped.filter(lambda r: [x < 0 for x in r["label"]], batched=True)
+        if len(unknown) and not drop_unknown:
+            seen = sorted({str(v) for v in unknown[column][:1000]})[:5]
+            raise DataError(
+                f"{where}: the {split} split has {len(unknown)} rows whose {column!r} is not "
+                f"one of the {len(names)} classes ({_short(names)}): e.g. {', '.join(seen)}. "
+                "List the classes you want in data.labels (other rows are then left out), or "
+                "fix the data"
+            )
+        if len(unknown):
+            mapped = mapped.filter(lambda r: [x >= 0 for x in r["label"]], batched=True)
+            log.info(
+                "%s: %d of %d %s rows have a label outside data.labels; left out",
+                where, len(unknown), len(table), split,
+            )  # fmt: skip
+        dropped[split] = len(unknown)
+        out[split] = mapped
+    return out, dropped
+
+
+def check_teacher_labels(
+    names: Sequence[str], config: Any, *, who: str = "teacher", where: str = "data"
+) -> None:
+    """Refuse a classifier whose head does not fit the data's classes: another number of
+    labels, or named labels other than the data's (in order)."""
+    n = getattr(config, "num_labels", None)
+    if n != len(names):
+        raise DataError(
+            f"{where}: the data has {len(names)} classes ({_short(names)}) but the {who} "
+            f"predicts {n}; give a {who} trained on these classes, or list its classes in "
+            "data.labels"
+        )
+    own = model_label_names(config)
+    if own is not None and list(own) != list(names):
+        raise DataError(
+            f"{where}: the {who}'s labels ({_short(own)}) are not the data's classes "
+            f"({_short(names)}) in the same order; list them in data.labels in the {who}'s "
+            "order"
+        )
+
+
+def _short(names: Sequence[str], n: int = 6) -> str:
+    shown = ", ".join(map(str, names[:n]))
+    return shown + (f", … {len(names) - n} more" if len(names) > n else "")

@@ -1,0 +1,133 @@
+"""Tokenized Arrow tables and their batches: text columns tokenized with ``datasets.map`` (whose
+cache files on disk a later run and a resumed one reuse), texts longer than ``max_length``
+counted and cut, never dropped; rows read a batch at a time from the memory-mapped table and
+padded to the batch's longest row."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import Dataset
+
+from .rows import DataError
+
+if TYPE_CHECKING:
+    from datasets import Dataset as Table
+
+log = logging.getLogger("potstill")
+
+
+def tokenize_table(
+    table: Table,
+    tokenizer: Any,
+    text: str,
+    *,
+    max_length: int,
+    prefix: str = "",
+    text_pair: str | None = None,
+    desc: str | None = None,
+) -> tuple[Table, int]:
+    """``table`` with ``{prefix}input_ids`` and ``{prefix}attention_mask`` (and token type ids
+    when the tokenizer makes them) from column ``text`` (and ``text_pair``), cut to
+    ``max_length`` tokens; returns it and the number of rows that were cut. ``datasets`` keeps
+    the result in a cache file beside a file-backed table and reuses it on the next call."""
+
+    def encode(rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        texts = [t if isinstance(t, str) else "" if t is None else str(t) for t in rows[text]]
+        pairs = None
+        if text_pair is not None:
+            pairs = [t if isinstance(t, str) else "" if t is None else str(t)
+                     for t in rows[text_pair]]  # fmt: skip
+        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        out = {f"{prefix}{k}": v for k, v in enc.items() if k in _TOKEN_KEYS}
+        encodings = getattr(enc, "encodings", None)
+        if encodings:  # fast tokenizers keep what truncation cut off
+            out[f"{prefix}cut"] = [bool(e.overflowing) for e in encodings]
+        else:
+            out[f"{prefix}cut"] = [len(ids) >= max_length for ids in enc["input_ids"]]
+        return out
+
+    tokenized = table.map(encode, batched=True, desc=desc or f"tokenizing {text}")
+    cut = int(sum(tokenized[f"{prefix}cut"]))
+    return tokenized.remove_columns(f"{prefix}cut"), cut
+
+
+_TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class TableDataset(Dataset):
+    """Rows of an Arrow table (a ``datasets.Dataset``) as batches of tensors: ``columns`` maps
+    each batch field to its column; list columns named in ``pad`` are padded right to the
+    longest row of the batch with their pad value. Only the rows of a batch are read."""
+
+    def __init__(
+        self,
+        table: Table,
+        columns: Mapping[str, str],
+        pad: Mapping[str, int] | None = None,
+        inputs: Sequence[str] | None = None,
+    ) -> None:
+        missing = [c for c in columns.values() if c not in table.column_names]
+        if missing:
+            raise DataError(
+                f"no column {', '.join(missing)}; the table has {', '.join(table.column_names)}"
+            )
+        self.table = table.select_columns(list(dict.fromkeys(columns.values())))
+        self.columns = dict(columns)
+        self.pad = dict(pad or {})
+        self.inputs = tuple(inputs) if inputs is not None else tuple(
+            f for f in self.columns if f != "label"
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _tensors(self, rows: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, column in self.columns.items():
+            values = rows[column]
+            if name in self.pad:
+                width = max((len(v) for v in values), default=0)
+                pad = self.pad[name]
+                values = [list(v) + [pad] * (width - len(v)) for v in values]
+            out[name] = torch.tensor(values)
+        return out
+
+    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows at ``index`` by field (padded as described above), plus ``index``."""
+        rows = self.table[index.tolist()]
+        return {**self._tensors(rows), "index": index}
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self._tensors(self.table[[int(i)]]).items()}
+
+    def content_fingerprint(self, inputs_only: bool = False) -> str:
+        """SHA-256 of the fields' Arrow buffers in row order (the inputs only, with
+        ``inputs_only``): what a teacher cache checks before it is reused."""
+        h = hashlib.sha256(str(len(self)).encode())
+        for name in sorted(self.columns):
+            if inputs_only and name not in self.inputs:
+                continue
+            h.update(name.encode())
+            column = self.table.data.column(self.columns[name])
+            for chunk in column.chunks:
+                for buf in _buffers(chunk):
+                    h.update(buf)
+        return h.hexdigest()
+
+
+def _buffers(array: Any) -> list[bytes]:
+    """The values of an Arrow array as bytes, offsets and nesting resolved (so two tables with
+    the same rows in other chunkings hash alike)."""
+    import pyarrow as pa
+
+    if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        lengths = array.value_lengths().fill_null(0)
+        return [lengths.to_numpy(zero_copy_only=False).tobytes(), *_buffers(array.flatten())]
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        return ["\x00".join(map(str, array.to_pylist())).encode()]
+    return [array.to_numpy(zero_copy_only=False).tobytes()]

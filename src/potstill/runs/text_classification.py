@@ -1,0 +1,374 @@
+"""The text-classification runner: the user's table read and split, its labels checked against
+the teacher, the teacher loaded (or fine-tuned first), each model's tokenization cached, the
+student derived from the teacher's layers (or another model) and trained with distillation,
+the same student without a teacher at the same budget, all of them measured on the test split;
+``results.json``, the report, and each student exported as a plain Hugging Face classifier with
+its tokenizer and model card."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .. import distributed
+from ..assets import resolve
+from ..cache import cached_or_live
+from ..config import TrainConfig, same_budget
+from ..data.labels import check_teacher_labels, class_names, encode_labels, model_label_names
+from ..data.tables import find_column, load_table_splits
+from ..data.tokenized import TableDataset, tokenize_table
+from ..distiller import Distiller
+from ..evaluate import classification_eval, predict_logits
+from ..hf import load_model, load_tokenizer
+from ..losses.objective import Objective
+from ..losses.terms import labels_only_objective
+from ..recipe.text_classification import LABEL_COLUMNS, TEXT_COLUMNS, TextClassificationRecipe
+from ..report import write_report
+from ..report.card import model_card, write_model_card
+from ..students import derive
+from ..taps import tap_counts
+from ..tasks import get_task
+from ..tasks.text_classifier import classifier_forward
+from ..teachers import LiveTeacher, TeacherSource
+from .folder import RunFolder
+
+log = logging.getLogger("potstill")
+
+TASK = get_task("text-classifier")
+KIND = "sequence-classification"
+
+
+@dataclass
+class Prepared:
+    """What a text-classification run reads: the splits as batches for both models, the class
+    names, the tokenizers, the forwards and what was left out or cut on the way."""
+
+    splits: dict[str, TableDataset]
+    classes: list[str]
+    teacher_tok: Any
+    student_tok: Any
+    teacher_forward: Any
+    student_forward: Any
+    columns: dict[str, str]
+    left_out: dict[str, int]
+    cut: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def run(
+    recipe: TextClassificationRecipe,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run a text-classification recipe in ``run_dir``; returns the results (also in
+    results.json). ``resume`` reuses finished parts and continues an interrupted one from its
+    checkpoint; ``overwrite`` empties the folder first. One process (torchrun is refused)."""
+    if distributed.world_size() > 1:
+        raise ValueError("text-classification recipes run on one process; launch without torchrun")
+    with RunFolder(run_dir, recipe, resume=resume, overwrite=overwrite) as folder:
+        teacher_path = resolve(recipe.teacher.model)
+        teacher_config = _config(teacher_path, recipe)
+        data = prepare_data(recipe, teacher_config)
+        folder.start()
+        return _run(recipe, folder, data, teacher_path)
+
+
+def _config(path: str, recipe: TextClassificationRecipe) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=recipe.teacher.trust_remote_code)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"teacher.model: cannot read the config of {recipe.teacher.model!r}: {e}"
+        ) from e
+
+
+def prepare_data(recipe: TextClassificationRecipe, teacher_config: Any) -> Prepared:
+    """The recipe's table split, labelled by class index, tokenized for teacher and student."""
+    d = recipe.data
+    tables = load_table_splits(**d.source_options(), seed=recipe.seed, where="data")
+    if "validation" not in tables or "test" not in tables:
+        raise ValueError(
+            "data: a text-classification run needs validation and test splits; give them as "
+            "files or set data.val_size / data.test_size"
+        )
+    train = tables["train"]
+    text = find_column(train, "text", d.columns.get("text"), TEXT_COLUMNS, "data")
+    label = find_column(train, "label", d.columns.get("label"), LABEL_COLUMNS, "data")
+    pair = d.columns.get("text_pair")
+    if pair is not None:
+        find_column(train, "text_pair", pair, (), "data")
+    finetune = recipe.teacher.finetune is not None
+    teacher_names = None if finetune else model_label_names(teacher_config)
+    if d.labels:
+        names = list(d.labels)
+    elif teacher_names is not None:
+        names = teacher_names
+    elif not finetune and _int_labels(train, label):
+        names = [str(i) for i in range(teacher_config.num_labels)]
+    else:
+        names = class_names(train, label)
+    if not finetune:
+        check_teacher_labels(names, teacher_config)
+    tables, left_out = encode_labels(tables, label, names, drop_unknown=bool(d.labels))
+    t_tok = load_tokenizer(
+        resolve(recipe.teacher.model), trust_remote_code=recipe.teacher.trust_remote_code
+    )
+    shared = recipe.student.model is None
+    s_tok = t_tok if shared else load_tokenizer(
+        resolve(recipe.student.model), trust_remote_code=recipe.student.trust_remote_code
+    )  # fmt: skip
+    sides = {"teacher": ("" if shared else "t_", t_tok)}
+    if not shared:
+        sides["student"] = ("s_", s_tok)
+    cut: dict[str, dict[str, int]] = {}
+    out: dict[str, TableDataset] = {}
+    for split, table in tables.items():
+        columns, pad = {"label": "label"}, {}
+        for side, (prefix, tok) in sides.items():
+            _pad_token(tok)
+            table, n_cut = tokenize_table(
+                table, tok, text, max_length=d.max_length, prefix=prefix, text_pair=pair,
+                desc=f"tokenizing {split} for the {side}",
+            )  # fmt: skip
+            cut.setdefault(split, {})[side] = n_cut
+            for key, value in (("input_ids", tok.pad_token_id), ("attention_mask", 0),
+                               ("token_type_ids", tok.pad_token_type_id)):  # fmt: skip
+                if f"{prefix}{key}" in table.column_names:
+                    columns[f"{prefix}{key}"] = f"{prefix}{key}"
+                    pad[f"{prefix}{key}"] = int(value or 0)
+        out[split] = TableDataset(table, columns, pad)
+        n = sum(cut[split].values())
+        if n:
+            log.info("data: %d %s texts longer than %d tokens were cut", n, split, d.max_length)
+    t_prefix = sides["teacher"][0]
+    s_prefix = sides.get("student", sides["teacher"])[0]
+    return Prepared(
+        out, names, t_tok, s_tok, classifier_forward(t_prefix), classifier_forward(s_prefix),
+        {"text": text, "label": label, **({"text_pair": pair} if pair else {})}, left_out, cut,
+    )  # fmt: skip
+
+
+def _int_labels(table: Any, column: str) -> bool:
+    feature = table.features.get(column)
+    return getattr(feature, "dtype", "").startswith("int") and not getattr(feature, "names", None)
+
+
+def _pad_token(tok: Any) -> None:
+    if tok.pad_token is None and tok.eos_token is not None:  # decoder classifiers (GPT-2, Llama)
+        tok.pad_token = tok.eos_token
+
+
+def _head(names: list[str]) -> dict[str, Any]:
+    return {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+    }
+
+
+def _load(path: str | Path, spec: Any, names: list[str], *, new_head: bool) -> nn.Module:
+    """A sequence classifier; with ``new_head`` its head is made for ``names`` (a base model,
+    or a classifier of other classes whose head is replaced)."""
+    extra = {**_head(names), "ignore_mismatched_sizes": True} if new_head else {}
+    model = load_model(
+        path, KIND, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
+        attn_implementation="eager", **extra,
+    )  # fmt: skip
+    return model
+
+
+def train_part(
+    run: RunFolder,
+    part: str,
+    model: nn.Module,
+    objective: Objective,
+    data: Prepared,
+    config: TrainConfig,
+    teacher: TeacherSource | None,
+    *,
+    forward: Any,
+    tokenizer: Any,
+    taps: Any = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train one model in the run's subfolder ``part`` and export it (or reload its export when
+    it finished before); returns the model and what its training measured."""
+    folder = run.path / part
+    info = run.finished(part)
+    if info is not None:
+        log.info("%s: finished earlier, reusing %s", part, folder / "final")
+        return load_model(folder / "final", KIND), info
+    model.train()
+    result = Distiller(
+        model, objective, data.splits["train"], teacher=teacher, config=config, run_dir=folder,
+        evaluate=classification_eval(data.splits["validation"], batch_size=64, forward=forward),
+        best_metric="accuracy", name=part, student_forward=forward, student_taps=taps,
+    ).fit(resume=run.resume)  # fmt: skip
+    info = {
+        "steps": result.steps,
+        "train_time_s": result.train_time_s,
+        "examples_per_s": result.examples_per_s,
+        "val_final": result.final_eval,
+        "val_best": result.best,
+        "examples": len(data.splits["train"]),
+    }
+    TASK.export(result.student, folder / "final", tokenizer=tokenizer)
+    run.mark_finished(part, info)
+    return result.student.eval(), info
+
+
+def _teacher(
+    recipe: TextClassificationRecipe, run: RunFolder, data: Prepared, path: str
+) -> tuple[nn.Module, dict[str, Any]]:
+    spec = recipe.teacher
+    if spec.finetune is None:
+        return _load(path, spec, data.classes, new_head=False), {"source": spec.model}
+    base = _load(path, spec, data.classes, new_head=True)
+    model, info = train_part(
+        run, "teacher", base, labels_only_objective(), data, spec.finetune, None,
+        forward=data.teacher_forward, tokenizer=data.teacher_tok,
+    )  # fmt: skip
+    return model, {"source": "fine-tuned in this run", **info}
+
+
+def _student_init(recipe: TextClassificationRecipe, teacher: nn.Module, data: Prepared):
+    s = recipe.student
+    if s.model is None:
+        return derive(teacher, keep=s.keep, layers=s.layers), "layers of the teacher"
+    model = _load(resolve(s.model), s, data.classes, new_head=True)
+    if s.derived:
+        model = derive(model, keep=s.keep, layers=s.layers)
+    return model, f"layers of `{s.model}`"
+
+
+def _run(
+    recipe: TextClassificationRecipe, run: RunFolder, data: Prepared, teacher_path: str
+) -> dict[str, Any]:
+    teacher, teacher_info = _teacher(recipe, run, data, teacher_path)
+    teacher.eval()
+    init, student_from = _student_init(recipe, teacher, data)
+    s_taps, t_taps = recipe.taps.as_taps("student"), recipe.taps.as_taps("teacher")
+    counts = {"student": tap_counts(init, s_taps), "teacher": tap_counts(teacher, t_taps)}
+    objective = recipe.build_objective(counts)
+    train = data.splits["train"]
+    source: TeacherSource
+    if objective.needs_teacher_features or not recipe.teacher.cache:
+        source = LiveTeacher(teacher, forward=data.teacher_forward, taps=t_taps or None)
+    else:
+        source = cached_or_live(
+            teacher, train, run.path / "teacher" / "cache-train", forward=data.teacher_forward
+        )
+    runs: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+    runs["distilled"] = train_part(
+        run, "distilled", copy.deepcopy(init), objective, data, recipe.train, source,
+        forward=data.student_forward, tokenizer=data.student_tok, taps=s_taps or None,
+    )  # fmt: skip
+    if isinstance(source, LiveTeacher):
+        source.close()
+    if recipe.baseline:
+        runs["baseline"] = train_part(
+            run, "baseline", copy.deepcopy(init), labels_only_objective(), data,
+            same_budget(recipe.train, runs["distilled"][1]["steps"]), None,
+            forward=data.student_forward, tokenizer=data.student_tok,
+        )  # fmt: skip
+    rows = _measure(recipe, data, teacher, teacher_info, runs)
+    results = run.write_results(
+        {
+            "task": "text-classification",
+            "data": {
+                "source": _describe_source(recipe),
+                "columns": data.columns,
+                "classes": data.classes,
+                "rows": {k: len(v) for k, v in data.splits.items()},
+                "left_out": data.left_out,
+                "cut": data.cut,
+                "max_length": recipe.data.max_length,
+            },
+            "teacher": recipe.teacher.model,
+            "student": student_from,
+            "derived_layers": getattr(init.config, "potstill_derived_from", None),
+            "objective": [t.model_dump(exclude_unset=True) for t in recipe.objective],
+            "rows": rows,
+        }
+    )
+    _write_cards(recipe, run, data, runs, rows, student_from)
+    write_report(run.path, results)
+    return results
+
+
+def _measure(
+    recipe: TextClassificationRecipe,
+    data: Prepared,
+    teacher: nn.Module,
+    teacher_info: dict[str, Any],
+    runs: dict[str, tuple[nn.Module, dict[str, Any]]],
+) -> dict[str, Any]:
+    test = data.splits["test"]
+    ev = recipe.evaluation
+    figures = {"latency_batch": ev.latency_batch, "throughput_batch": ev.throughput_batch}
+    teacher_logits, _ = predict_logits(teacher, test, batch_size=64, forward=data.teacher_forward)
+    rows = TASK.metrics(
+        {"teacher": teacher}, test, forwards={"teacher": data.teacher_forward},
+        classes=data.classes, **figures,
+    )  # fmt: skip
+    rows["teacher"].update(teacher_info)
+    measured = TASK.metrics(
+        {k: m for k, (m, _) in runs.items()}, test,
+        forwards={k: data.student_forward for k in runs}, classes=data.classes,
+        teacher_logits=teacher_logits, **figures,
+    )  # fmt: skip
+    for kind, (_, info) in runs.items():
+        rows[kind] = {**measured[kind], **info, "metrics": f"{kind}/metrics.jsonl"}
+    return rows
+
+
+def _describe_source(recipe: TextClassificationRecipe) -> str:
+    d = recipe.data
+    if d.hub:
+        return f"hub dataset {d.hub}" + (f" ({d.config})" if d.config else "")
+    if d.builtin:
+        return f"built-in {d.builtin}"
+    files = d.path or d.train
+    return str(files if isinstance(files, str) else ", ".join(files or []))
+
+
+def _write_cards(
+    recipe: TextClassificationRecipe,
+    run: RunFolder,
+    data: Prepared,
+    runs: dict[str, tuple[nn.Module, dict[str, Any]]],
+    rows: dict[str, Any],
+    student_from: str,
+) -> None:
+    t = rows["teacher"]
+    for kind in runs:
+        row = rows[kind]
+        distilled = kind == "distilled"
+        card = model_card(
+            title=f"{recipe.name}: {kind}",
+            teacher=f"`{recipe.teacher.model}` ({t['parameters']:,} parameters)"
+            if distilled
+            else "no teacher (the same-budget baseline)",
+            student=f"{row['layers']} {student_from} ({row['parameters']:,} parameters)",
+            data=f"{_describe_source(recipe)} ({len(data.splits['train']):,} training texts, "
+            f"{len(data.classes)} classes)",
+            steps=row.get("steps"),
+            objective=[t.model_dump(exclude_unset=True) for t in recipe.objective]
+            if distilled
+            else [{"kind": "ce", "weight": 1.0}],
+            figures={k: v for k, v in row.items() if k not in ("metrics", "val_best")},
+            summary=f"Test accuracy {100 * row['accuracy']:.2f}%, macro-F1 "
+            f"{100 * row['macro_f1']:.2f}% (teacher {100 * t['accuracy']:.2f}% / "
+            f"{100 * t['macro_f1']:.2f}%), top-1 agreement with the teacher "
+            f"{100 * row['agreement']:.2f}%. Load it with "
+            "`AutoModelForSequenceClassification.from_pretrained(folder)`.",
+            command=run.rerun_command,
+        )
+        write_model_card(run.path / kind / "final", card)
