@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("potstill")
 
 _DEFAULT_NAME = re.compile(r"LABEL_\d+")
+_NEW = "__potstill_label__"
 
 
 def model_label_names(config: Any) -> list[str] | None:
@@ -68,12 +69,13 @@ def encode_labels(
             for v in rows[column]:
                 key = class_label[v] if class_label and isinstance(v, int) and v >= 0 else v
                 labels.append(index.get(str(key), -1) if key is not None else -1)
-            return {"label": labels}
+            return {_NEW: labels}
 
         mapped = table.map(to_index, batched=True, desc=f"labels of {split}")
-        unknown = mapped.filter(lambda r: [x < 0 for x in r["label"]], batched=True)
+        unknown = mapped.filter(lambda r: [x < 0 for x in r[_NEW]], batched=True)
         if len(unknown) and not drop_unknown:
-            seen = sorted({str(v) for v in unknown[column][:1000]})[:5]
+            sample = unknown.select(range(min(len(unknown), 1000)))[column]
+            seen = sorted({str(v) for v in sample})[:5]
             raise DataError(
                 f"{where}: the {split} split has {len(unknown)} rows whose {column!r} is not "
                 f"one of the {len(names)} classes ({_short(names)}): e.g. {', '.join(seen)}. "
@@ -81,11 +83,14 @@ def encode_labels(
                 "fix the data"
             )
         if len(unknown):
-            mapped = mapped.filter(lambda r: [x >= 0 for x in r["label"]], batched=True)
+            mapped = mapped.filter(lambda r: [x >= 0 for x in r[_NEW]], batched=True)
             log.info(
                 "%s: %d of %d %s rows have a label outside data.labels; left out",
                 where, len(unknown), len(table), split,
             )  # fmt: skip
+        if "label" in mapped.column_names:
+            mapped = mapped.remove_columns("label")
+        mapped = mapped.rename_column(_NEW, "label")
         dropped[split] = len(unknown)
         out[split] = mapped
     return out, dropped

@@ -97,16 +97,22 @@ def _normalise(dd: Mapping[str, Dataset], where: str) -> dict[str, Dataset]:
     return out
 
 
-def _read(builder: str, data_files: dict[str, list[str]], where: str, **options: Any):
+def _read(builder: str, files: list[str], where: str, **options: Any) -> Dataset:
+    """One split's files read by ``builder`` (a memory-mapped Arrow table in the datasets
+    cache); DataError naming the files when they are empty or unreadable."""
     from datasets import load_dataset
 
-    if builder == "csv" and all(f.endswith(".tsv") for fs in data_files.values() for f in fs):
+    empty = [f for f in files if Path(f).stat().st_size == 0]
+    if empty:
+        raise DataError(f"{where}: {', '.join(empty)} is empty (0 bytes)")
+    if builder == "csv" and all(f.endswith(".tsv") for f in files):
         options.setdefault("delimiter", "\t")
     try:
-        return load_dataset(builder, data_files=data_files, **options)
+        return load_dataset(builder, data_files={"train": files}, split="train", **options)
     except Exception as e:  # datasets raises many kinds for an unreadable file
-        files = ", ".join(f for fs in data_files.values() for f in fs)
-        raise DataError(f"{where}: cannot read {files} as {builder}: {e}") from e
+        if "corresponds to no data" in str(e):
+            raise DataError(f"{where}: {', '.join(files)} holds no rows") from e
+        raise DataError(f"{where}: cannot read {', '.join(files)} as {builder}: {e}") from e
 
 
 def _from_files(
@@ -129,9 +135,12 @@ def _from_files(
         data_files = {"train": _files(path, f"{where}.path"), **data_files}
     if format == "imagefolder":
         return _read_image_folder(path, split_files, where)
-    builder = format or detect_format([f for fs in data_files.values() for f in fs], where)
-    options: dict[str, Any] = {"sample_by": text_by} if builder == "text" else {}
-    return _normalise(_read(builder, data_files, where, **options), where)
+    out = {}
+    for split, files in data_files.items():  # each split its own format: a CSV train, JSONL test
+        builder = format or detect_format(files, f"{where}.{split}")
+        options: dict[str, Any] = {"sample_by": text_by} if builder == "text" else {}
+        out[split] = _read(builder, files, where, **options)
+    return out
 
 
 def _looks_like_image_folder(folder: Path) -> bool:

@@ -113,10 +113,16 @@ class TableDataset(Dataset):
             if inputs_only and name not in self.inputs:
                 continue
             h.update(name.encode())
-            column = self.table.data.column(self.columns[name])
-            for chunk in column.chunks:
-                for buf in _buffers(chunk):
-                    h.update(buf)
+            # one hash per nesting level, fed chunk by chunk: the same rows in other chunkings
+            # give the same bytes at every level
+            levels: list[Any] = []
+            for chunk in self.table.data.column(self.columns[name]).chunks:
+                for i, part in enumerate(_buffers(chunk)):
+                    if i == len(levels):
+                        levels.append(hashlib.sha256())
+                    levels[i].update(part)
+            for level in levels:
+                h.update(level.digest())
         return h.hexdigest()
 
 
@@ -129,5 +135,5 @@ def _buffers(array: Any) -> list[bytes]:
         lengths = array.value_lengths().fill_null(0)
         return [lengths.to_numpy(zero_copy_only=False).tobytes(), *_buffers(array.flatten())]
     if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
-        return ["\x00".join(map(str, array.to_pylist())).encode()]
+        return ["".join(f"{s}\x00" for s in array.to_pylist()).encode()]
     return [array.to_numpy(zero_copy_only=False).tobytes()]
