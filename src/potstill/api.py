@@ -1,10 +1,13 @@
 """The one-call Python API: ``potstill.distill(teacher, student, train_data, ...)`` for any
-PyTorch classifier and any Dataset of ``(input, label)`` pairs."""
+PyTorch classifier and any Dataset of ``(input, label)`` pairs, and for Hugging Face sequence
+classifiers on a ``datasets.Dataset`` (or any Dataset of dict rows) as they are: each model
+tokenizes the named text column itself, no forward to write."""
 
 from __future__ import annotations
 
 import copy
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +22,8 @@ from .distiller import Distiller, FitResult
 from .evaluate import accuracy, agreement, predict_logits
 from .losses.objective import Objective
 from .losses.terms import hinton_objective, labels_only_objective
-from .teachers import LiveTeacher, TeacherSource
+from .tasks.text_classifier import api_splits, is_sequence_classifier
+from .teachers import ForwardFn, LiveTeacher, TeacherSource, default_forward
 
 
 @dataclass
@@ -38,15 +42,58 @@ class DistillResult:
         return self.fit.history if self.fit else []
 
 
-def _eval_with_teacher(teacher_logits: torch.Tensor, data: Dataset):
+Metric = Callable[[torch.Tensor, torch.Tensor], float]
+"""A user metric: ``metric(logits, labels) -> float`` over the whole evaluation set."""
+
+
+def _eval_with_teacher(
+    teacher_logits: torch.Tensor,
+    data: Dataset,
+    forward: ForwardFn = default_forward,
+    metrics: Mapping[str, Metric] | None = None,
+):
     def evaluate(model: nn.Module) -> dict[str, float]:
-        logits, labels = predict_logits(model, data)
+        logits, labels = predict_logits(model, data, forward=forward)
         out = {"agreement": agreement(logits, teacher_logits)}
         if labels is not None:
             out["accuracy"] = accuracy(logits, labels)
+            for name, metric in (metrics or {}).items():
+                out[name] = float(metric(logits, labels))
         return out
 
     return evaluate
+
+
+@dataclass
+class _Task:
+    """How the models read a batch: the data as batches and each model's forward."""
+
+    train: Dataset
+    eval: Dataset | None
+    teacher_forward: ForwardFn = default_forward
+    student_forward: ForwardFn = default_forward
+
+
+def _task(
+    teacher: nn.Module,
+    student: nn.Module,
+    train_data: Any,
+    eval_data: Any,
+    task: str | None,
+    hf: dict[str, Any],
+) -> _Task:
+    """The task of the call: a Hugging Face sequence classifier (inferred from the teacher, or
+    ``task="text-classifier"``) reads rows of named fields through its tokenizer; anything
+    else is a plain classifier on ``(input, label)`` batches."""
+    task = task or ("text-classifier" if is_sequence_classifier(teacher) else "classifier")
+    if task == "classifier":
+        return _Task(train_data, eval_data)
+    if task != "text-classifier":
+        raise ValueError(f"task must be 'classifier' or 'text-classifier', got {task!r}")
+    tables = {"train": train_data, **({"eval": eval_data} if eval_data is not None else {})}
+    tok, _ = api_splits(teacher, student, tables, **hf)
+    return _Task(tok.splits["train"], tok.splits.get("eval"), tok.teacher_forward,
+                 tok.student_forward)  # fmt: skip
 
 
 def distill(
@@ -72,6 +119,12 @@ def distill(
     run_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool | None = None,
+    task: Literal["classifier", "text-classifier"] | None = None,
+    tokenizer: Any = None,
+    student_tokenizer: Any = None,
+    columns: Mapping[str, str] | None = None,
+    max_length: int = 128,
+    metrics: Mapping[str, Metric] | None = None,
 ) -> DistillResult:
     """Distill ``teacher`` into ``student`` with Hinton's loss; returns the trained student.
 
@@ -82,11 +135,23 @@ def distill(
     augmentation). With ``baseline`` the same student is also trained without a teacher, from
     the same initial weights and for the same number of steps, for comparison.
 
+    Hugging Face sequence classifiers (``...ForSequenceClassification``; or
+    ``task="text-classifier"``) take ``train_data`` / ``eval_data`` as a ``datasets.Dataset``
+    or any Dataset of dict rows: the text column (``columns={"text": ..., "label": ...,
+    "text_pair": ...}``, default ``text`` / ``label`` or the usual names) is tokenized by each
+    model's own tokenizer (``tokenizer`` / ``student_tokenizer``, default: the ones saved with
+    the models; a student with another vocabulary gets its own tokenization), cut at
+    ``max_length`` tokens; string labels are mapped through the teacher's ``id2label``.
+    ``metrics`` adds ``name: metric(logits, labels) -> float`` to every evaluation.
+
     >>> result = potstill.distill(teacher, student, train_set, eval_data=test_set,  # doctest: +SKIP
     ...                           epochs=5, temperature=4.0, alpha=0.7)
     >>> result.metrics                                                             # doctest: +SKIP
     {'agreement': 0.93, 'accuracy': 0.86}
     """
+    hf = {"tokenizer": tokenizer, "student_tokenizer": student_tokenizer, "columns": columns,
+          "max_length": max_length}  # fmt: skip
+    plan = _task(teacher, student, train_data, eval_data, task, hf)
     config = TrainConfig(
         epochs=epochs,
         batch_size=batch_size,
@@ -98,25 +163,18 @@ def distill(
         progress=progress,
     )
     init = copy.deepcopy(student) if baseline else None
-    source: TeacherSource = LiveTeacher(teacher)
+    source: TeacherSource = LiveTeacher(teacher, forward=plan.teacher_forward)
     # without a run_dir the cache lives in a temporary folder for the length of the call
     tmp = tempfile.TemporaryDirectory(prefix="potstill-cache-") if cache_teacher else None
     try:
         if cache_teacher:
             folder = Path(run_dir) if run_dir else Path(tmp.name)  # type: ignore[union-attr]
-            source = cached_or_live(teacher, train_data, folder / "teacher-cache")
+            source = cached_or_live(
+                teacher, plan.train, folder / "teacher-cache", forward=plan.teacher_forward
+            )
         objective = hinton_objective(temperature, alpha)
         return _fit_both(
-            student,
-            teacher,
-            objective,
-            train_data,
-            source,
-            config,
-            run_dir,
-            eval_data,
-            init,
-            resume,
+            student, teacher, objective, plan, source, config, run_dir, init, resume, metrics
         )
     finally:
         if tmp is not None:
@@ -127,37 +185,30 @@ def _fit_both(
     student: nn.Module,
     teacher: nn.Module,
     objective: Objective,
-    train_data: Dataset,
+    plan: _Task,
     source: TeacherSource,
     config: TrainConfig,
     run_dir: str | Path | None,
-    eval_data: Dataset | None,
     init: nn.Module | None,
     resume: bool,
+    metrics: Mapping[str, Metric] | None,
 ) -> DistillResult:
     evaluate = None
-    if eval_data is not None:
-        evaluate = _eval_with_teacher(predict_logits(teacher, eval_data)[0], eval_data)
+    if plan.eval is not None:
+        known, _ = predict_logits(teacher, plan.eval, forward=plan.teacher_forward)
+        evaluate = _eval_with_teacher(known, plan.eval, plan.student_forward, metrics)
+    common = {"evaluate": evaluate, "student_forward": plan.student_forward}
     fit = Distiller(
-        student,
-        objective,
-        train_data,
-        teacher=source,
-        config=config,
-        run_dir=Path(run_dir) / "distilled" if run_dir else None,
-        evaluate=evaluate,
-    ).fit(resume=resume)
+        student, objective, plan.train, teacher=source, config=config,
+        run_dir=Path(run_dir) / "distilled" if run_dir else None, **common,
+    ).fit(resume=resume)  # fmt: skip
     result = DistillResult(fit.student, dict(fit.final_eval or {}), fit)
     result.metrics.pop("step", None)
     if init is not None:
         base = Distiller(
-            init,
-            labels_only_objective(),
-            train_data,
-            config=same_budget(config, fit.steps),
-            run_dir=Path(run_dir) / "baseline" if run_dir else None,
-            evaluate=evaluate,
-        ).fit(resume=resume)
+            init, labels_only_objective(), plan.train, config=same_budget(config, fit.steps),
+            run_dir=Path(run_dir) / "baseline" if run_dir else None, **common,
+        ).fit(resume=resume)  # fmt: skip
         result.baseline = base.student
         result.baseline_metrics = {k: v for k, v in (base.final_eval or {}).items() if k != "step"}
     return result

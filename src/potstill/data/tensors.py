@@ -5,6 +5,7 @@ cache which data it describes."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -89,7 +90,8 @@ def make_batch(dataset: Dataset, index: torch.Tensor) -> dict[str, torch.Tensor]
 
     TensorDatasets are indexed in one operation; a dataset with its own ``batch(index)``
     (TensorDictDataset, :class:`~potstill.data.tokenized.TableDataset`) gives its named fields;
-    other datasets item by item, each item being ``(input, label)`` or an input alone.
+    other datasets item by item, each item being ``(input, label)``, an input alone, or a dict
+    of named fields (kept by name).
     """
     if callable(getattr(dataset, "batch", None)):
         return dataset.batch(index)
@@ -99,6 +101,8 @@ def make_batch(dataset: Dataset, index: torch.Tensor) -> dict[str, torch.Tensor]
         from torch.utils.data import default_collate
 
         items = [dataset[int(i)] for i in index]
+        if isinstance(items[0], Mapping):  # dict rows keep their field names (label too)
+            return {**default_collate(items), "index": index}
         if isinstance(items[0], (tuple, list)):
             tensors = list(default_collate(items))
         else:

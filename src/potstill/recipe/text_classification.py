@@ -28,11 +28,6 @@ DEFAULT_EPOCHS = 3
 DEFAULT_BATCH = 32
 DEFAULT_LR = 5e-5
 
-TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "sentence1")
-"""Columns looked for, in order, when ``columns.text`` is not given."""
-LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
-"""Columns looked for, in order, when ``columns.label`` is not given."""
-
 
 def _train() -> TrainConfig:
     return TrainConfig(

@@ -21,19 +21,19 @@ from ..cache import cached_or_live
 from ..config import TrainConfig, same_budget
 from ..data.labels import check_teacher_labels, class_names, encode_labels, model_label_names
 from ..data.tables import find_column, load_table_splits
-from ..data.tokenized import TableDataset, tokenize_table
+from ..data.tokenized import TableDataset
 from ..distiller import Distiller
 from ..evaluate import classification_eval, predict_logits
 from ..hf import load_model, load_tokenizer
 from ..losses.objective import Objective
 from ..losses.terms import labels_only_objective
-from ..recipe.text_classification import LABEL_COLUMNS, TEXT_COLUMNS, TextClassificationRecipe
+from ..recipe.text_classification import TextClassificationRecipe
 from ..report import write_report
 from ..report.card import model_card, write_model_card
 from ..students import derive
 from ..taps import tap_counts
 from ..tasks import get_task
-from ..tasks.text_classifier import classifier_forward
+from ..tasks.text_classifier import LABEL_COLUMNS, TEXT_COLUMNS, tokenized_splits
 from ..teachers import LiveTeacher, TeacherSource
 from .folder import RunFolder
 
@@ -118,52 +118,22 @@ def prepare_data(recipe: TextClassificationRecipe, teacher_config: Any) -> Prepa
     if not finetune:
         check_teacher_labels(names, teacher_config)
     tables, left_out = encode_labels(tables, label, names, drop_unknown=bool(d.labels))
-    t_tok = load_tokenizer(
-        resolve(recipe.teacher.model), trust_remote_code=recipe.teacher.trust_remote_code
-    )
-    shared = recipe.student.model is None
-    s_tok = t_tok if shared else load_tokenizer(
-        resolve(recipe.student.model), trust_remote_code=recipe.student.trust_remote_code
-    )  # fmt: skip
-    sides = {"teacher": ("" if shared else "t_", t_tok)}
-    if not shared:
-        sides["student"] = ("s_", s_tok)
-    cut: dict[str, dict[str, int]] = {}
-    out: dict[str, TableDataset] = {}
-    for split, table in tables.items():
-        columns, pad = {"label": "label"}, {}
-        for side, (prefix, tok) in sides.items():
-            _pad_token(tok)
-            table, n_cut = tokenize_table(
-                table, tok, text, max_length=d.max_length, prefix=prefix, text_pair=pair,
-                desc=f"tokenizing {split} for the {side}",
-            )  # fmt: skip
-            cut.setdefault(split, {})[side] = n_cut
-            for key, value in (("input_ids", tok.pad_token_id), ("attention_mask", 0),
-                               ("token_type_ids", tok.pad_token_type_id)):  # fmt: skip
-                if f"{prefix}{key}" in table.column_names:
-                    columns[f"{prefix}{key}"] = f"{prefix}{key}"
-                    pad[f"{prefix}{key}"] = int(value or 0)
-        out[split] = TableDataset(table, columns, pad)
-        n = sum(cut[split].values())
-        if n:
-            log.info("data: %d %s texts longer than %d tokens were cut", n, split, d.max_length)
-    t_prefix = sides["teacher"][0]
-    s_prefix = sides.get("student", sides["teacher"])[0]
+    t_spec, s_spec = recipe.teacher, recipe.student
+    t_tok = load_tokenizer(resolve(t_spec.model), trust_remote_code=t_spec.trust_remote_code)
+    s_tok = None
+    if s_spec.model is not None:
+        s_tok = load_tokenizer(resolve(s_spec.model), trust_remote_code=s_spec.trust_remote_code)
+    tok = tokenized_splits(tables, t_tok, s_tok, text, text_pair=pair, max_length=d.max_length)
     return Prepared(
-        out, names, t_tok, s_tok, classifier_forward(t_prefix), classifier_forward(s_prefix),
-        {"text": text, "label": label, **({"text_pair": pair} if pair else {})}, left_out, cut,
+        tok.splits, names, t_tok, s_tok or t_tok, tok.teacher_forward, tok.student_forward,
+        {"text": text, "label": label, **({"text_pair": pair} if pair else {})}, left_out,
+        tok.cut,
     )  # fmt: skip
 
 
 def _int_labels(table: Any, column: str) -> bool:
     feature = table.features.get(column)
     return getattr(feature, "dtype", "").startswith("int") and not getattr(feature, "names", None)
-
-
-def _pad_token(tok: Any) -> None:
-    if tok.pad_token is None and tok.eos_token is not None:  # decoder classifiers (GPT-2, Llama)
-        tok.pad_token = tok.eos_token
 
 
 def _head(names: list[str]) -> dict[str, Any]:

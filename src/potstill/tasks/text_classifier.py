@@ -7,20 +7,36 @@ a plain ``AutoModelForSequenceClassification`` folder with its tokenizer."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..data.labels import check_teacher_labels, class_names, encode_labels, model_label_names
+from ..data.rows import DataError
+from ..data.tables import find_column
 from ..data.tensors import make_batch
+from ..data.tokenized import TableDataset, tokenize_table
 from ..evaluate import accuracy, agreement, file_size, median_seconds, predict_logits
 from ..hf import export_pretrained
 from ..models import count_parameters
 from ..teachers import Batch, ForwardFn
 from . import Task
+
+if TYPE_CHECKING:
+    from datasets import Dataset as Table
+
+log = logging.getLogger("potstill")
+
+TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "sentence1")
+"""Columns looked for, in order, when the text column is not named."""
+LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
+"""Columns looked for, in order, when the label column is not named."""
 
 
 def classifier_forward(prefix: str = "") -> ForwardFn:
@@ -39,6 +55,68 @@ def classifier_forward(prefix: str = "") -> ForwardFn:
 
     forward.__qualname__ = f"classifier_forward({prefix!r})"
     return forward
+
+
+@dataclass
+class TokenizedSplits:
+    """Splits tokenized for both models: the batches, each model's forward (which columns it
+    reads) and, per split and side, how many texts were cut at ``max_length``."""
+
+    splits: dict[str, TableDataset]
+    teacher_forward: ForwardFn
+    student_forward: ForwardFn
+    cut: dict[str, dict[str, int]]
+
+
+def pad_token(tokenizer: Any) -> None:
+    """Give a tokenizer without a pad token (GPT-2, Llama) its end-of-text token as one."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def tokenized_splits(
+    tables: Mapping[str, Table],
+    teacher_tokenizer: Any,
+    student_tokenizer: Any | None,
+    text: str,
+    *,
+    text_pair: str | None = None,
+    max_length: int = 128,
+    label: str | None = "label",
+) -> TokenizedSplits:
+    """Each table tokenized by the teacher's tokenizer (columns ``input_ids``, …) and, when the
+    student has its own (``student_tokenizer``), by both (``t_input_ids`` …, ``s_input_ids``
+    …), as batches with the integer ``label`` column; texts over ``max_length`` tokens are cut
+    and counted (logged per split)."""
+    sides = {"teacher": ("" if student_tokenizer is None else "t_", teacher_tokenizer)}
+    if student_tokenizer is not None:
+        sides["student"] = ("s_", student_tokenizer)
+    cut: dict[str, dict[str, int]] = {}
+    out: dict[str, TableDataset] = {}
+    for split, table in tables.items():
+        columns: dict[str, str] = {"label": label} if label else {}
+        pad: dict[str, int] = {}
+        for side, (prefix, tok) in sides.items():
+            pad_token(tok)
+            table, n_cut = tokenize_table(
+                table, tok, text, max_length=max_length, prefix=prefix, text_pair=text_pair,
+                desc=f"tokenizing {split} for the {side}",
+            )  # fmt: skip
+            cut.setdefault(split, {})[side] = n_cut
+            for key, value in (("input_ids", tok.pad_token_id), ("attention_mask", 0),
+                               ("token_type_ids", tok.pad_token_type_id)):  # fmt: skip
+                if f"{prefix}{key}" in table.column_names:
+                    columns[f"{prefix}{key}"] = f"{prefix}{key}"
+                    pad[f"{prefix}{key}"] = int(value or 0)
+        out[split] = TableDataset(table, columns, pad)
+        if sum(cut[split].values()):
+            log.info(
+                "data: %d %s texts longer than %d tokens were cut",
+                sum(cut[split].values()), split, max_length,
+            )  # fmt: skip
+    t_prefix = sides["teacher"][0]
+    s_prefix = sides.get("student", sides["teacher"])[0]
+    return TokenizedSplits(out, classifier_forward(t_prefix), classifier_forward(s_prefix), cut)
 
 
 def f1_scores(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
@@ -109,3 +187,84 @@ TASK = Task(
     metrics=metrics,
     export=export,
 )
+
+
+def as_table(data: Any, where: str = "data") -> Table:
+    """A ``datasets.Dataset`` as it is; any other Dataset of dict rows read into one."""
+    from datasets import Dataset as HFDataset
+
+    if isinstance(data, HFDataset):
+        return data
+    rows = [data[i] for i in range(len(data))]
+    if not rows or not isinstance(rows[0], Mapping):
+        raise DataError(
+            f"{where}: a Hugging Face classifier reads rows of named fields (a datasets.Dataset, "
+            f"or a Dataset whose items are dicts such as {{'text': ..., 'label': ...}}); got "
+            f"items of type {type(rows[0]).__name__ if rows else 'nothing (empty)'}"
+        )
+    return HFDataset.from_list([dict(r) for r in rows])
+
+
+def model_tokenizer(model: nn.Module, given: Any, who: str) -> Any:
+    """``given``, else the tokenizer saved with ``model`` (its ``name_or_path``)."""
+    if given is not None:
+        return given
+    from transformers import AutoTokenizer
+
+    path = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"cannot find the {who}'s tokenizer from {path!r}; pass it ({who}_tokenizer=... / "
+            "tokenizer=...)"
+        ) from e
+
+
+def api_splits(
+    teacher: nn.Module,
+    student: nn.Module,
+    tables: Mapping[str, Any],
+    *,
+    tokenizer: Any = None,
+    student_tokenizer: Any = None,
+    columns: Mapping[str, str] | None = None,
+    max_length: int = 128,
+) -> tuple[TokenizedSplits, list[str]]:
+    """What ``potstill.distill`` needs to train a Hugging Face sequence classifier on rows of
+    named fields: the splits tokenized for both models and the class names (the teacher's
+    ``id2label`` when it names them; string labels are mapped by name)."""
+    columns = dict(columns or {})
+    named = {k: as_table(v, f"{k} data") for k, v in tables.items()}
+    first = named["train"]
+    text = find_column(first, "text", columns.get("text"), TEXT_COLUMNS, "columns")
+    label = find_column(first, "label", columns.get("label"), LABEL_COLUMNS, "columns")
+    names = model_label_names(teacher.config)
+    if names is None:
+        values = class_names(first, label)
+        numeric = all(v.isdigit() for v in values)
+        names = [str(i) for i in range(teacher.config.num_labels)] if numeric else values
+    check_teacher_labels(names, teacher.config)
+    check_teacher_labels(names, student.config, who="student")
+    encoded, _ = encode_labels(named, label, names, drop_unknown=False, where="data")
+    t_tok = model_tokenizer(teacher, tokenizer, "teacher")
+    s_tok = model_tokenizer(student, student_tokenizer, "student") if (
+        student_tokenizer is not None or _own_tokenizer(teacher, student)
+    ) else None  # fmt: skip
+    if s_tok is not None and s_tok.get_vocab() == t_tok.get_vocab():
+        s_tok = None  # the same vocabulary: one tokenization serves both
+    return tokenized_splits(
+        encoded, t_tok, s_tok, text, text_pair=columns.get("text_pair"), max_length=max_length
+    ), names
+
+
+def _own_tokenizer(teacher: nn.Module, student: nn.Module) -> bool:
+    """Whether the student came from elsewhere than the teacher (a derived student keeps the
+    teacher's ``name_or_path``)."""
+    path = getattr(student, "name_or_path", "")
+    return bool(path) and path != getattr(teacher, "name_or_path", "")
+
+
+def is_sequence_classifier(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers sequence classifier."""
+    return type(model).__name__.endswith("ForSequenceClassification") and hasattr(model, "config")
