@@ -311,11 +311,16 @@ def load_table_splits(
 
 
 def find_column(
-    ds: Dataset, field: str, given: str | None, candidates: Sequence[str], where: str
+    ds: Dataset | Sequence[str],
+    field: str,
+    given: str | None,
+    candidates: Sequence[str],
+    where: str,
 ) -> str:
-    """The column of ``ds`` that holds ``field``: the one ``given`` in the recipe, else the
-    first of ``candidates`` present; DataError listing the columns there are otherwise."""
-    names = list(ds.column_names)
+    """The column of ``ds`` (a table, or its column names) that holds ``field``: the one
+    ``given`` in the recipe, else the first of ``candidates`` present; DataError listing the
+    columns there are otherwise."""
+    names = list(ds.column_names) if hasattr(ds, "column_names") else list(ds)
     if given is not None:
         if given not in names:
             raise DataError(

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ..config import TrainConfig
+from ..llm.user_data import STYLES
 from .common import (
     DerivedModelSpec,
     HFModelSpec,
@@ -20,6 +21,7 @@ from .common import (
     check_variant_names,
     share_seed,
 )
+from .data import TableSpec
 
 RESERVED_ROWS = ("teacher", "derived, not distilled", "student, not distilled")
 """Rows every causal-LM report has: variants may not take these names."""
@@ -74,6 +76,13 @@ class AnswerSpec(StrictModel):
     batch_size: int = Field(8, gt=0)
 
 
+class LMTableSpec(TableSpec):
+    """The user's own data for a causal LM (see :class:`~potstill.recipe.data.TableSpec`):
+    a validation split is carved from the training rows unless given; no test split."""
+
+    test_size: float | None = Field(None, gt=0, description="not used by causal-LM runs")
+
+
 class LMDataSpec(StrictModel):
     """Training data. ``fortunes``: prompt/response pairs from Debian's fortunes (``prompt`` may
     name ``{category}``). ``instructions`` (potstill's built-in set) or ``prompts`` (a JSONL file
@@ -83,6 +92,20 @@ class LMDataSpec(StrictModel):
     plain text. Only response tokens are predicted."""
 
     name: Literal["fortunes", "instructions", "prompts"] = "fortunes"
+    source: LMTableSpec | None = Field(
+        None,
+        description="the user's own data (files, a folder, a hub dataset) instead of a "
+        "built-in name; its columns say the style",
+    )
+    style: Literal[STYLES] = Field(  # type: ignore[valid-type]
+        "auto",
+        description="source only: corpus (text, every token predicted), chat (messages, or "
+        "prompt + response: trained as given), prompts (the teacher answers); auto: from the "
+        "columns",
+    )
+    windows: bool = Field(
+        True, description="corpus: concatenate documents and cut windows of max_length"
+    )
     prompts: str | None = None
     answers: AnswerSpec = Field(default_factory=AnswerSpec)
     folder: str | None = None
@@ -178,10 +201,18 @@ class LMRecipe(StrictModel):
         share_seed(self.seed, self.train)
         if not self.variants:
             raise ValueError("variants: give at least one, e.g. {fkl: [{kind: fkl}]}")
+        d = self.data
+        if d.source is not None and "name" in d.model_fields_set:
+            raise ValueError("data: give name (a built-in set) or source (your data), not both")
         if self.data.name == "prompts" and not self.data.prompts:
             raise ValueError("data.prompts: give the JSONL file of prompts for name: prompts")
         check_variant_names(self.variants, RESERVED_ROWS)
         for name, variant in self.variants.items():
+            if variant.on_policy > 0 and d.source is not None and d.style in ("corpus", "chat"):
+                raise ValueError(
+                    f"variants.{name}: on-policy sampling needs prompts; a {d.style} source has "
+                    "none (use style: prompts, or drop on_policy)"
+                )
             if variant.on_policy > 0 and self.data.packing:
                 raise ValueError(
                     f"variants.{name}: on-policy batches are rebuilt from their prompts one "

@@ -64,9 +64,12 @@ def _run(recipe: LMRecipe, run: RunFolder) -> dict[str, Any]:
 
     d = recipe.data
     train, val, heldout = lm_datasets(recipe, tok, teacher=teacher, run_dir=run.path)
-    response_tokens = int(
-        (train.tensors["attention_mask"].sum(1) - train.tensors["prompt_length"]).sum()
-    )
+    if "labels" in train.tensors:  # conversations: every assistant turn, nothing else
+        response_tokens = int((train.tensors["labels"] != -100).sum())
+    else:
+        response_tokens = int(
+            (train.tensors["attention_mask"].sum(1) - train.tensors["prompt_length"]).sum()
+        )
     n_examples = len(train)
     if d.packing:
         train = pack_examples(train, d.max_length)
@@ -108,8 +111,11 @@ def _run(recipe: LMRecipe, run: RunFolder) -> dict[str, Any]:
             "derived_layers": getattr(init.config, "potstill_derived_from", None),
             "vocabulary": vocab,
             "data": {
-                "name": d.name, "train": n_examples, "rows": len(train), "packing": d.packing,
-                "val": d.val, "max_length": d.max_length, "format": d.format,
+                "name": d.name if d.source is None else "source",
+                **({"source": d.source.model_dump(exclude_defaults=True), "style": d.style}
+                   if d.source is not None else {}),
+                "train": n_examples, "rows": len(train), "packing": d.packing,
+                "val": len(val), "max_length": d.max_length, "format": d.format,
                 "response_tokens": response_tokens, "val_tokens": int(rows["teacher"]["tokens"]),
             },
             "train": {

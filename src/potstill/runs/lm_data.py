@@ -19,12 +19,21 @@ from .. import distributed
 from ..assets import resolve
 from ..cache import CachedTeacher, CacheStatus, Encoding, cache_status, write_cache
 from ..data.prompts import Prompt
+from ..data.rows import DataError
 from ..data.sources import load_rows
+from ..data.tables import find_column, load_table_splits
 from ..data.tensors import TensorDictDataset
 from ..hf import check_same_tokenization, load_model, load_tokenizer
 from ..llm.answers import GenerationSettings, encode_prompt, generate_answers, read_answers
 from ..llm.data import LMExample, fortune_examples, tokenize_examples
 from ..llm.forward import causal_lm_forward
+from ..llm.user_data import (
+    RESPONSE_COLUMNS,
+    chat_table,
+    corpus_table,
+    infer_style,
+    token_dataset,
+)
 from ..recipe.causal_lm import LMCacheSpec, LMRecipe
 from ..students import derive
 
@@ -90,6 +99,8 @@ def lm_datasets(
     answers are generated into ``run_dir/answers/`` first (an interrupted run continues there).
     """
     d = recipe.data
+    if d.source is not None:
+        return _source_datasets(recipe, tok, teacher=teacher, run_dir=run_dir)
     if d.name != "fortunes":
         if teacher is None or run_dir is None:
             raise ValueError(f"data.name: {d.name} needs the teacher to answer its prompts")
@@ -105,10 +116,16 @@ def lm_datasets(
 
 
 def _prompt_datasets(
-    recipe: LMRecipe, tok: Any, teacher: torch.nn.Module, run_dir: Path
+    recipe: LMRecipe,
+    tok: Any,
+    teacher: torch.nn.Module,
+    run_dir: Path,
+    prompts: tuple[list[Prompt], list[Prompt]] | None = None,
 ) -> tuple[TensorDictDataset, TensorDictDataset, dict[str, Any]]:
     d, a = recipe.data, recipe.data.answers
-    if d.name == "instructions":
+    if prompts is not None:
+        train_p, val_p = prompts
+    elif d.name == "instructions":
         rows = load_rows("instructions")
         train_p = [
             Prompt(f"train-{i}", prompt=t) for i, t in enumerate(rows["train"].column("prompt"))
@@ -120,6 +137,10 @@ def _prompt_datasets(
         random.Random(recipe.seed + 1).shuffle(every)
         val_p, train_p = every[: d.val], every[d.val :]
     random.Random(recipe.seed).shuffle(train_p)
+    if prompts is not None:  # the user's data: all of it unless the recipe caps it
+        n_train = d.train if "train" in d.model_fields_set else len(train_p)
+        n_val = d.val if "val" in d.model_fields_set else len(val_p)
+        train_p, val_p = train_p[:n_train], val_p[:n_val]
     if d.train > len(train_p) or d.val > len(val_p):
         raise ValueError(
             f"data: train {d.train} / val {d.val} but only {len(train_p)} / {len(val_p)} prompts"
@@ -155,6 +176,88 @@ def _prompt_datasets(
         "teacher_answers": val_ids,
     }
     return train, val, heldout
+
+
+def _source_datasets(
+    recipe: LMRecipe, tok: Any, *, teacher: torch.nn.Module | None, run_dir: Path | None
+) -> tuple[TensorDictDataset, TensorDictDataset, dict[str, Any] | None]:
+    """The recipe's own data (``data.source``) in its style: a corpus in windows, conversations
+    as given, or prompts the teacher answers first; the validation split carved unless given."""
+    d = recipe.data
+    assert d.source is not None
+    tables = load_table_splits(**d.source.source_options(), seed=recipe.seed, where="data.source")
+    if "validation" not in tables:
+        raise DataError(
+            "data.source: a causal-LM run needs a validation split; give it as a file or set "
+            "data.source.val_size"
+        )
+    cols = dict(d.source.columns)
+    train_cols = list(tables["train"].column_names)
+    style = d.style if d.style != "auto" else infer_style(train_cols, cols)
+    on_policy = [n for n, v in recipe.variants.items() if v.on_policy > 0]
+    if on_policy and style != "prompts":
+        raise DataError(
+            f"variants.{on_policy[0]}: on-policy sampling needs prompts; this {style} data has "
+            "none (use style: prompts, or drop on_policy)"
+        )
+    found = _columns(style, train_cols, cols)
+    log.info("data.source: %s data (columns %s)", style, found)
+    if style == "prompts":
+        if teacher is None or run_dir is None:
+            raise ValueError("data.source: prompts need the teacher to answer them")
+        split_prompts = tuple(
+            [_prompt(f"{split}-{i}", row, found) for i, row in enumerate(tables[split])]
+            for split in ("train", "validation")
+        )
+        return _prompt_datasets(recipe, tok, teacher, run_dir, split_prompts)  # type: ignore[arg-type]
+    out = []
+    for split in ("train", "validation"):
+        table = tables[split].shuffle(seed=recipe.seed) if split == "train" else tables[split]
+        if style == "corpus":
+            rows, counts = corpus_table(
+                table, tok, found["text"], max_length=d.max_length, windows=d.windows
+            )
+        else:
+            rows, counts = chat_table(
+                table, tok, found, max_length=d.max_length, fmt=d.format, system=d.system
+            )
+        counts.note(f"data.source {split}")
+        cap = "train" if split == "train" else "val"
+        limit = getattr(d, cap) if cap in d.model_fields_set else None
+        out.append(token_dataset(rows, pad_id(tok), limit))
+    return out[0], out[1], None
+
+
+def _columns(style: str, names: list[str], given: dict[str, str]) -> dict[str, str]:
+    """The columns a style reads, named in ``given`` or found under their usual names."""
+
+    def pick(field: str, candidates: tuple[str, ...], required: bool = True) -> str | None:
+        if field in given or required:
+            return find_column(names, field, given.get(field), candidates, "data.source")
+        return next((c for c in candidates if c in names), None)
+
+    if style == "corpus":
+        return {"text": pick("text", ("text", "content", "document"))}  # type: ignore[dict-item]
+    if style == "prompts":
+        got = {"messages": pick("messages", ("messages", "conversation"), False)}
+        if got["messages"] is None:
+            got = {"prompt": pick("prompt", ("prompt", "instruction", "question"))}
+        return {k: v for k, v in got.items() if v}  # type: ignore[misc]
+    messages = pick("messages", ("messages", "conversation"), False)
+    response = pick("response", RESPONSE_COLUMNS, messages is None)
+    out = {"messages": messages, "response": response}
+    if messages is None:
+        out["prompt"] = pick("prompt", ("prompt", "instruction", "question"))
+    return {k: v for k, v in out.items() if v}  # type: ignore[misc]
+
+
+def _prompt(pid: str, row: dict[str, Any], cols: dict[str, str]) -> Prompt:
+    if "messages" in cols:
+        messages = tuple(dict(m) for m in row[cols["messages"]])
+        if not messages or messages[-1].get("role") != "user":
+            raise DataError(f"data.source: {pid}: messages must end with the user's turn")
+        return Prompt(pid, messages=messages)
+    return Prompt(pid, prompt=str(row[cols["prompt"]]))
 
 
 def cache_spec(recipe: LMRecipe) -> LMCacheSpec:
