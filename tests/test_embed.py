@@ -603,7 +603,9 @@ def test_embed_run_results(embed_run):
     rows = results["rows"]
     assert list(rows) == ROWS
     assert results["kind"] == "embed"
-    assert results["data"] == {"train": 48, "val": 24, "max_length": 24}
+    assert results["data"] == {"train": 48, "val": 24, "max_length": 24, "source": "fortunes"}
+    # MiniLM's sentence-transformers config: mean pooling, then normalised, on both sides
+    assert results["pooling"]["student"] == {"mode": "mean", "normalize": True}
     assert results["derived_layers"] == {"layers": [0, 5], "teacher_layers": 6}
     assert rows["teacher"]["neighbour_agreement@10"] == 1.0
     assert rows["teacher"]["similarity_spearman"] == pytest.approx(1.0, abs=1e-12)
@@ -705,3 +707,79 @@ def test_embed_run_keeps_its_folder_and_resumes(embed_run):
     row, before = again["rows"]["embedding"], results["rows"]["embedding"]
     for key in ("neighbour_agreement@10", "similarity_spearman", "steps", "objective"):
         assert row[key] == before[key], key
+
+
+# --- pooling read from the sentence-transformers configuration ---------------------------------
+
+
+def test_pooling_is_read_from_the_sentence_transformers_config(minilm, tmp_path):
+    from potstill.tasks.embedding import Pooling, read_pooling
+
+    assert read_pooling(MINILM) == Pooling("mean", normalize=True)  # Pooling + Normalize modules
+    assert read_pooling(tmp_path) == Pooling("mean", normalize=False)  # a plain encoder folder
+    with pytest.raises(ValueError, match="pooling mode 'sum' is not one of"):
+        Pooling("sum")
+
+
+@pytest.mark.parametrize("mode", ["cls", "max", "mean_sqrt_len", "mean"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_every_pooling_embeds_as_sentence_transformers_does(minilm, tmp_path, mode, normalize):
+    from sentence_transformers import SentenceTransformer
+
+    from potstill.tasks.embedding import Pooling, export, read_pooling
+
+    model, tok = hf.load_model(MINILM), minilm[2]
+    pooling = Pooling(mode, normalize)
+    out = export(model, tmp_path / "st", tokenizer=tok, sentence_transformers_from=MINILM,
+                 pooling=pooling)  # fmt: skip
+    assert read_pooling(out) == pooling  # the export says how it was trained to embed
+    ds = tokenize_pair(SENTENCES, tok, tok, 32)
+    batch = make_batch(ds, torch.arange(len(SENTENCES)))
+    with torch.no_grad():
+        ours = encoder_forward("s_", pooling)(model, batch)
+    st = SentenceTransformer(str(out), device="cpu")
+    got = torch.from_numpy(st.encode(SENTENCES))
+    torch.testing.assert_close(got, ours, rtol=0, atol=1e-5)
+
+
+def test_pooling_by_hand_on_known_vectors():
+    from potstill.tasks.embedding import Pooling, pool
+
+    hidden = torch.tensor(
+        [[[1.0, 0.0], [3.0, 4.0], [9.0, 9.0]], [[0.0, 2.0], [0.0, 0.0], [5.0, 5.0]]]
+    )
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert pool(hidden, mask, Pooling("cls")).tolist() == [[1.0, 0.0], [0.0, 2.0]]
+    assert pool(hidden, mask, Pooling("max")).tolist() == [[3.0, 4.0], [0.0, 2.0]]
+    assert pool(hidden, mask, Pooling("mean")).tolist() == [[2.0, 2.0], [0.0, 2.0]]
+    assert pool(hidden, mask, Pooling("lasttoken")).tolist() == [[3.0, 4.0], [0.0, 2.0]]
+    root2 = 2**0.5
+    torch.testing.assert_close(pool(hidden, mask, Pooling("mean_sqrt_len")),
+                               torch.tensor([[4 / root2, 4 / root2], [0.0, 2.0]]))  # fmt: skip
+    torch.testing.assert_close(pool(hidden, mask, Pooling("lasttoken", True)),
+                               torch.tensor([[0.6, 0.8], [0.0, 1.0]]))  # fmt: skip
+
+
+def test_an_embed_recipe_reads_your_texts(tmp_path):
+    if MINILM is None:
+        pytest.skip("all-MiniLM-L6-v2 not packaged here")
+    texts = [f"sentence number {i} about {w}" for i in range(30) for w in ("cats", "code")]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n\n")
+    recipe = EmbedRecipe.model_validate({
+        "kind": "embed", "name": "own-texts",
+        "teacher": {"model": MINILM_NAME},
+        "student": {"model": MINILM_NAME, "keep": 1, "pooling": {"mode": "cls"}},
+        "data": {"source": {"path": str(tmp_path / "texts.txt"), "val_size": 12},
+                 "max_length": 16, "train": 20},
+        "variants": {"pkt": [{"kind": "pkt"}]},
+        "train": TrainConfig(max_steps=2, batch_size=8, progress=False, tensorboard=False),
+        "throughput_batch": 4,
+    })  # fmt: skip
+    results = run_recipe(recipe, tmp_path / "run")
+    assert results["data"]["train"] == 20 and results["data"]["val"] == 12  # the empty line: out
+    assert results["data"]["source"] == "source"
+    assert results["pooling"] == {"teacher": {"mode": "mean", "normalize": True},
+                                  "student": {"mode": "cls", "normalize": True}}  # fmt: skip
+    from potstill.tasks.embedding import read_pooling
+
+    assert read_pooling(tmp_path / "run" / "pkt" / "export").mode == "cls"

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ..config import TrainConfig
+from ..tasks.embedding import POOLING_MODES, Pooling, read_pooling
 from .common import (
     DerivedModelSpec,
     HFModelSpec,
@@ -19,15 +20,53 @@ from .common import (
     check_variant_names,
     share_seed,
 )
+from .data import TableSpec
 
 RESERVED_ROWS = ("teacher", "original student model", "derived, not distilled")
 """Rows every embedding report has: variants may not take these names."""
 
 
+class PoolingSpec(StrictModel):
+    """How a model pools its token vectors: ``mode`` ``auto`` reads its sentence-transformers
+    configuration (``modules.json``: the Pooling module's mode and a Normalize module), or
+    ``mean``/``cls``/``max``/``mean_sqrt_len``/``lasttoken``; ``normalize`` (default: from
+    the configuration) L2-normalises the embedding."""
+
+    mode: Literal[("auto", *POOLING_MODES)] = "auto"  # type: ignore[valid-type]
+    normalize: bool | None = None
+
+    def resolve(self, folder: str) -> Pooling:
+        """The pooling of the model in ``folder`` with this spec's choices applied."""
+        found = read_pooling(folder)
+        mode = found.mode if self.mode == "auto" else self.mode
+        return Pooling(mode, found.normalize if self.normalize is None else self.normalize)
+
+
+class EmbedTeacherSpec(HFModelSpec):
+    """The teacher encoder and its pooling."""
+
+    pooling: PoolingSpec = Field(default_factory=PoolingSpec)
+
+
+class EmbedStudentSpec(DerivedModelSpec):
+    """The student encoder (kept layers) and its pooling."""
+
+    pooling: PoolingSpec = Field(default_factory=PoolingSpec)
+
+
+class EmbedTableSpec(TableSpec):
+    """Your texts for embedding distillation: a ``text`` column (``columns: {text: ...}``); the
+    held-out texts are the validation split."""
+
+    test_size: float | None = Field(None, gt=0, description="not used by embedding runs")
+
+
 class TextDataSpec(StrictModel):
-    """Texts for embedding distillation (Debian's fortunes)."""
+    """Texts for embedding distillation: Debian's fortunes, or ``source`` (your data: any
+    table with a text column). ``train`` / ``val``: how many texts of each."""
 
     name: Literal["fortunes"] = "fortunes"
+    source: EmbedTableSpec | None = None
     folder: str | None = None
     max_length: int = Field(48, gt=2)
     train: int = Field(1500, gt=0)
@@ -40,8 +79,8 @@ class EmbedRecipe(StrictModel):
     kind: Literal["embed"]
     name: str = "embed"
     seed: int = 0
-    teacher: HFModelSpec
-    student: DerivedModelSpec
+    teacher: EmbedTeacherSpec
+    student: EmbedStudentSpec
     data: TextDataSpec = Field(default_factory=TextDataSpec)
     taps: TapsSpec = Field(default_factory=TapsSpec)
     variants: dict[str, list[TermSpec]]

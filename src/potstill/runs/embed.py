@@ -16,7 +16,9 @@ import torch
 
 from .. import distributed
 from ..assets import resolve
+from ..data.rows import DataError
 from ..data.sources import load_rows
+from ..data.tables import find_column, load_table_splits
 from ..data.tensors import TensorDictDataset
 from ..distiller import Distiller
 from ..hf import check_aligned_positions, load_model, load_tokenizer
@@ -27,7 +29,7 @@ from ..report.card import model_card, write_model_card
 from ..students import derive
 from ..taps import tap_counts
 from ..tasks import get_task
-from ..tasks.embedding import embed, tokenize_pair
+from ..tasks.embedding import embed, encoder_forward, tokenize_pair
 from ..teachers import PrecomputedTeacher
 from .folder import RunFolder
 
@@ -65,14 +67,15 @@ def _run(recipe: EmbedRecipe, run: RunFolder) -> dict[str, Any]:
     t_tok = load_tokenizer(t_path, trust_remote_code=t_spec.trust_remote_code)
     s_tok = load_tokenizer(s_path, trust_remote_code=s_spec.trust_remote_code)
 
-    texts = list(load_rows(recipe.data.name, folder=recipe.data.folder)["all"].column("text"))
-    random.Random(recipe.seed).shuffle(texts)
-    n_train, n_val = recipe.data.train, recipe.data.val
-    if n_train + n_val > len(texts):
-        raise ValueError(f"data: train + val = {n_train + n_val} but only {len(texts)} texts")
-    check_aligned_positions(t_tok, s_tok, texts[:50])
-    train = tokenize_pair(texts[:n_train], t_tok, s_tok, recipe.data.max_length)
-    val = tokenize_pair(texts[n_train : n_train + n_val], t_tok, s_tok, recipe.data.max_length)
+    train_texts, val_texts = _texts(recipe)
+    n_train, n_val = len(train_texts), len(val_texts)
+    check_aligned_positions(t_tok, s_tok, train_texts[:50])
+    train = tokenize_pair(train_texts, t_tok, s_tok, recipe.data.max_length)
+    val = tokenize_pair(val_texts, t_tok, s_tok, recipe.data.max_length)
+    forwards = (
+        encoder_forward("t_", t_spec.pooling.resolve(t_path)),
+        encoder_forward("s_", s_spec.pooling.resolve(s_path)),
+    )
     run.start()
 
     torch.manual_seed(recipe.seed)
@@ -83,12 +86,13 @@ def _run(recipe: EmbedRecipe, run: RunFolder) -> dict[str, Any]:
         "teacher": tap_counts(teacher, teacher_taps),
     }
     t0 = time.perf_counter()
-    source = PrecomputedTeacher(teacher, train, TASK.teacher_forward, teacher_taps)
+    source = PrecomputedTeacher(teacher, train, forwards[0], teacher_taps)
     teacher_pass_s = time.perf_counter() - t0
-    known = (embed(teacher, val, TASK.teacher_forward), source.logits)
+    known = (embed(teacher, val, forwards[0]), source.logits)
     figures = {
         "teacher": teacher, "train": train, "teacher_embeddings": known,
         "latency_batch": recipe.latency_batch, "throughput_batch": recipe.throughput_batch,
+        "forwards": forwards,
     }  # fmt: skip
     rows = TASK.metrics(
         {"teacher": teacher, "original student model": base, "derived, not distilled": init},
@@ -103,13 +107,48 @@ def _run(recipe: EmbedRecipe, run: RunFolder) -> dict[str, Any]:
             "teacher": t_spec.model,
             "student": s_spec.model,
             "derived_layers": getattr(init.config, "potstill_derived_from", None),
-            "data": {"train": n_train, "val": n_val, "max_length": recipe.data.max_length},
+            "data": {
+                "train": n_train,
+                "val": n_val,
+                "max_length": recipe.data.max_length,
+                "source": "fortunes" if recipe.data.source is None else "source",
+            },
+            "pooling": {
+                "teacher": vars(t_spec.pooling.resolve(t_path)),
+                "student": vars(s_spec.pooling.resolve(s_path)),
+            },
             "teacher_pass_s": teacher_pass_s,
             "rows": rows,
         }
     )
     write_report(run.path, results)
     return results
+
+
+def _texts(recipe: EmbedRecipe) -> tuple[list[str], list[str]]:
+    """The training and held-out texts: fortunes (shuffled with the seed), or the recipe's own
+    table (its train and validation splits) — ``data.train`` / ``data.val`` of them."""
+    d = recipe.data
+    if d.source is None:
+        texts = list(load_rows(d.name, folder=d.folder)["all"].column("text"))
+        random.Random(recipe.seed).shuffle(texts)
+        if d.train + d.val > len(texts):
+            raise ValueError(f"data: train + val = {d.train + d.val} but only {len(texts)} texts")
+        return texts[: d.train], texts[d.train : d.train + d.val]
+    tables = load_table_splits(**d.source.source_options(), seed=recipe.seed, where="data.source")
+    if "validation" not in tables:
+        raise DataError("data.source: give a validation split or set data.source.val_size")
+    column = find_column(tables["train"], "text", d.source.columns.get("text"),
+                         ("text", "sentence", "content"), "data.source")  # fmt: skip
+    out = []
+    for split, cap in (("train", "train"), ("validation", "val")):
+        table = tables[split].shuffle(seed=recipe.seed)
+        n = min(len(table), getattr(d, cap)) if cap in d.model_fields_set else len(table)
+        texts = [t for t in table.select(range(n))[column] if isinstance(t, str) and t.strip()]
+        if len(texts) < n:
+            log.info("data.source %s: %d empty texts left out", split, n - len(texts))
+        out.append(texts)
+    return out[0], out[1]
 
 
 @dataclass
@@ -143,7 +182,8 @@ def _variant(shared: Shared, name: str, terms: list[TermSpec]) -> dict[str, Any]
         student.train()
         fit = Distiller(
             student, build_objective(terms, shared.counts), shared.train, teacher=shared.source,
-            config=recipe.train, run_dir=run.path / part, student_forward=TASK.student_forward,
+            config=recipe.train, run_dir=run.path / part,
+            student_forward=shared.figures["forwards"][1],
             student_taps=shared.student_taps, name=name,
         ).fit(resume=run.resume)  # fmt: skip
         student = fit.student
@@ -157,6 +197,7 @@ def _variant(shared: Shared, name: str, terms: list[TermSpec]) -> dict[str, Any]
         TASK.export(
             student, run.path / part / "export", tokenizer=shared.tokenizer,
             sentence_transformers_from=st_from,
+            pooling=recipe.student.pooling.resolve(shared.student_path),
         )  # fmt: skip
         run.mark_finished(part, trained)
     row = {**TASK.metrics({name: student}, shared.val, **shared.figures)[name], **trained}
@@ -164,7 +205,8 @@ def _variant(shared: Shared, name: str, terms: list[TermSpec]) -> dict[str, Any]
         title=f"{recipe.name}: {name}",
         teacher=f"`{recipe.teacher.model}`",
         student=f"{init.config.num_hidden_layers} layers of `{recipe.student.model}`",
-        data=f"{recipe.data.train} fortunes texts",
+        data=f"{len(shared.train)} "
+        + ("fortunes texts" if recipe.data.source is None else "texts of your data"),
         steps=row["steps"],
         objective=row["objective"],
         figures={k: v for k, v in row.items() if k not in ("objective", "metrics")},

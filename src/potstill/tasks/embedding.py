@@ -4,9 +4,11 @@ linear-map cosine)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +56,82 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
-def encoder_forward(prefix: str):
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken")
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How token vectors become a sentence embedding: ``mode`` (mean, cls, max, mean_sqrt_len,
+    lasttoken) and whether the embedding is L2-normalised after."""
+
+    mode: str = "mean"
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in POOLING_MODES:
+            raise ValueError(f"pooling mode {self.mode!r} is not one of {', '.join(POOLING_MODES)}")
+
+
+def read_pooling(folder: str | os.PathLike) -> Pooling:
+    """The pooling a sentence-transformers folder declares (``modules.json``: its Pooling
+    module's config and whether a Normalize module follows); mean without normalisation for a
+    folder that declares none (a plain encoder)."""
+    folder = Path(folder)
+    modules_file = folder / "modules.json"
+    if not modules_file.exists():
+        return Pooling()
+    mode, normalize = "mean", False
+    for module in json.loads(modules_file.read_text()):
+        kind = str(module.get("type", ""))
+        if kind.endswith("Normalize"):
+            normalize = True
+        elif kind.endswith("Pooling"):
+            cfg_file = folder / module.get("path", "") / "config.json"
+            cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+            flags = {
+                "cls": cfg.get("pooling_mode_cls_token"),
+                "max": cfg.get("pooling_mode_max_tokens"),
+                "mean_sqrt_len": cfg.get("pooling_mode_mean_sqrt_len_tokens"),
+                "lasttoken": cfg.get("pooling_mode_lasttoken"),
+                "mean": cfg.get("pooling_mode_mean_tokens"),
+            }
+            chosen = [m for m, on in flags.items() if on]
+            if len(chosen) > 1:
+                raise ValueError(
+                    f"{cfg_file}: pools by {', '.join(chosen)} at once (concatenated); potstill "
+                    "pools by one mode: set one in the recipe's pooling"
+                )
+            mode = chosen[0] if chosen else cfg.get("pooling_mode", "mean")
+    return Pooling(mode, normalize)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling = Pooling()) -> torch.Tensor:
+    """The sentence embedding of ``hidden`` ``(B, T, H)`` over the real tokens of ``mask``, as
+    sentence-transformers' Pooling (and Normalize) modules compute it."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if pooling.mode == "mean":
+        out = mean_pool(hidden, mask)
+    elif pooling.mode == "mean_sqrt_len":
+        out = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9).sqrt()
+    elif pooling.mode == "cls":
+        out = hidden[:, 0]
+    elif pooling.mode == "max":
+        out = hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).max(1).values
+    else:  # lasttoken: the last real token of each row (right padding)
+        last = mask.sum(1).long().clamp_min(1) - 1
+        out = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return torch.nn.functional.normalize(out, p=2, dim=-1) if pooling.normalize else out
+
+
+def encoder_forward(prefix: str, pooling: Pooling = Pooling()):
     """A forward function for a Hugging Face encoder reading ``{prefix}input_ids`` and
-    ``{prefix}attention_mask`` from the batch; it returns the mean-pooled embedding."""
+    ``{prefix}attention_mask`` from the batch; it returns the pooled embedding (mean pooling
+    without normalisation unless ``pooling`` says otherwise)."""
 
     def forward(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         mask = batch[f"{prefix}attention_mask"]
         out = model(input_ids=batch[f"{prefix}input_ids"], attention_mask=mask)
-        return mean_pool(out.last_hidden_state, mask)
+        return pool(out.last_hidden_state, mask, pooling)
 
     return forward
 
@@ -143,18 +213,21 @@ def metrics(
     teacher_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     latency_batch: int = 1,
     throughput_batch: int = 64,
+    forwards: tuple[Any, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each model's figures on the held-out texts ``data`` against the teacher's embeddings:
     neighbour agreement, similarity rank correlation, cosine after the least-squares linear map
     fitted on ``train``; its size and measured speed. ``teacher_embeddings``: the teacher's on
-    (``data``, ``train``) when already computed."""
+    (``data``, ``train``) when already computed; ``forwards``: the (teacher, student) forwards
+    (their pooling), by default mean pooling on both sides."""
+    t_forward, s_forward = forwards or (TEACHER_FORWARD, STUDENT_FORWARD)
     t_val, t_train = teacher_embeddings or (
-        embed(teacher, data, TEACHER_FORWARD),
-        embed(teacher, train, TEACHER_FORWARD),
+        embed(teacher, data, t_forward),
+        embed(teacher, train, t_forward),
     )
     rows = {}
     for name, model in models.items():
-        forward = TEACHER_FORWARD if model is teacher else STUDENT_FORWARD
+        forward = t_forward if model is teacher else s_forward
         if model is teacher:
             e_val, e_train = t_val, t_train
         else:
@@ -179,13 +252,43 @@ def export(
     *,
     tokenizer: Any = None,
     sentence_transformers_from: str | os.PathLike | None = None,
+    pooling: Pooling | None = None,
 ) -> Path:
     """A plain Hugging Face folder with the tokenizer and, given the sentence-transformers
     folder the student came from, its pooling modules (``SentenceTransformer(folder)`` loads
-    it)."""
-    return export_pretrained(
+    it), set to ``pooling`` (the one the student was trained with) when given."""
+    out = export_pretrained(
         model, folder, tokenizer=tokenizer, sentence_transformers_from=sentence_transformers_from
     )
+    if sentence_transformers_from is not None and pooling is not None:
+        write_pooling(out, pooling)
+    return out
+
+
+def write_pooling(folder: Path, pooling: Pooling) -> None:
+    """Set a sentence-transformers folder's Pooling module to ``pooling.mode`` and add or drop
+    its Normalize module, so that it embeds as the student was trained."""
+    modules = json.loads((folder / "modules.json").read_text())
+    for module in modules:
+        if str(module.get("type", "")).endswith("Pooling"):
+            cfg_file = folder / module.get("path", "") / "config.json"
+            cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+            for mode in POOLING_MODES:
+                key = "pooling_mode_" + {
+                    "mean": "mean_tokens",
+                    "cls": "cls_token",
+                    "max": "max_tokens",
+                    "mean_sqrt_len": "mean_sqrt_len_tokens",
+                }.get(mode, mode)
+                cfg[key] = mode == pooling.mode  # fmt: skip
+            cfg_file.write_text(json.dumps(cfg, indent=2))
+    normalized = [m for m in modules if str(m.get("type", "")).endswith("Normalize")]
+    if pooling.normalize and not normalized:
+        modules.append({"idx": len(modules), "name": str(len(modules)), "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})  # fmt: skip
+    elif not pooling.normalize:
+        modules = [m for m in modules if m not in normalized]
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
 
 
 STUDENT_FORWARD = encoder_forward("s_")
