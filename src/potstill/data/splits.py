@@ -71,6 +71,7 @@ def load_splits(
     val_size: int = 5000,
     seed: int = 0,
     columns: Mapping[str, str] | None = None,
+    rows: Mapping[str, Rows] | None = None,
 ) -> Splits:
     """Train / validation / test splits for the classifier task from the data source ``name``
     (see :data:`potstill.data.sources.SOURCES`): ``columns`` maps the task's ``input`` and

@@ -21,9 +21,29 @@ from .common import (
     check_terms,
     share_seed,
 )
+from .data import TableSpec
 
 DEFAULT_EPOCHS = 10
 DEFAULT_TEACHER_EPOCHS = 5
+
+
+class ImageTableSpec(TableSpec):
+    """Your images (:func:`potstill.data.image_tables.image_rows`): an image folder (one
+    subfolder per class; ``train/`` and ``test/`` inside give both splits), a ``save_to_disk``
+    folder or a hub dataset with an image and a ClassLabel column. ``mode`` converts (``L``,
+    ``RGB``), ``size`` ([H, W]) resizes. A missing test split is carved by ``test_size``
+    (default: a fifth); the validation split by the data section's ``val_size``."""
+
+    val_size: float | None = Field(None, gt=0, description="use data.val_size")
+    test_size: float | None = Field(None, gt=0)
+    mode: Literal["L", "RGB"] | None = None
+    size: tuple[int, int] | None = None
+
+    def rows_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~potstill.data.image_tables.image_rows`."""
+        out = self.source_options()
+        out.pop("val_size")
+        return {**out, "columns": self.columns, "mode": self.mode, "size": self.size}
 
 
 class DataSpec(StrictModel):
@@ -32,6 +52,9 @@ class DataSpec(StrictModel):
     is held out."""
 
     name: str = "fashion-mnist"
+    source: ImageTableSpec | None = Field(
+        None, description="your images (an image folder, ...) instead of a built-in name"
+    )
     data_dir: str | None = Field(None, description="folder with the IDX files (fashion-mnist)")
     val_size: int = Field(5000, gt=0)
     columns: dict[Literal["input", "label"], str] | None = Field(
@@ -46,6 +69,20 @@ class DataSpec(StrictModel):
         if name not in SOURCES:
             raise ValueError(f"unknown dataset {name!r}; data sources: {', '.join(SOURCES)}")
         return name
+
+    @property
+    def described(self) -> str:
+        """The data in a few words: the built-in name, or where your images are."""
+        if self.source is None:
+            return self.name
+        s = self.source
+        return f"images from {s.path or s.train or s.hub or s.builtin}"
+
+    @model_validator(mode="after")
+    def _name_or_source(self) -> DataSpec:
+        if self.source is not None and "name" in self.model_fields_set:
+            raise ValueError("give name (a built-in set) or source (your images), not both")
+        return self
 
 
 class TeacherSpec(StrictModel):

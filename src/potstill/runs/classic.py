@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, TensorDataset
 from .. import distributed
 from ..cache import CachedTeacher, cached_or_live
 from ..config import TrainConfig, same_budget
+from ..data.image_tables import image_rows
 from ..data.splits import Splits, hide_labels, labelled_only, load_splits
 from ..distiller import Distiller
 from ..evaluate import classification_eval, predict_logits
@@ -157,9 +158,13 @@ def run(
     """
     with RunFolder(run_dir, recipe, resume=resume, overwrite=overwrite) as folder:
         d = recipe.data
+        rows = None
+        if d.source is not None:
+            rows = image_rows(**d.source.rows_options(), seed=recipe.seed)
         splits = load_splits(
-            d.name, data_dir=d.data_dir, val_size=d.val_size, seed=recipe.seed, columns=d.columns
-        )
+            d.name, data_dir=d.data_dir, val_size=d.val_size, seed=recipe.seed,
+            columns=d.columns if rows is None else None, rows=rows,
+        )  # fmt: skip
         folder.start()
         return _run(recipe, folder, splits)
 
@@ -202,7 +207,7 @@ def _run(recipe: ClassicRecipe, run: RunFolder, splits: Splits) -> dict[str, Any
     results = run.write_results(
         {
             "data": {
-                "name": recipe.data.name,
+                "name": recipe.data.described,
                 "train": len(splits.train),
                 "val": len(splits.val),
                 "test": len(splits.test),
@@ -361,7 +366,7 @@ def _write_cards(
             title=f"{recipe.name}: {setting}, {'distilled' if distilled else 'baseline'}",
             teacher=teacher if distilled else "no teacher (the same-budget baseline)",
             student=student,
-            data=f"{recipe.data.name} ({examples:,} training examples, setting {setting})",
+            data=f"{recipe.data.described} ({examples:,} training examples, setting {setting})",
             steps=row.get("steps"),
             objective=[t.model_dump(exclude_unset=True) for t in recipe.objective]
             if distilled

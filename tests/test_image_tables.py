@@ -1,0 +1,139 @@
+"""Your images on the classic road: a Fashion-MNIST subset written out as an image folder
+(``train/`` and ``test/``, one subfolder per class) reads back as exactly the built-in road's
+tensors, and a classic recipe on that folder gives the same results, figure for figure, as the
+same recipe on the same rows taken from the IDX files; mixed sizes and unnamed labels are
+refused with what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import needs_fashion_mnist
+
+from potstill.data.images import FASHION_MNIST_CLASSES, load_fashion_mnist
+from potstill.data.rows import DataError, Rows
+
+N_TRAIN, N_TEST = 300, 100
+
+
+def write_image_folder(root: Path) -> None:
+    """The first N_TRAIN / N_TEST Fashion-MNIST images as PNGs named by their index."""
+    from PIL import Image
+
+    train, test = load_fashion_mnist()
+    for split, ds, n in (("train", train, N_TRAIN), ("test", test, N_TEST)):
+        x, y = ds.tensors
+        for i in range(n):
+            folder = root / split / FASHION_MNIST_CLASSES[int(y[i])].replace("/", "-")
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (x[i, 0] * 255).round().to(torch.uint8).numpy()
+            Image.fromarray(pixels, mode="L").save(folder / f"{i:05d}.png")
+
+
+def folder_order(root: Path, split: str) -> list[int]:
+    """The IDX index of each row in the order the image folder is read."""
+    from datasets import Image, load_dataset
+
+    ds = load_dataset("imagefolder", data_dir=str(root), split=split)
+    paths = ds.cast_column("image", Image(decode=False))["image"]
+    return [int(Path(p["path"]).stem) for p in paths]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fmnist-folder")
+    write_image_folder(root)
+    return root
+
+
+@needs_fashion_mnist
+def test_an_image_folder_reads_back_as_the_builtin_tensors(image_folder):
+    from potstill.data.image_tables import image_rows
+
+    rows = image_rows(path=str(image_folder))
+    train, test = load_fashion_mnist()
+    assert set(rows) == {"train", "test"}
+    names = rows["train"].meta["classes"]  # the folder names, sorted
+    for split, ds in (("train", train), ("test", test)):
+        order = folder_order(image_folder, split)
+        x, y = ds.tensors
+        assert torch.equal(rows[split].column("image"), x[order])  # pixel for pixel
+        got = [names[i] for i in rows[split].column("label").tolist()]
+        assert got == [FASHION_MNIST_CLASSES[int(c)].replace("/", "-") for c in y[order]]
+    assert rows["train"].meta["input_shape"] == (1, 28, 28)
+
+
+@needs_fashion_mnist
+def test_a_classic_recipe_on_the_folder_matches_the_builtin_road(image_folder, tmp_path):
+    from potstill.data.sources import SOURCES
+    from potstill.recipe import validate_recipe
+    from potstill.runs import run
+
+    train, test = load_fashion_mnist()
+    folder_names = sorted(c.replace("/", "-") for c in FASHION_MNIST_CLASSES)
+    remap = torch.tensor([folder_names.index(c.replace("/", "-")) for c in FASHION_MNIST_CLASSES])
+
+    def same_rows(**_):  # the same images from the IDX files, in the folder's order and labels
+        out = {}
+        for split, ds in (("train", train), ("test", test)):
+            order = folder_order(image_folder, split)
+            x, y = ds.tensors
+            meta = {"classes": tuple(folder_names), "input_shape": (1, 28, 28)}
+            out[split] = Rows({"image": x[order], "label": remap[y[order]]}, "idx", meta)
+        return out
+
+    SOURCES["fmnist-subset"] = same_rows
+    try:
+        common = {
+            "seed": 0,
+            "teacher": {"arch": {"kind": "mlp", "hidden": [32]},
+                        "train": {"epochs": 1, "batch_size": 50, "progress": False}},
+            "student": {"arch": {"kind": "mlp", "hidden": [8]}},
+            "train": {"epochs": 2, "batch_size": 50, "progress": False},
+            "evaluation": {"measure_cache_speedup": False},
+        }  # fmt: skip
+        folder = run(
+            validate_recipe(
+                {
+                    **common,
+                    "name": "folder",
+                    "data": {"source": {"path": str(image_folder)}, "val_size": 50},
+                }
+            ),
+            tmp_path / "folder",
+        )
+        builtin = run(validate_recipe({**common, "name": "folder", "data": {
+            "name": "fmnist-subset", "val_size": 50}}), tmp_path / "builtin")  # fmt: skip
+    finally:
+        del SOURCES["fmnist-subset"]
+    assert folder["data"]["train"] == builtin["data"]["train"] == N_TRAIN - 50
+    assert folder["data"]["test"] == N_TEST
+    assert folder["data"]["name"] == f"images from {image_folder}"
+    for f_set, b_set in zip(folder["settings"], builtin["settings"], strict=True):
+        for kind in ("distilled", "baseline"):
+            assert f_set["runs"][kind]["accuracy"] == b_set["runs"][kind]["accuracy"]
+            assert f_set["runs"][kind]["agreement"] == b_set["runs"][kind]["agreement"]
+    assert folder["teacher"]["accuracy"] == builtin["teacher"]["accuracy"]
+
+
+def test_mixed_sizes_and_unnamed_labels_are_refused(tmp_path):
+    from PIL import Image
+
+    from potstill.data.image_tables import image_rows
+
+    for cls, size in (("a", (8, 8)), ("b", (6, 6))):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        Image.new("L", size, 100).save(tmp_path / "imgs" / cls / "0.png")
+    with pytest.raises(DataError, match=r"has shape \(1, 6, 6\) but the first image \(1, 8, 8\)"):
+        image_rows(path=str(tmp_path / "imgs"))
+    rows = image_rows(path=str(tmp_path / "imgs"), size=[4, 4], mode="RGB")
+    assert rows["all"].column("image").shape == (2, 3, 4, 4)
+    from datasets import Dataset
+
+    Dataset.from_dict({"image": [Image.new("L", (2, 2))], "label": [3]}).save_to_disk(
+        str(tmp_path / "saved")
+    )
+    with pytest.raises(DataError, match="has no class names"):
+        image_rows(path=str(tmp_path / "saved"))
