@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
+# the suite reads only local files and packaged models: no hub requests (set before `datasets`
+# and `transformers` are imported, which read these once)
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
 import torch
 from torch import nn
 

@@ -108,7 +108,7 @@ def test_a_classic_recipe_on_the_folder_matches_the_builtin_road(image_folder, t
             "name": "fmnist-subset", "val_size": 50}}), tmp_path / "builtin")  # fmt: skip
     finally:
         del SOURCES["fmnist-subset"]
-    assert folder["data"]["train"] == builtin["data"]["train"] == N_TRAIN - 50
+    assert (folder["data"]["train"], builtin["data"]["train"]) == (N_TRAIN - 50, N_TRAIN - 50)
     assert folder["data"]["test"] == N_TEST
     assert folder["data"]["name"] == f"images from {image_folder}"
     for f_set, b_set in zip(folder["settings"], builtin["settings"], strict=True):

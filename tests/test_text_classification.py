@@ -251,3 +251,36 @@ def test_dict_rows_keep_their_label():
     batch = make_batch(rows, torch.tensor([1, 0]))  # type: ignore[arg-type]
     assert batch["label"].tolist() == [0, 1] and batch["x"].tolist() == [[3.0, 4.0], [1.0, 2.0]]
     assert MINILM is not None
+
+
+def test_hidden_state_terms_reach_the_text_classifier_through_taps(finished, tmp_path):
+    from potstill.runs import run
+
+    root, _, _ = finished
+    data = recipe_data(
+        root / "topics.csv",
+        teacher={"model": str(root / "run" / "teacher" / "final")},
+        taps={"student": {"h": "bert.encoder.layer.*"}, "teacher": {"h": "bert.encoder.layer.*"}},
+        objective=[
+            {"kind": "kd", "weight": 0.5, "temperature": 2.0},
+            {"kind": "feature", "student": "h", "teacher": "h", "layer_map": [[0, 5]],
+             "name": "hidden"},
+        ],
+        baseline=False,
+    )  # fmt: skip
+    results = run(validate_recipe(data), tmp_path / "run")
+    logged = (tmp_path / "run" / "distilled" / "metrics.jsonl").read_text()
+    assert '"hidden"' in logged and '"kd"' in logged  # both terms trained and logged
+    assert list(results["rows"]) == ["teacher", "distilled"]
+
+
+def test_a_new_head_starts_from_the_same_weights_in_every_run():
+    from potstill.recipe.text_classification import TeacherSpec
+    from potstill.runs.text_classification import _load
+
+    spec = TeacherSpec(model="sentence-transformers/all-MiniLM-L6-v2")
+    heads = [
+        _load(MINILM, spec, CLASSES, new_head=True, seed=0).classifier.weight for _ in range(2)
+    ]
+    other = _load(MINILM, spec, CLASSES, new_head=True, seed=1).classifier.weight
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], other)

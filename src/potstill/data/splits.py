@@ -79,9 +79,11 @@ def load_splits(
 
     The validation set is carved out of the training rows with ``seed``; a source's own test
     split is kept untouched, and a source without one (digits) gives a fifth of its rows to the
-    test set first (with ``seed + 1``)."""
-    options = {"data_dir": data_dir} if data_dir is not None else {}
-    rows = load_rows(name, **options)
+    test set first (with ``seed + 1``). ``rows``: the source's rows, already loaded (e.g. by
+    :func:`potstill.data.image_tables.image_rows` from the user's image folder)."""
+    if rows is None:
+        options = {"data_dir": data_dir} if data_dir is not None else {}
+        rows = load_rows(name, **options)
     mapping = dict(columns or {"input": "image", "label": "label"})
 
     def tensors(r: Rows) -> TensorDataset:

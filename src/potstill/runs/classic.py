@@ -33,7 +33,7 @@ from ..report.card import model_card, write_model_card
 from ..taps import TapsLike, tap_counts
 from ..tasks import get_task
 from ..teachers import Ensemble, LiveTeacher, TeacherSource
-from .folder import RunFolder
+from .folder import RunFolder, fit_info
 
 log = logging.getLogger("potstill")
 
@@ -73,14 +73,7 @@ def train_classifier(
         evaluate=classification_eval(val), best_metric="accuracy", name=part,
         student_forward=TASK.student_forward, student_taps=student_taps,
     ).fit(resume=run.resume)  # fmt: skip
-    info = {
-        "steps": result.steps,
-        "train_time_s": result.train_time_s,
-        "examples_per_s": result.examples_per_s,
-        "val_final": result.final_eval,
-        "val_best": result.best,
-        "examples": len(train),  # type: ignore[arg-type]
-    }
+    info = fit_info(result, len(train))  # type: ignore[arg-type]
     if distributed.is_main():  # every process holds the same trained model; rank 0 saves it
         TASK.export(result.student, folder / "final", spec=spec)
         run.mark_finished(part, info)

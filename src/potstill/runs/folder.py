@@ -201,3 +201,16 @@ def _diff_fields(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += _diff_fields(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [prefix.rstrip(".")] if a != b else []
+
+
+def fit_info(result: Any, examples: int) -> dict[str, Any]:
+    """What a trained part records in its done marker and its report row: steps, training time,
+    throughput, the last and the best validation figures, and how many training examples."""
+    return {
+        "steps": result.steps,
+        "train_time_s": result.train_time_s,
+        "examples_per_s": result.examples_per_s,
+        "val_final": result.final_eval,
+        "val_best": result.best,
+        "examples": examples,
+    }

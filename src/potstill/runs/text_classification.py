@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .. import distributed
@@ -35,7 +36,7 @@ from ..taps import tap_counts
 from ..tasks import get_task
 from ..tasks.text_classifier import LABEL_COLUMNS, TEXT_COLUMNS, tokenized_splits
 from ..teachers import LiveTeacher, TeacherSource
-from .folder import RunFolder
+from .folder import RunFolder, fit_info
 
 log = logging.getLogger("potstill")
 
@@ -144,10 +145,11 @@ def _head(names: list[str]) -> dict[str, Any]:
     }
 
 
-def _load(path: str | Path, spec: Any, names: list[str], *, new_head: bool) -> nn.Module:
+def _load(path: str | Path, spec: Any, names: list[str], *, new_head: bool, seed: int) -> nn.Module:
     """A sequence classifier; with ``new_head`` its head is made for ``names`` (a base model,
     or a classifier of other classes whose head is replaced)."""
     extra = {**_head(names), "ignore_mismatched_sizes": True} if new_head else {}
+    torch.manual_seed(seed)  # a new head's initial weights: the same in every run of the recipe
     model = load_model(
         path, KIND, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
         attn_implementation="eager", **extra,
@@ -181,14 +183,7 @@ def train_part(
         evaluate=classification_eval(data.splits["validation"], batch_size=64, forward=forward),
         best_metric="accuracy", name=part, student_forward=forward, student_taps=taps,
     ).fit(resume=run.resume)  # fmt: skip
-    info = {
-        "steps": result.steps,
-        "train_time_s": result.train_time_s,
-        "examples_per_s": result.examples_per_s,
-        "val_final": result.final_eval,
-        "val_best": result.best,
-        "examples": len(data.splits["train"]),
-    }
+    info = fit_info(result, len(data.splits["train"]))
     TASK.export(result.student, folder / "final", tokenizer=tokenizer)
     run.mark_finished(part, info)
     return result.student.eval(), info
@@ -199,8 +194,10 @@ def _teacher(
 ) -> tuple[nn.Module, dict[str, Any]]:
     spec = recipe.teacher
     if spec.finetune is None:
-        return _load(path, spec, data.classes, new_head=False), {"source": spec.model}
-    base = _load(path, spec, data.classes, new_head=True)
+        return _load(path, spec, data.classes, new_head=False, seed=recipe.seed), {
+            "source": spec.model
+        }
+    base = _load(path, spec, data.classes, new_head=True, seed=recipe.seed)
     model, info = train_part(
         run, "teacher", base, labels_only_objective(), data, spec.finetune, None,
         forward=data.teacher_forward, tokenizer=data.teacher_tok,
@@ -212,7 +209,7 @@ def _student_init(recipe: TextClassificationRecipe, teacher: nn.Module, data: Pr
     s = recipe.student
     if s.model is None:
         return derive(teacher, keep=s.keep, layers=s.layers), "layers of the teacher"
-    model = _load(resolve(s.model), s, data.classes, new_head=True)
+    model = _load(resolve(s.model), s, data.classes, new_head=True, seed=recipe.seed + 1)
     if s.derived:
         model = derive(model, keep=s.keep, layers=s.layers)
     return model, f"layers of `{s.model}`"
