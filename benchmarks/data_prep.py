@@ -42,49 +42,40 @@ def write_rows(path: Path, n: int) -> None:
 
 
 def phase(name: str, path: str) -> None:
-    """One measured phase, run in this (fresh) process."""
+    """One measured phase, run in this (fresh) process: the clock starts once the libraries are
+    imported and the tokenizer is loaded, and stops when the tokenized table is ready."""
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+
     from potstill import assets
+    from potstill.data.tables import load_table_splits
+    from potstill.data.tokenized import tokenize_table
+    from potstill.llm.user_data import corpus_table
+
+    if "classify" in name:
+        tok = AutoTokenizer.from_pretrained(assets.minilm_l6())
+    else:
+        tok = AutoTokenizer.from_pretrained(assets.resolve("HuggingFaceTB/SmolLM2-135M-Instruct"))
+    eos = tok.eos_token_id
+
+    def group(batch):
+        ids = [x + [eos] for x in tok(batch["text"], add_special_tokens=False)["input_ids"]]
+        flat = [t for x in ids for t in x]
+        n = len(flat) // 128
+        return {"input_ids": [flat[i * 128 : (i + 1) * 128] for i in range(n)]}
 
     t0 = time.perf_counter()
     if name.startswith("potstill-classify"):
-        from transformers import AutoTokenizer
-
-        from potstill.data.tables import load_table_splits
-        from potstill.data.tokenized import tokenize_table
-
-        tok = AutoTokenizer.from_pretrained(assets.minilm_l6())
         table = load_table_splits(path=path)["train"]
         out, _ = tokenize_table(table, tok, "text", max_length=64)
     elif name == "plain-classify":
-        from datasets import load_dataset
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(assets.minilm_l6())
         table = load_dataset("json", data_files=path, split="train")
         out = table.map(lambda b: tok(b["text"], truncation=True, max_length=64), batched=True)
     elif name.startswith("potstill-corpus"):
-        from transformers import AutoTokenizer
-
-        from potstill.data.tables import load_table_splits
-        from potstill.llm.user_data import corpus_table
-
-        tok = AutoTokenizer.from_pretrained(assets.resolve("HuggingFaceTB/SmolLM2-135M-Instruct"))
         table = load_table_splits(path=path)["train"]
         out, _ = corpus_table(table, tok, "text", max_length=128)
     elif name == "plain-corpus":
-        from datasets import load_dataset
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(assets.resolve("HuggingFaceTB/SmolLM2-135M-Instruct"))
         table = load_dataset("json", data_files=path, split="train")
-        eos = tok.eos_token_id
-
-        def group(batch):
-            ids = [x + [eos] for x in tok(batch["text"], add_special_tokens=False)["input_ids"]]
-            flat = [t for x in ids for t in x]
-            n = len(flat) // 128
-            return {"input_ids": [flat[i * 128 : (i + 1) * 128] for i in range(n)]}
-
         out = table.map(group, batched=True, batch_size=1000, remove_columns=table.column_names)
     else:
         raise SystemExit(f"unknown phase {name}")

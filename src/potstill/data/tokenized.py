@@ -52,11 +52,28 @@ def tokenize_table(
         return out
 
     tokenized = table.map(encode, batched=True, desc=desc or f"tokenizing {text}")
-    cut = int(sum(tokenized[f"{prefix}cut"]))
+    cut = column_sum(tokenized, f"{prefix}cut")
     return tokenized.remove_columns(f"{prefix}cut"), cut
 
 
 _TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def column_sum(table: Table, column: str) -> int:
+    """The sum of a numeric (or boolean) column, computed by Arrow (no row goes to Python)."""
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.cast(table.data.column(column), "int64")).as_py() or 0)
+
+
+def tokens_in(table: Table, column: str, *, not_equal: int | None = None) -> int:
+    """How many values the list column holds in all (those other than ``not_equal``, given)."""
+    import pyarrow.compute as pc
+
+    values = pc.list_flatten(table.data.column(column))
+    if not_equal is not None:
+        return int(pc.sum(pc.cast(pc.not_equal(values, not_equal), "int64")).as_py() or 0)
+    return len(values)
 
 
 class TableDataset(Dataset):

@@ -26,6 +26,7 @@ import torch
 
 from ..data.rows import DataError
 from ..data.tensors import TensorDictDataset
+from ..data.tokenized import column_sum, tokens_in
 from .data import LMExample, encode_example, right_pad
 
 if TYPE_CHECKING:
@@ -112,10 +113,13 @@ def corpus_table(
         desc="tokenizing the corpus",
     )  # fmt: skip
     counts.examples = len(out)
-    counts.left_out = {"empty texts": int(sum(out["empty"])), "tail tokens": int(sum(out["tail"]))}
-    counts.cut = int(sum(out["cut"]))
+    counts.left_out = {
+        "empty texts": column_sum(out, "empty"),
+        "tail tokens": column_sum(out, "tail"),
+    }
+    counts.cut = column_sum(out, "cut")
     out = out.remove_columns(["empty", "cut", "tail"])
-    counts.tokens = counts.trained_tokens = sum(len(r) for r in out["input_ids"])
+    counts.tokens = counts.trained_tokens = tokens_in(out, "input_ids")
     return out, counts
 
 
@@ -210,8 +214,8 @@ def chat_table(
     mapped = table.map(
         encode, batched=True, remove_columns=table.column_names, desc="tokenizing conversations"
     )
-    skipped = int(sum(mapped["skip"]))
-    counts.cut = int(sum(mapped["cut"]))
+    skipped = column_sum(mapped, "skip")
+    counts.cut = column_sum(mapped, "cut")
     mapped = mapped.filter(
         lambda r: [s == 0 and any(x != -100 for x in lab) for s, lab in zip(r["skip"],
                    r["labels"], strict=True)], batched=True,
@@ -222,8 +226,8 @@ def chat_table(
     }
     out = mapped.remove_columns(["skip", "cut"])
     counts.examples = len(out)
-    counts.tokens = sum(len(r) for r in out["input_ids"])
-    counts.trained_tokens = sum(sum(x != -100 for x in r) for r in out["labels"])
+    counts.tokens = tokens_in(out, "input_ids")
+    counts.trained_tokens = tokens_in(out, "labels", not_equal=-100)
     return out, counts
 
 
