@@ -35,6 +35,11 @@ def write_csv(path: Path, n: int = 150, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
+def error_rate(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """A user metric, named in the recipe as ``test_text_classification:error_rate``."""
+    return float((logits.argmax(-1) != labels).float().mean())
+
+
 def recipe_data(csv_path: Path, **over) -> dict:
     data = {
         "kind": "text-classification",
@@ -52,7 +57,10 @@ def recipe_data(csv_path: Path, **over) -> dict:
         },
         "student": {"keep": 1},
         "train": {"max_steps": 6, "batch_size": 8, "optimizer": {"lr": 2e-4}},
-        "evaluation": {"throughput_batch": 8},
+        "evaluation": {
+            "throughput_batch": 8,
+            "metrics": {"error_rate": "test_text_classification:error_rate"},
+        },
     }
     for key, value in over.items():
         data[key] = value
@@ -77,6 +85,10 @@ def test_recipe_defaults_suit_a_transformer_and_bad_recipes_are_named(tmp_path):
     assert [t.kind for t in r.objective] == ["kd", "ce"]
     with pytest.raises(RecipeError, match=r"student: .*give keep or layers"):
         validate_recipe(recipe_data(tmp_path / "x.csv", student={}))
+    with pytest.raises(RecipeError, match=r"metrics.f1: cannot import 'nowhere:f1'"):
+        validate_recipe(
+            recipe_data(tmp_path / "x.csv", evaluation={"metrics": {"f1": "nowhere:f1"}})
+        )
     with pytest.raises(RecipeError, match=r"data: .*no data given"):
         validate_recipe(recipe_data(tmp_path / "x.csv", data={"columns": {}}))
 
@@ -95,7 +107,10 @@ def test_run_reports_teacher_distilled_and_baseline(finished):
     f1 = rows["distilled"]["per_class_f1"]
     assert rows["distilled"]["macro_f1"] == pytest.approx(sum(f1.values()) / 3)
     assert results["data"]["cut"]["train"]["teacher"] > 0  # fortunes longer than 32 tokens
+    for row in rows.values():  # the recipe's own metric, on the same test split
+        assert row["metrics_yours"]["error_rate"] == pytest.approx(1 - row["accuracy"])
     report = (root / "run" / "report.md").read_text()
+    assert "Your metrics on the test split" in report
     assert "| distilled | 1 |" in report and "same student trained without a teacher" in report
     assert_report_rebuilds(root / "run")
 

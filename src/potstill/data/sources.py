@@ -22,15 +22,26 @@ itself (a source registered from your own code). A loader takes the source's opt
 its splits (``{"train": Rows, "test": Rows}``, or ``{"all": Rows}`` when it has no splits)."""
 
 
+def load_callable(entry: str | Callable[..., Any], where: str = "entry") -> Callable[..., Any]:
+    """The function an entry names (``module:function``, imported now), or the entry itself
+    when it is already callable; ValueError naming ``where`` when it cannot be imported."""
+    if callable(entry):
+        return entry
+    module, sep, function = str(entry).partition(":")
+    try:
+        found = getattr(import_module(module), function) if sep else None
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{where}: cannot import {entry!r}: {e}") from e
+    if not callable(found):
+        raise ValueError(f"{where}: {entry!r} is not a module:function that can be imported")
+    return found
+
+
 def loader(name: str) -> Callable[..., dict[str, Rows]]:
     """The loader of source ``name``; DataError listing the sources otherwise."""
     if name not in SOURCES:
         raise DataError(f"unknown dataset {name!r}; data sources: {', '.join(SOURCES)}")
-    entry = SOURCES[name]
-    if callable(entry):
-        return entry
-    module, _, function = entry.partition(":")
-    return getattr(import_module(module), function)
+    return load_callable(SOURCES[name], f"data source {name!r}")
 
 
 def load_rows(name: str, **options: Any) -> dict[str, Rows]:

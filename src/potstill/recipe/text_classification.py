@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config import OptimizerConfig, TrainConfig
+from ..data.sources import load_callable
 from ..losses.objective import Objective
 from .common import (
     DerivedModelSpec,
@@ -82,10 +83,23 @@ class StudentSpec(DerivedModelSpec):
 
 
 class EvalSpec(StrictModel):
-    """Speed measurement batch sizes."""
+    """Speed measurement batch sizes, and your own metrics: ``name: module:function``, each
+    ``function(logits, labels) -> float`` over the test split, reported beside the others."""
 
     latency_batch: int = Field(1, gt=0)
     throughput_batch: int = Field(64, gt=0)
+    metrics: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("metrics")
+    @classmethod
+    def _importable(cls, metrics: dict[str, str]) -> dict[str, str]:
+        for name, entry in metrics.items():
+            load_callable(entry, f"metrics.{name}")
+        return metrics
+
+    def user_metrics(self) -> dict[str, Any]:
+        """The metric functions, imported."""
+        return {name: load_callable(e, f"metrics.{name}") for name, e in self.metrics.items()}
 
 
 class TextClassificationRecipe(StrictModel):

@@ -43,6 +43,18 @@ def markdown(results: dict[str, Any]) -> str:
             f"{agreement} | {r['latency_ms']:.1f} | {r['throughput']:.0f} | "
             f"{r['throughput'] / t['throughput']:.2f}× |"
         )
+    yours = sorted({m for r in rows.values() for m in r.get("metrics_yours", {})})
+    if yours:
+        lines += [
+            "",
+            "Your metrics on the test split:",
+            "",
+            "| model | " + " | ".join(yours) + " |",
+            "|" + "---|" * (len(yours) + 1),
+        ]
+        for name, r in rows.items():
+            cells = " | ".join(f"{r['metrics_yours'][m]:.4g}" for m in yours)
+            lines.append(f"| {name} | {cells} |")  # fmt: skip
     lines += ["", _verdict(rows), "", "Per-class F1 on the test split:", ""]
     names = list(rows)
     lines += ["| class | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]

@@ -279,7 +279,10 @@ def _measure(
 ) -> dict[str, Any]:
     test = data.splits["test"]
     ev = recipe.evaluation
-    figures = {"latency_batch": ev.latency_batch, "throughput_batch": ev.throughput_batch}
+    figures = {
+        "latency_batch": ev.latency_batch, "throughput_batch": ev.throughput_batch,
+        "user_metrics": ev.user_metrics(),
+    }  # fmt: skip
     teacher_logits, _ = predict_logits(teacher, test, batch_size=64, forward=data.teacher_forward)
     rows = TASK.metrics(
         {"teacher": teacher}, test, forwards={"teacher": data.teacher_forward},

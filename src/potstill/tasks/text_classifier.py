@@ -146,8 +146,10 @@ def metrics(
     teacher_logits: torch.Tensor | None = None,
     latency_batch: int = 1,
     throughput_batch: int = 64,
+    user_metrics: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Each model's figures on the labelled ``data``: accuracy, macro-F1, per-class F1,
+    """Each model's figures on the labelled ``data``: ``user_metrics`` (``name:
+    fn(logits, labels) -> float``), accuracy, macro-F1, per-class F1,
     agreement with ``teacher_logits`` (when given), parameters, file size, latency (median of
     a forward on ``latency_batch`` rows) and throughput (rows per second at
     ``throughput_batch``). ``forwards`` gives each model's forward (its tokenization)."""
@@ -169,6 +171,8 @@ def metrics(
         }
         if teacher_logits is not None:
             row["agreement"] = agreement(logits, teacher_logits)
+        for metric, fn in (user_metrics or {}).items():
+            row.setdefault("metrics_yours", {})[metric] = float(fn(logits, labels))
         rows[name] = row
     return rows
 
