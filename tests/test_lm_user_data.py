@@ -191,3 +191,34 @@ def test_source_and_name_together_are_refused(llama_dir):  # noqa: F811
     with pytest.raises(RecipeError, match="give name .* or source .*, not both"):
         validate_recipe(data)
     assert torch.is_tensor(torch.zeros(1))
+
+
+def test_the_api_takes_a_causal_lm_and_a_datasets_table(tok):
+    from datasets import Dataset
+    from test_llm_pipeline import tiny_llama
+
+    import potstill
+    from potstill.students import derive
+
+    teacher = tiny_llama(len(tok), seed=1, layers=2)
+    student = derive(teacher, keep=1)
+    corpus = Dataset.from_list([{"text": t} for t in [d for d in DOCS if d] * 6])
+    result = potstill.distill(
+        teacher, student, corpus, eval_data=corpus.select(range(4)), tokenizer=tok,
+        max_length=12, epochs=1, batch_size=4, lr=1e-3, progress=False,
+    )  # fmt: skip
+    assert set(result.metrics) == {"perplexity", "agreement", "kl_to_teacher"}
+    # perplexity by hand, with transformers' own loss, on the same windows
+    rows, _ = corpus_table(corpus.select(range(4)), tok, "text", max_length=12)
+    ids = torch.tensor(list(rows["input_ids"]))
+    with torch.no_grad():
+        loss = result.student.eval()(input_ids=ids, labels=ids).loss
+    assert result.metrics["perplexity"] == pytest.approx(float(torch.exp(loss)), rel=1e-4)
+    history = result.history
+    assert history and {"kd", "ce"} <= set(history[-1])
+    chats = Dataset.from_list([c for c in CONVERSATIONS if len(c["messages"]) > 1] * 2)
+    out = potstill.distill(teacher, derive(teacher, keep=1), chats, tokenizer=tok,
+                           max_length=64, epochs=1, batch_size=2, progress=False)  # fmt: skip
+    assert out.fit is not None and out.fit.steps == 2
+    with pytest.raises(ValueError, match="prompts alone need the teacher's answers first"):
+        potstill.distill(teacher, student, Dataset.from_list([{"prompt": "hi"}]), tokenizer=tok)

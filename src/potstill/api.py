@@ -20,8 +20,10 @@ from .cache import cached_or_live
 from .config import OptimizerConfig, ScheduleConfig, TrainConfig, same_budget
 from .distiller import Distiller, FitResult
 from .evaluate import accuracy, agreement, predict_logits
+from .llm.forward import causal_lm_forward
 from .losses.objective import Objective
-from .losses.terms import hinton_objective, labels_only_objective
+from .losses.terms import build_term, hinton_objective, labels_only_objective
+from .tasks.causal_lm import api_datasets, is_causal_lm
 from .tasks.text_classifier import api_splits, is_sequence_classifier
 from .teachers import ForwardFn, LiveTeacher, TeacherSource, default_forward
 
@@ -72,6 +74,7 @@ class _Task:
     eval: Dataset | None
     teacher_forward: ForwardFn = default_forward
     student_forward: ForwardFn = default_forward
+    tokens: bool = False
 
 
 def _task(
@@ -85,12 +88,21 @@ def _task(
     """The task of the call: a Hugging Face sequence classifier (inferred from the teacher, or
     ``task="text-classifier"``) reads rows of named fields through its tokenizer; anything
     else is a plain classifier on ``(input, label)`` batches."""
-    task = task or ("text-classifier" if is_sequence_classifier(teacher) else "classifier")
+    if task is None:
+        task = "text-classifier" if is_sequence_classifier(teacher) else "classifier"
+        task = "causal-lm" if is_causal_lm(teacher) else task
     if task == "classifier":
         return _Task(train_data, eval_data)
-    if task != "text-classifier":
-        raise ValueError(f"task must be 'classifier' or 'text-classifier', got {task!r}")
     tables = {"train": train_data, **({"eval": eval_data} if eval_data is not None else {})}
+    if task == "causal-lm":
+        hf.pop("student_tokenizer")
+        data = api_datasets(teacher, tables, **hf)
+        return _Task(data["train"], data.get("eval"), causal_lm_forward, causal_lm_forward,
+                     tokens=True)  # fmt: skip
+    if task != "text-classifier":
+        raise ValueError(
+            f"task must be 'classifier', 'text-classifier' or 'causal-lm', got {task!r}"
+        )
     tok, _ = api_splits(teacher, student, tables, **hf)
     return _Task(tok.splits["train"], tok.splits.get("eval"), tok.teacher_forward,
                  tok.student_forward)  # fmt: skip
@@ -119,7 +131,7 @@ def distill(
     run_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool | None = None,
-    task: Literal["classifier", "text-classifier"] | None = None,
+    task: Literal["classifier", "text-classifier", "causal-lm"] | None = None,
     tokenizer: Any = None,
     student_tokenizer: Any = None,
     columns: Mapping[str, str] | None = None,
@@ -143,6 +155,14 @@ def distill(
     the models; a student with another vocabulary gets its own tokenization), cut at
     ``max_length`` tokens; string labels are mapped through the teacher's ``id2label``.
     ``metrics`` adds ``name: metric(logits, labels) -> float`` to every evaluation.
+
+    Hugging Face causal LMs (``...ForCausalLM``, or ``task="causal-lm"``) take rows with a
+    ``text`` column (a corpus: documents ended by EOS, concatenated, cut into windows of
+    ``max_length`` tokens, every token predicted) or conversations (``messages``, or
+    ``prompt`` + ``response``: every assistant turn trained), tokenized by the teacher's
+    tokenizer, which the student shares. The loss is ``alpha·T²·KL(teacher_T ‖ student_T) +
+    (1−alpha)·CE`` on the next tokens; evaluations report perplexity, top-1 agreement with the
+    teacher and KL to it.
 
     >>> result = potstill.distill(teacher, student, train_set, eval_data=test_set,  # doctest: +SKIP
     ...                           epochs=5, temperature=4.0, alpha=0.7)
@@ -173,12 +193,29 @@ def distill(
                 teacher, plan.train, folder / "teacher-cache", forward=plan.teacher_forward
             )
         objective = hinton_objective(temperature, alpha)
+        if plan.tokens:  # a causal LM: the same mixture on next-token distributions (T² scaled)
+            objective = Objective([
+                build_term("fkl", weight=alpha * temperature**2, temperature=temperature,
+                           tokens=True, name="kd"),
+                build_term("ce", weight=1 - alpha, tokens=True),
+            ])  # fmt: skip
         return _fit_both(
             student, teacher, objective, plan, source, config, run_dir, init, resume, metrics
         )
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _lm_eval(teacher: nn.Module, data: Dataset):
+    from .llm.evaluate import lm_figures
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        row = lm_figures({"student": model}, data, teacher=teacher)["student"]  # type: ignore[arg-type]
+        return {"perplexity": row["perplexity"], "agreement": row["top1_agreement"],
+                "kl_to_teacher": row["kl_to_teacher"]}  # fmt: skip
+
+    return evaluate
 
 
 def _fit_both(
@@ -194,7 +231,9 @@ def _fit_both(
     metrics: Mapping[str, Metric] | None,
 ) -> DistillResult:
     evaluate = None
-    if plan.eval is not None:
+    if plan.eval is not None and plan.tokens:
+        evaluate = _lm_eval(teacher, plan.eval)
+    elif plan.eval is not None:
         known, _ = predict_logits(teacher, plan.eval, forward=plan.teacher_forward)
         evaluate = _eval_with_teacher(known, plan.eval, plan.student_forward, metrics)
     common = {"evaluate": evaluate, "student_forward": plan.student_forward}
