@@ -765,6 +765,16 @@ def test_an_embed_recipe_reads_your_texts(tmp_path):
         pytest.skip("all-MiniLM-L6-v2 not packaged here")
     texts = [f"sentence number {i} about {w}" for i in range(30) for w in ("cats", "code")]
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n\n")
+    pairs = [
+        ("a cat sat", "a cat was sitting", 4.5),
+        ("a cat sat", "stock prices fell", 0.2),
+        ("code compiles", "the program builds", 4.0),
+        ("code compiles", "a dog barks", 0.5),
+        ("rain today", "it is raining", 4.8),
+        ("rain today", "compilers are fast", 0.1),
+    ]
+    with open(tmp_path / "sts.csv", "w") as f:
+        f.write("sentence1,sentence2,score\n" + "".join(f"{a},{b},{c}\n" for a, b, c in pairs))
     recipe = EmbedRecipe.model_validate({
         "kind": "embed", "name": "own-texts",
         "teacher": {"model": MINILM_NAME},
@@ -774,8 +784,19 @@ def test_an_embed_recipe_reads_your_texts(tmp_path):
         "variants": {"pkt": [{"kind": "pkt"}]},
         "train": TrainConfig(max_steps=2, batch_size=8, progress=False, tensorboard=False),
         "throughput_batch": 4,
+        "pairs": {"path": str(tmp_path / "sts.csv")},
     })  # fmt: skip
     results = run_recipe(recipe, tmp_path / "run")
+    # the teacher's STS figure, computed by sentence-transformers itself
+    from scipy.stats import spearmanr
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(MINILM), device="cpu")
+    a, b = st.encode([p[0] for p in pairs]), st.encode([p[1] for p in pairs])
+    expected = spearmanr((a * b).sum(-1), [p[2] for p in pairs]).statistic
+    assert results["rows"]["teacher"]["pairs_spearman"] == pytest.approx(expected, abs=1e-6)
+    assert all("pairs_spearman" in r for r in results["rows"].values())
+    assert "Scored pairs" in (tmp_path / "run" / "report.md").read_text()
     assert results["data"]["train"] == 20 and results["data"]["val"] == 12  # the empty line: out
     assert results["data"]["source"] == "source"
     assert results["pooling"] == {"teacher": {"mode": "mean", "normalize": True},

@@ -61,6 +61,16 @@ class EmbedTableSpec(TableSpec):
     test_size: float | None = Field(None, gt=0, description="not used by embedding runs")
 
 
+class PairsSpec(TableSpec):
+    """Held-out sentence pairs with a similarity score (an STS set): each model's cosine
+    similarities are ranked against the scores (``pairs_spearman``). ``columns`` names
+    ``text``, ``text_pair`` and ``score`` (default: sentence1 / sentence2 / score, or
+    text / text_pair / label); the test split when the source has one, else every row."""
+
+    val_size: float | None = Field(None, gt=0, description="not used: every row is held out")
+    test_size: float | None = Field(None, gt=0, description="not used: every row is held out")
+
+
 class TextDataSpec(StrictModel):
     """Texts for embedding distillation: Debian's fortunes, or ``source`` (your data: any
     table with a text column). ``train`` / ``val``: how many texts of each."""
@@ -85,6 +95,7 @@ class EmbedRecipe(StrictModel):
     taps: TapsSpec = Field(default_factory=TapsSpec)
     variants: dict[str, list[TermSpec]]
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=2, batch_size=16))
+    pairs: PairsSpec | None = None
     latency_batch: int = 1
     throughput_batch: int = 64
 

@@ -38,6 +38,10 @@ def embed_markdown(results: dict[str, Any]) -> str:
             f"{r['neighbour_agreement@10']:.3f} | {r['similarity_spearman']:.3f} | "
             f"{r['linear_map_cosine']:.3f} | {r['latency_ms']:.1f} | {r['throughput']:.0f} |"
         )
+    if any("pairs_spearman" in r for r in results["rows"].values()):
+        lines += ["", "Scored pairs (Spearman of cosine similarity against the pairs' scores): "
+                  + ", ".join(f"{name} {r['pairs_spearman']:.3f}"
+                              for name, r in results["rows"].items()) + "."]  # fmt: skip
     lines += [
         "",
         "neighbours@10: mean overlap of each held-out text's 10 nearest neighbours under "

@@ -93,6 +93,7 @@ def _run(recipe: EmbedRecipe, run: RunFolder) -> dict[str, Any]:
         "teacher": teacher, "train": train, "teacher_embeddings": known,
         "latency_batch": recipe.latency_batch, "throughput_batch": recipe.throughput_batch,
         "forwards": forwards,
+        "pairs": _pairs(recipe, t_tok, s_tok),
     }  # fmt: skip
     rows = TASK.metrics(
         {"teacher": teacher, "original student model": base, "derived, not distilled": init},
@@ -123,6 +124,25 @@ def _run(recipe: EmbedRecipe, run: RunFolder) -> dict[str, Any]:
     )
     write_report(run.path, results)
     return results
+
+
+def _pairs(recipe: EmbedRecipe, t_tok: Any, s_tok: Any) -> tuple | None:
+    """The recipe's scored sentence pairs, both sides tokenized for both models, or None."""
+    p = recipe.pairs
+    if p is None:
+        return None
+    tables = load_table_splits(**p.source_options(), seed=recipe.seed, where="pairs")
+    table = tables.get("test", tables["train"])
+    cols = [
+        find_column(table, field, p.columns.get(field), candidates, "pairs")
+        for field, candidates in (("text", ("sentence1", "text", "s1")),
+                                  ("text_pair", ("sentence2", "text_pair", "s2")),
+                                  ("score", ("score", "label", "similarity")))
+    ]  # fmt: skip
+    n = recipe.data.max_length
+    first = tokenize_pair([str(t) for t in table[cols[0]]], t_tok, s_tok, n)
+    second = tokenize_pair([str(t) for t in table[cols[1]]], t_tok, s_tok, n)
+    return first, second, [float(x) for x in table[cols[2]]]
 
 
 def _texts(recipe: EmbedRecipe) -> tuple[list[str], list[str]]:

@@ -161,6 +161,23 @@ def neighbour_agreement(student: torch.Tensor, teacher: torch.Tensor, k: int = 1
     return float(overlap.mean())
 
 
+def pair_spearman(
+    model: nn.Module,
+    forward: Any,
+    first: TensorDictDataset,
+    second: TensorDictDataset,
+    scores: Sequence[float],
+) -> float:
+    """Spearman correlation between a model's cosine similarity of each sentence pair and the
+    pair's similarity score (the STS figure)."""
+    from scipy.stats import spearmanr
+
+    a = nn.functional.normalize(embed(model, first, forward), dim=-1)
+    b = nn.functional.normalize(embed(model, second, forward), dim=-1)
+    rho = spearmanr((a * b).sum(-1).double().numpy(), list(scores))
+    return float(rho.statistic)
+
+
 def similarity_correlation(student: torch.Tensor, teacher: torch.Tensor) -> float:
     """Spearman correlation between the pairwise cosine similarities under student and teacher
     (all pairs of distinct texts): whether both rank pairs of texts alike."""
@@ -214,12 +231,14 @@ def metrics(
     latency_batch: int = 1,
     throughput_batch: int = 64,
     forwards: tuple[Any, Any] | None = None,
+    pairs: tuple[TensorDictDataset, TensorDictDataset, Sequence[float]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each model's figures on the held-out texts ``data`` against the teacher's embeddings:
     neighbour agreement, similarity rank correlation, cosine after the least-squares linear map
     fitted on ``train``; its size and measured speed. ``teacher_embeddings``: the teacher's on
     (``data``, ``train``) when already computed; ``forwards``: the (teacher, student) forwards
-    (their pooling), by default mean pooling on both sides."""
+    (their pooling), by default mean pooling on both sides; ``pairs``: sentence pairs (both
+    sides tokenized) and their similarity scores, for each model's ``pairs_spearman``."""
     t_forward, s_forward = forwards or (TEACHER_FORWARD, STUDENT_FORWARD)
     t_val, t_train = teacher_embeddings or (
         embed(teacher, data, t_forward),
@@ -243,6 +262,8 @@ def metrics(
             "latency_ms": 1e3 * _speed(model, data, forward, latency_batch),
             "throughput": throughput_batch / _speed(model, data, forward, throughput_batch, 3),
         }
+        if pairs is not None:
+            rows[name]["pairs_spearman"] = pair_spearman(model, forward, *pairs)
     return rows
 
 
