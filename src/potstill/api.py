@@ -85,9 +85,10 @@ def _task(
     task: str | None,
     hf: dict[str, Any],
 ) -> _Task:
-    """The task of the call: a Hugging Face sequence classifier (inferred from the teacher, or
-    ``task="text-classifier"``) reads rows of named fields through its tokenizer; anything
-    else is a plain classifier on ``(input, label)`` batches."""
+    """The task of the call, inferred from the teacher unless given: a Hugging Face sequence
+    classifier or causal LM reads rows of named fields through its tokenizer (a causal LM's
+    student must share the teacher's); anything else is a plain classifier on ``(input,
+    label)`` batches."""
     if task is None:
         task = "text-classifier" if is_sequence_classifier(teacher) else "classifier"
         task = "causal-lm" if is_causal_lm(teacher) else task
@@ -95,7 +96,16 @@ def _task(
         return _Task(train_data, eval_data)
     tables = {"train": train_data, **({"eval": eval_data} if eval_data is not None else {})}
     if task == "causal-lm":
-        hf.pop("student_tokenizer")
+        own = hf.pop("student_tokenizer")
+        if (
+            own is not None
+            and hf["tokenizer"] is not None
+            and (own.get_vocab() != hf["tokenizer"].get_vocab())
+        ):
+            raise ValueError(
+                "student_tokenizer: a causal-LM student must share the teacher's tokenizer "
+                "(token distributions are compared position by position)"
+            )
         data = api_datasets(teacher, tables, **hf)
         return _Task(data["train"], data.get("eval"), causal_lm_forward, causal_lm_forward,
                      tokens=True)  # fmt: skip
