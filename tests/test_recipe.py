@@ -193,7 +193,7 @@ BEFORE = Path(__file__).parent / "data" / "builtin_recipes_before.json"
 ADDED = {"kind", "dtype", "columns", "label_smoothing", "student", "teacher", "loss", "normalize",
          "layer_map", "k", "p", "relation_heads",
          # issue 18: the user's data (data.source, style, windows) and embedding pooling
-         "source", "style", "windows", "mode"}  # fmt: skip
+         "source", "style", "windows", "mode", "pairs"}  # fmt: skip
 # fields dropped: an embedding teacher's keep / layers, accepted before and never used (a
 # teacher is not derived); they were unset (None) in every built-in recipe
 REMOVED = {("teacher", "keep"), ("teacher", "layers")}
