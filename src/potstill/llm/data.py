@@ -118,6 +118,13 @@ def pack_examples(data: TensorDictDataset, max_length: int | None = None) -> Ten
     return TensorDictDataset(out, trim_by="attention_mask")
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads token rows: the tokenizer's pad token, else its EOS token, else 0."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
 def right_pad(
     rows: Sequence[Sequence[int]], pad_token_id: int, dtype: torch.dtype = torch.long
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,9 +230,7 @@ def tokenize_examples(
     """
     if not examples:
         raise ValueError("no examples to tokenize")
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad = pad_id(tokenizer)
     ids = torch.full((len(examples), max_length), pad, dtype=torch.long)
     mask = torch.zeros((len(examples), max_length), dtype=torch.long)
     prompt_len = torch.zeros(len(examples), dtype=torch.long)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..data.rows import DataError
+from ..data.tables import find_column
 from ..data.tensors import TensorDictDataset
 from ..data.tokenized import column_sum, tokens_in
 from .data import LMExample, encode_example, right_pad
@@ -37,6 +38,8 @@ log = logging.getLogger("potstill")
 STYLES = ("auto", "corpus", "chat", "prompts")
 RESPONSE_COLUMNS = ("response", "completion", "answer", "output")
 """Columns that hold the answer of a ``prompt`` column, looked for in order."""
+PROMPT_COLUMNS = ("prompt", "instruction", "question")
+"""Columns that hold a prompt, looked for in order."""
 
 
 @dataclass
@@ -229,6 +232,50 @@ def chat_table(
     counts.tokens = tokens_in(out, "input_ids")
     counts.trained_tokens = tokens_in(out, "labels", not_equal=-100)
     return out, counts
+
+
+def style_columns(
+    style: str, names: Sequence[str], given: dict[str, str], where: str = "data.source"
+) -> dict[str, str]:
+    """The columns a style reads among ``names``: those named in ``given``, or found under
+    their usual names; DataError naming ``where`` and the columns there are otherwise."""
+
+    def pick(field: str, candidates: tuple[str, ...], required: bool = True) -> str | None:
+        if field in given or required:
+            return find_column(list(names), field, given.get(field), candidates, where)
+        return next((c for c in candidates if c in names), None)
+
+    if style == "corpus":
+        return {"text": pick("text", ("text", "content", "document"))}  # type: ignore[dict-item]
+    messages = pick("messages", ("messages", "conversation"), False)
+    if style == "prompts":
+        if messages is not None:
+            return {"messages": messages}
+        return {"prompt": pick("prompt", PROMPT_COLUMNS)}  # type: ignore[dict-item]
+    out = {"messages": messages, "response": pick("response", RESPONSE_COLUMNS, messages is None)}
+    if messages is None:
+        out["prompt"] = pick("prompt", PROMPT_COLUMNS)
+    return {k: v for k, v in out.items() if v}
+
+
+def token_rows(
+    table: Table,
+    tokenizer: Any,
+    style: str,
+    cols: dict[str, str],
+    *,
+    max_length: int,
+    windows: bool = True,
+    fmt: str = "chat",
+    system: str | None = None,
+) -> tuple[Table, Counts]:
+    """A table's token rows in its style (``corpus`` or ``chat``; ``prompts`` need the
+    teacher's answers first): :func:`corpus_table` or :func:`chat_table` on ``cols``."""
+    if style == "corpus":
+        return corpus_table(table, tokenizer, cols["text"], max_length=max_length, windows=windows)
+    if style == "chat":
+        return chat_table(table, tokenizer, cols, max_length=max_length, fmt=fmt, system=system)
+    raise ValueError(f"style {style!r} has no token rows of its own (prompts: answer them first)")
 
 
 def token_dataset(table: Table, pad_token_id: int, limit: int | None = None) -> TensorDictDataset:

@@ -17,7 +17,7 @@ import torch
 from .. import distributed
 from ..distiller import Distiller
 from ..hf import load_model, shared_vocab_size
-from ..llm.data import pack_examples, prompt_ids
+from ..llm.data import pack_examples, pad_id, prompt_ids
 from ..llm.forward import causal_lm_hidden_forward, fused_head_problem
 from ..llm.onpolicy import OnPolicySampler, SamplingSpec
 from ..recipe.causal_lm import LMRecipe
@@ -28,7 +28,7 @@ from ..tasks import get_task
 from ..tasks.causal_lm import answer_metrics
 from ..teachers import LiveTeacher, TeacherSource
 from .folder import RunFolder
-from .lm_data import cached_source, initial_student, lm_datasets, load_lm_teacher, pad_id
+from .lm_data import cached_source, initial_student, lm_datasets, load_lm_teacher
 
 log = logging.getLogger("potstill")
 

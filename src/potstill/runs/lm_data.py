@@ -21,19 +21,13 @@ from ..cache import CachedTeacher, CacheStatus, Encoding, cache_status, write_ca
 from ..data.prompts import Prompt
 from ..data.rows import DataError
 from ..data.sources import load_rows
-from ..data.tables import find_column, load_table_splits
+from ..data.tables import load_table_splits
 from ..data.tensors import TensorDictDataset
 from ..hf import check_same_tokenization, load_model, load_tokenizer
 from ..llm.answers import GenerationSettings, encode_prompt, generate_answers, read_answers
-from ..llm.data import LMExample, fortune_examples, tokenize_examples
+from ..llm.data import LMExample, fortune_examples, pad_id, tokenize_examples
 from ..llm.forward import causal_lm_forward
-from ..llm.user_data import (
-    RESPONSE_COLUMNS,
-    chat_table,
-    corpus_table,
-    infer_style,
-    token_dataset,
-)
+from ..llm.user_data import infer_style, style_columns, token_dataset, token_rows
 from ..recipe.causal_lm import LMCacheSpec, LMRecipe
 from ..students import derive
 
@@ -79,10 +73,6 @@ def load_lm_teacher(recipe: LMRecipe) -> tuple[torch.nn.Module, Any]:
         trust_remote_code=recipe.teacher.trust_remote_code,
     )
     return teacher, load_tokenizer(t_path, trust_remote_code=recipe.teacher.trust_remote_code)
-
-
-def pad_id(tok: Any) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def lm_datasets(
@@ -200,7 +190,7 @@ def _source_datasets(
             f"variants.{on_policy[0]}: on-policy sampling needs prompts; this {style} data has "
             "none (use style: prompts, or drop on_policy)"
         )
-    found = _columns(style, train_cols, cols)
+    found = style_columns(style, train_cols, cols)
     log.info("data.source: %s data (columns %s)", style, found)
     if style == "prompts":
         if teacher is None or run_dir is None:
@@ -213,42 +203,15 @@ def _source_datasets(
     out = []
     for split in ("train", "validation"):
         table = tables[split].shuffle(seed=recipe.seed) if split == "train" else tables[split]
-        if style == "corpus":
-            rows, counts = corpus_table(
-                table, tok, found["text"], max_length=d.max_length, windows=d.windows
-            )
-        else:
-            rows, counts = chat_table(
-                table, tok, found, max_length=d.max_length, fmt=d.format, system=d.system
-            )
+        rows, counts = token_rows(
+            table, tok, style, found, max_length=d.max_length, windows=d.windows,
+            fmt=d.format, system=d.system,
+        )  # fmt: skip
         counts.note(f"data.source {split}")
         cap = "train" if split == "train" else "val"
         limit = getattr(d, cap) if cap in d.model_fields_set else None
         out.append(token_dataset(rows, pad_id(tok), limit))
     return out[0], out[1], None
-
-
-def _columns(style: str, names: list[str], given: dict[str, str]) -> dict[str, str]:
-    """The columns a style reads, named in ``given`` or found under their usual names."""
-
-    def pick(field: str, candidates: tuple[str, ...], required: bool = True) -> str | None:
-        if field in given or required:
-            return find_column(names, field, given.get(field), candidates, "data.source")
-        return next((c for c in candidates if c in names), None)
-
-    if style == "corpus":
-        return {"text": pick("text", ("text", "content", "document"))}  # type: ignore[dict-item]
-    if style == "prompts":
-        got = {"messages": pick("messages", ("messages", "conversation"), False)}
-        if got["messages"] is None:
-            got = {"prompt": pick("prompt", ("prompt", "instruction", "question"))}
-        return {k: v for k, v in got.items() if v}  # type: ignore[misc]
-    messages = pick("messages", ("messages", "conversation"), False)
-    response = pick("response", RESPONSE_COLUMNS, messages is None)
-    out = {"messages": messages, "response": response}
-    if messages is None:
-        out["prompt"] = pick("prompt", ("prompt", "instruction", "question"))
-    return {k: v for k, v in out.items() if v}  # type: ignore[misc]
 
 
 def _prompt(pid: str, row: dict[str, Any], cols: dict[str, str]) -> Prompt:

@@ -133,13 +133,12 @@ def api_datasets(
     as token rows in the style its columns call for (a ``text`` corpus in windows; ``messages``
     or prompt + response trained as given), tokenized by the teacher's tokenizer (the student
     must share it)."""
-    from ..data.tables import find_column
-    from ..llm.user_data import chat_table, corpus_table, infer_style, token_dataset
+    from ..llm.data import pad_id
+    from ..llm.user_data import infer_style, style_columns, token_dataset, token_rows
     from .text_classifier import as_table, model_tokenizer
 
     cols = dict(columns or {})
     tok = model_tokenizer(teacher, tokenizer, "teacher")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = {}
     for split, data in tables.items():
         table = as_table(data, f"{split} data")
@@ -150,18 +149,8 @@ def api_datasets(
                 f"{split} data: prompts alone need the teacher's answers first; use a "
                 "causal-lm recipe (potstill distill), which generates them, or give responses"
             )
-        if style == "corpus":
-            text = find_column(names, "text", cols.get("text"), ("text", "content"), "columns")
-            rows, counts = corpus_table(table, tok, text, max_length=max_length)
-        else:
-            found = {"messages": cols.get("messages", "messages")} if "messages" in names or (
-                "messages" in cols) else {
-                "prompt": find_column(names, "prompt", cols.get("prompt"), ("prompt",),
-                                      "columns"),
-                "response": find_column(names, "response", cols.get("response"),
-                                        ("response", "completion", "answer"), "columns"),
-            }  # fmt: skip
-            rows, counts = chat_table(table, tok, found, max_length=max_length)
+        found = style_columns(style, names, cols, "columns")
+        rows, counts = token_rows(table, tok, style, found, max_length=max_length)
         counts.note(f"{split} data")
-        out[split] = token_dataset(rows, pad)
+        out[split] = token_dataset(rows, pad_id(tok))
     return out
