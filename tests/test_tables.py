@@ -276,3 +276,22 @@ def test_table_fingerprint_follows_content_not_chunking():
         {"input_ids": "input_ids", "label": "label"},
     )
     assert fingerprint(moved, inputs_only=True) != fingerprint(one, inputs_only=True)
+
+
+def test_classes_for_a_teacher_index_its_head():
+    from datasets import Dataset
+    from transformers import BertConfig
+
+    from potstill.data.labels import classes_for
+
+    words = Dataset.from_list(ROWS)
+    assert classes_for(words, "label", given=["science", "politics"]) == ["science", "politics"]
+    assert classes_for(words, "label") == ["computers", "politics", "science"]
+    named = BertConfig(id2label={0: "x", 1: "y"})
+    assert classes_for(words, "label", config=named) == ["x", "y"]  # the teacher's names win
+    # integer labels (or digit strings) index an unnamed head: 0 … num_labels − 1, numerically
+    digits = Dataset.from_dict({"text": ["a", "b", "c"], "label": ["1", "2", "10"]})
+    assert classes_for(digits, "label", config=BertConfig(num_labels=11)) == [
+        str(i) for i in range(11)
+    ]
+    assert classes_for(digits, "label") == ["1", "10", "2"]  # no head: the values, sorted

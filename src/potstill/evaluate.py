@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .data.tensors import iterate_batches
+from .data.tensors import iterate_batches, make_batch
 from .io import atomic_save_module
 from .models import count_parameters
 from .teachers import ForwardFn, default_forward
@@ -95,6 +95,16 @@ def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 1) ->
         call()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def forward_seconds(
+    model: nn.Module, data: Dataset, forward: ForwardFn, batch_size: int, repeats: int = 10
+) -> float:
+    """Median wall time of ``forward`` on the first ``batch_size`` rows of ``data`` (a batch of
+    named fields, as training reads it), no gradients, after two untimed runs."""
+    batch = make_batch(data, torch.arange(min(batch_size, len(data))))  # type: ignore[arg-type]
+    with torch.no_grad():
+        return median_seconds(lambda: forward(model, batch), repeats, warmup=2)
 
 
 @torch.no_grad()

@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .labels import LABEL_COLUMNS
 from .rows import DataError, Rows
 from .tables import find_column, load_table_splits
 
 log = logging.getLogger("potstill")
 
 IMAGE_COLUMNS = ("image", "img", "picture", "pixel_values")
-LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
 
 
 def _array(image: Any, mode: str | None, size: tuple[int, int] | None) -> np.ndarray:

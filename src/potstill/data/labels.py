@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("potstill")
 
+LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
+"""Columns looked for, in order, when the label column is not named."""
+
 _DEFAULT_NAME = re.compile(r"LABEL_\d+")
 _NEW = "__potstill_label__"
 
@@ -44,6 +47,25 @@ def class_names(table: Table, column: str, given: Sequence[str] | None = None) -
     if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         return [str(i) for i in range(max(values) + 1)]  # type: ignore[type-var]
     return sorted(str(v) for v in values)
+
+
+def classes_for(
+    table: Table, column: str, *, given: Sequence[str] | None = None, config: Any = None
+) -> list[str]:
+    """The classes a run trains on: ``given`` (the recipe's list); else, for a classifier
+    whose ``config`` is given, the labels it names in ``id2label``, or ``0 … num_labels − 1``
+    when the data's labels are integers (they index its head); else the data's own
+    (:func:`class_names`)."""
+    if given:
+        return [str(g) for g in given]
+    if config is not None:
+        named = model_label_names(config)
+        if named is not None:
+            return named
+    found = class_names(table, column)
+    if config is not None and all(v.isdigit() for v in found):
+        return [str(i) for i in range(config.num_labels)]
+    return found
 
 
 def encode_labels(

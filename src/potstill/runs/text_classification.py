@@ -20,7 +20,7 @@ from .. import distributed
 from ..assets import resolve
 from ..cache import cached_or_live
 from ..config import TrainConfig, same_budget
-from ..data.labels import check_teacher_labels, class_names, encode_labels, model_label_names
+from ..data.labels import LABEL_COLUMNS, check_teacher_labels, classes_for, encode_labels
 from ..data.tables import find_column, load_table_splits
 from ..data.tokenized import TableDataset
 from ..distiller import Distiller
@@ -34,7 +34,7 @@ from ..report.card import model_card, write_model_card
 from ..students import derive
 from ..taps import tap_counts
 from ..tasks import get_task
-from ..tasks.text_classifier import LABEL_COLUMNS, TEXT_COLUMNS, tokenized_splits
+from ..tasks.text_classifier import TEXT_COLUMNS, tokenized_splits
 from ..teachers import LiveTeacher, TeacherSource
 from .folder import RunFolder, fit_info
 
@@ -107,15 +107,7 @@ def prepare_data(recipe: TextClassificationRecipe, teacher_config: Any) -> Prepa
     if pair is not None:
         find_column(train, "text_pair", pair, (), "data")
     finetune = recipe.teacher.finetune is not None
-    teacher_names = None if finetune else model_label_names(teacher_config)
-    if d.labels:
-        names = list(d.labels)
-    elif teacher_names is not None:
-        names = teacher_names
-    elif not finetune and _int_labels(train, label):
-        names = [str(i) for i in range(teacher_config.num_labels)]
-    else:
-        names = class_names(train, label)
+    names = classes_for(train, label, given=d.labels, config=None if finetune else teacher_config)
     if not finetune:
         check_teacher_labels(names, teacher_config)
     tables, left_out = encode_labels(tables, label, names, drop_unknown=bool(d.labels))
@@ -130,11 +122,6 @@ def prepare_data(recipe: TextClassificationRecipe, teacher_config: Any) -> Prepa
         {"text": text, "label": label, **({"text_pair": pair} if pair else {})}, left_out,
         tok.cut,
     )  # fmt: skip
-
-
-def _int_labels(table: Any, column: str) -> bool:
-    feature = table.features.get(column)
-    return getattr(feature, "dtype", "").startswith("int") and not getattr(feature, "names", None)
 
 
 def _head(names: list[str]) -> dict[str, Any]:

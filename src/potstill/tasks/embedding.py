@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data.tensors import TensorDictDataset, iterate_batches, make_batch
-from ..evaluate import file_size, median_seconds
+from ..data.tensors import TensorDictDataset, iterate_batches
+from ..evaluate import file_size, forward_seconds
 from ..hf import export_pretrained
 from ..models import count_parameters
 from . import Task
@@ -213,14 +213,6 @@ def linear_map_cosine(
     return float(nn.functional.cosine_similarity(mapped, teacher_test.double(), dim=-1).mean())
 
 
-def _speed(
-    model: nn.Module, data: TensorDictDataset, forward: Any, batch_size: int, repeats: int = 10
-) -> float:
-    batch = make_batch(data, torch.arange(min(batch_size, len(data))))
-    with torch.no_grad():
-        return median_seconds(lambda: forward(model, batch), repeats, warmup=2)
-
-
 def metrics(
     models: Mapping[str, nn.Module],
     data: TensorDictDataset,
@@ -259,8 +251,9 @@ def metrics(
             "layers": model.config.num_hidden_layers,
             "hidden_size": model.config.hidden_size,
             "file_bytes": file_size(model),
-            "latency_ms": 1e3 * _speed(model, data, forward, latency_batch),
-            "throughput": throughput_batch / _speed(model, data, forward, throughput_batch, 3),
+            "latency_ms": 1e3 * forward_seconds(model, data, forward, latency_batch),
+            "throughput": throughput_batch
+            / forward_seconds(model, data, forward, throughput_batch, 3),
         }
         if pairs is not None:
             rows[name]["pairs_spearman"] = pair_spearman(model, forward, *pairs)

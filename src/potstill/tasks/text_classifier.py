@@ -17,12 +17,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data.labels import check_teacher_labels, class_names, encode_labels, model_label_names
+from ..data.labels import LABEL_COLUMNS, check_teacher_labels, classes_for, encode_labels
 from ..data.rows import DataError
 from ..data.tables import find_column
-from ..data.tensors import make_batch
 from ..data.tokenized import TableDataset, tokenize_table
-from ..evaluate import accuracy, agreement, file_size, median_seconds, predict_logits
+from ..evaluate import accuracy, agreement, file_size, forward_seconds, predict_logits
 from ..hf import export_pretrained
 from ..models import count_parameters
 from ..teachers import Batch, ForwardFn
@@ -35,8 +34,6 @@ log = logging.getLogger("potstill")
 
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "sentence1")
 """Columns looked for, in order, when the text column is not named."""
-LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
-"""Columns looked for, in order, when the label column is not named."""
 
 
 def classifier_forward(prefix: str = "") -> ForwardFn:
@@ -120,21 +117,14 @@ def tokenized_splits(
 
 
 def f1_scores(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
-    """F1 of each class (0 for a class neither predicted nor present)."""
-    pred = logits.argmax(-1)
-    out = []
-    for c in range(num_classes):
-        tp = int(((pred == c) & (labels == c)).sum())
-        fp = int(((pred == c) & (labels != c)).sum())
-        fn = int(((pred != c) & (labels == c)).sum())
-        out.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return out
+    """F1 of each class (scikit-learn's; 0 for a class neither predicted nor present)."""
+    from sklearn.metrics import f1_score
 
-
-def _speed(model: nn.Module, data: Dataset, forward: ForwardFn, batch_size: int, repeats: int):
-    batch = make_batch(data, torch.arange(min(batch_size, len(data))))  # type: ignore[arg-type]
-    with torch.no_grad():
-        return median_seconds(lambda: forward(model, batch), repeats, warmup=2)
+    scores = f1_score(
+        labels.numpy(), logits.argmax(-1).numpy(), labels=list(range(num_classes)),
+        average=None, zero_division=0,
+    )  # fmt: skip
+    return [float(x) for x in scores]
 
 
 def metrics(
@@ -166,8 +156,9 @@ def metrics(
             "parameters": count_parameters(model),
             "layers": getattr(model.config, "num_hidden_layers", None),
             "file_bytes": file_size(model),
-            "latency_ms": 1e3 * _speed(model, data, forward, latency_batch, 20),
-            "throughput": throughput_batch / _speed(model, data, forward, throughput_batch, 3),
+            "latency_ms": 1e3 * forward_seconds(model, data, forward, latency_batch, 20),
+            "throughput": throughput_batch
+            / forward_seconds(model, data, forward, throughput_batch, 3),
         }
         if teacher_logits is not None:
             row["agreement"] = agreement(logits, teacher_logits)
@@ -243,11 +234,7 @@ def api_splits(
     first = named["train"]
     text = find_column(first, "text", columns.get("text"), TEXT_COLUMNS, "columns")
     label = find_column(first, "label", columns.get("label"), LABEL_COLUMNS, "columns")
-    names = model_label_names(teacher.config)
-    if names is None:
-        values = class_names(first, label)
-        numeric = all(v.isdigit() for v in values)
-        names = [str(i) for i in range(teacher.config.num_labels)] if numeric else values
+    names = classes_for(first, label, config=teacher.config)
     check_teacher_labels(names, teacher.config)
     check_teacher_labels(names, student.config, who="student")
     encoded, _ = encode_labels(named, label, names, drop_unknown=False, where="data")
