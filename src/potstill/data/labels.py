@@ -94,28 +94,35 @@ def encode_labels(
             return {_NEW: labels}
 
         mapped = table.map(to_index, batched=True, desc=f"labels of {split}")
-        unknown = mapped.filter(lambda r: [x < 0 for x in r[_NEW]], batched=True)
-        if len(unknown) and not drop_unknown:
+        n_unknown = _count_negative(mapped, _NEW)  # counted by Arrow: no pass over the rows
+        if n_unknown and not drop_unknown:
+            unknown = mapped.filter(lambda r: [x < 0 for x in r[_NEW]], batched=True)
             sample = unknown.select(range(min(len(unknown), 1000)))[column]
             seen = sorted({str(v) for v in sample})[:5]
             raise DataError(
-                f"{where}: the {split} split has {len(unknown)} rows whose {column!r} is not "
+                f"{where}: the {split} split has {n_unknown} rows whose {column!r} is not "
                 f"one of the {len(names)} classes ({_short(names)}): e.g. {', '.join(seen)}. "
                 "List the classes you want in data.labels (other rows are then left out), or "
                 "fix the data"
             )
-        if len(unknown):
+        if n_unknown:
             mapped = mapped.filter(lambda r: [x >= 0 for x in r[_NEW]], batched=True)
             log.info(
                 "%s: %d of %d %s rows have a label outside data.labels; left out",
-                where, len(unknown), len(table), split,
+                where, n_unknown, len(table), split,
             )  # fmt: skip
         if "label" in mapped.column_names:
             mapped = mapped.remove_columns("label")
         mapped = mapped.rename_column(_NEW, "label")
-        dropped[split] = len(unknown)
+        dropped[split] = n_unknown
         out[split] = mapped
     return out, dropped
+
+
+def _count_negative(table: Table, column: str) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.cast(pc.less(table.data.column(column), 0), "int64")).as_py() or 0)
 
 
 def check_teacher_labels(
