@@ -36,13 +36,12 @@ def tokenize_table(
     ``max_length`` tokens; returns it and the number of rows that were cut. ``datasets`` keeps
     the result in a cache file beside a file-backed table and reuses it on the next call."""
 
+    def strings(values: list[Any]) -> list[str]:  # a missing text is an empty one
+        return ["" if v is None else str(v) for v in values]
+
     def encode(rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        texts = [t if isinstance(t, str) else "" if t is None else str(t) for t in rows[text]]
-        pairs = None
-        if text_pair is not None:
-            pairs = [t if isinstance(t, str) else "" if t is None else str(t)
-                     for t in rows[text_pair]]  # fmt: skip
-        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        pairs = strings(rows[text_pair]) if text_pair is not None else None
+        enc = tokenizer(strings(rows[text]), pairs, truncation=True, max_length=max_length)
         out = {f"{prefix}{k}": v for k, v in enc.items() if k in _TOKEN_KEYS}
         encodings = getattr(enc, "encodings", None)
         if encodings:  # fast tokenizers keep what truncation cut off

@@ -73,10 +73,7 @@ class DataSpec(StrictModel):
     @property
     def described(self) -> str:
         """The data in a few words: the built-in name, or where your images are."""
-        if self.source is None:
-            return self.name
-        s = self.source
-        return f"images from {s.path or s.train or s.hub or s.builtin}"
+        return self.name if self.source is None else f"images from {self.source.described}"
 
     @model_validator(mode="after")
     def _name_or_source(self) -> DataSpec:

@@ -60,6 +60,16 @@ class TableSpec(StrictModel):
             raise ValueError("per-split files need a train file (or path)")
         return self
 
+    @property
+    def described(self) -> str:
+        """Where the rows are, in a few words (for reports and model cards)."""
+        if self.hub:
+            return f"hub dataset {self.hub}" + (f" ({self.config})" if self.config else "")
+        if self.builtin:
+            return f"built-in {self.builtin}"
+        files = self.path or self.train
+        return str(files if isinstance(files, str) else ", ".join(files or []))
+
     def source_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`~potstill.data.tables.load_table_splits`."""
         fields = ("path", "train", "validation", "test", "format", "hub", "config", "splits",

@@ -20,9 +20,7 @@ def lm_markdown(results: dict[str, Any]) -> str:
         else "prompts with the teacher's answers (sampled for training, greedy held out)"
     )
     if d.get("name") == "source":
-        src = d["source"]
-        where = src.get("path") or src.get("train") or src.get("hub") or src.get("builtin")
-        what = f"examples of your data ({where}, style {d.get('style', 'auto')})"
+        what = f"examples of your data ({d['described']}, style {d.get('style', 'auto')})"
     lines = [
         f"# potstill report: {results['name']}",
         "",

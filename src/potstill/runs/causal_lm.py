@@ -112,7 +112,8 @@ def _run(recipe: LMRecipe, run: RunFolder) -> dict[str, Any]:
             "vocabulary": vocab,
             "data": {
                 "name": d.name if d.source is None else "source",
-                **({"source": d.source.model_dump(exclude_defaults=True), "style": d.style}
+                **({"source": d.source.model_dump(exclude_defaults=True), "style": d.style,
+                    "described": d.source.described}
                    if d.source is not None else {}),
                 "train": n_examples, "rows": len(train), "packing": d.packing,
                 "val": len(val), "max_length": d.max_length, "format": d.format,

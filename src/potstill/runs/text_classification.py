@@ -137,11 +137,10 @@ def _load(path: str | Path, spec: Any, names: list[str], *, new_head: bool, seed
     or a classifier of other classes whose head is replaced)."""
     extra = {**_head(names), "ignore_mismatched_sizes": True} if new_head else {}
     torch.manual_seed(seed)  # a new head's initial weights: the same in every run of the recipe
-    model = load_model(
+    return load_model(
         path, KIND, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
         attn_implementation="eager", **extra,
     )  # fmt: skip
-    return model
 
 
 def train_part(
@@ -206,7 +205,6 @@ def _run(
     recipe: TextClassificationRecipe, run: RunFolder, data: Prepared, teacher_path: str
 ) -> dict[str, Any]:
     teacher, teacher_info = _teacher(recipe, run, data, teacher_path)
-    teacher.eval()
     init, student_from = _student_init(recipe, teacher, data)
     s_taps, t_taps = recipe.taps.as_taps("student"), recipe.taps.as_taps("teacher")
     counts = {"student": tap_counts(init, s_taps), "teacher": tap_counts(teacher, t_taps)}
@@ -237,7 +235,7 @@ def _run(
         {
             "task": "text-classification",
             "data": {
-                "source": _describe_source(recipe),
+                "source": recipe.data.described,
                 "columns": data.columns,
                 "classes": data.classes,
                 "rows": {k: len(v) for k, v in data.splits.items()},
@@ -286,16 +284,6 @@ def _measure(
     return rows
 
 
-def _describe_source(recipe: TextClassificationRecipe) -> str:
-    d = recipe.data
-    if d.hub:
-        return f"hub dataset {d.hub}" + (f" ({d.config})" if d.config else "")
-    if d.builtin:
-        return f"built-in {d.builtin}"
-    files = d.path or d.train
-    return str(files if isinstance(files, str) else ", ".join(files or []))
-
-
 def _write_cards(
     recipe: TextClassificationRecipe,
     run: RunFolder,
@@ -314,7 +302,7 @@ def _write_cards(
             if distilled
             else "no teacher (the same-budget baseline)",
             student=f"{row['layers']} {student_from} ({row['parameters']:,} parameters)",
-            data=f"{_describe_source(recipe)} ({len(data.splits['train']):,} training texts, "
+            data=f"{recipe.data.described} ({len(data.splits['train']):,} training texts, "
             f"{len(data.classes)} classes)",
             steps=row.get("steps"),
             objective=[t.model_dump(exclude_unset=True) for t in recipe.objective]
