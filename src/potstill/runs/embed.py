@@ -29,7 +29,7 @@ from ..report.card import model_card, write_model_card
 from ..students import derive
 from ..taps import tap_counts
 from ..tasks import get_task
-from ..tasks.embedding import embed, encoder_forward, tokenize_pair
+from ..tasks.embedding import Pooling, embed, encoder_forward, tokenize_pair
 from ..teachers import PrecomputedTeacher
 from .folder import RunFolder
 
@@ -72,9 +72,10 @@ def _run(recipe: EmbedRecipe, run: RunFolder) -> dict[str, Any]:
     check_aligned_positions(t_tok, s_tok, train_texts[:50])
     train = tokenize_pair(train_texts, t_tok, s_tok, recipe.data.max_length)
     val = tokenize_pair(val_texts, t_tok, s_tok, recipe.data.max_length)
+    pooling = {"teacher": t_spec.pooling.resolve(t_path), "student": s_spec.pooling.resolve(s_path)}
     forwards = (
-        encoder_forward("t_", t_spec.pooling.resolve(t_path)),
-        encoder_forward("s_", s_spec.pooling.resolve(s_path)),
+        encoder_forward("t_", pooling["teacher"]),
+        encoder_forward("s_", pooling["student"]),
     )
     run.start()
 
@@ -100,7 +101,7 @@ def _run(recipe: EmbedRecipe, run: RunFolder) -> dict[str, Any]:
         val, **figures,
     )  # fmt: skip
     shared = Shared(recipe, run, init, source, counts, student_taps, figures, train, val, s_tok,
-                    s_path)  # fmt: skip
+                    s_path, pooling["student"])  # fmt: skip
     for name, terms in recipe.variants.items():
         rows[name] = _variant(shared, name, terms)
     results = run.write_results(
@@ -114,10 +115,7 @@ def _run(recipe: EmbedRecipe, run: RunFolder) -> dict[str, Any]:
                 "max_length": recipe.data.max_length,
                 "source": "fortunes" if recipe.data.source is None else "source",
             },
-            "pooling": {
-                "teacher": vars(t_spec.pooling.resolve(t_path)),
-                "student": vars(s_spec.pooling.resolve(s_path)),
-            },
+            "pooling": {side: vars(p) for side, p in pooling.items()},
             "teacher_pass_s": teacher_pass_s,
             "rows": rows,
         }
@@ -186,6 +184,7 @@ class Shared:
     val: TensorDictDataset
     tokenizer: Any
     student_path: str
+    student_pooling: Pooling
 
 
 def _variant(shared: Shared, name: str, terms: list[TermSpec]) -> dict[str, Any]:
@@ -217,7 +216,7 @@ def _variant(shared: Shared, name: str, terms: list[TermSpec]) -> dict[str, Any]
         TASK.export(
             student, run.path / part / "export", tokenizer=shared.tokenizer,
             sentence_transformers_from=st_from,
-            pooling=recipe.student.pooling.resolve(shared.student_path),
+            pooling=shared.student_pooling,
         )  # fmt: skip
         run.mark_finished(part, trained)
     row = {**TASK.metrics({name: student}, shared.val, **shared.figures)[name], **trained}
