@@ -1,7 +1,8 @@
 """Your images on the classic road: a Fashion-MNIST subset written out as an image folder
 (``train/`` and ``test/``, one subfolder per class) reads back as exactly the built-in road's
 tensors, and a classic recipe on that folder gives the same results, figure for figure, as the
-same recipe on the same rows taken from the IDX files; mixed sizes and unnamed labels are
+same recipe on the same rows taken from the IDX files, with built-in models and with Hugging
+Face image classifiers; mixed sizes and unnamed labels are
 refused with what to do."""
 
 from __future__ import annotations
@@ -65,8 +66,22 @@ def test_an_image_folder_reads_back_as_the_builtin_tensors(image_folder):
     assert rows["train"].meta["input_shape"] == (1, 28, 28)
 
 
+BUILTIN_MODELS = {
+    "teacher": {"arch": {"kind": "mlp", "hidden": [32]}},
+    "student": {"arch": {"kind": "mlp", "hidden": [8]}},
+}
+HF_MODELS = {  # Hugging Face image classifiers built from configs
+    "teacher": {"config": {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16],
+                           "depths": [1, 1]}},
+    "student": {"config": {"model_type": "vit", "patch_size": 7, "hidden_size": 16,
+                           "num_hidden_layers": 1, "num_attention_heads": 2,
+                           "intermediate_size": 32}},
+}  # fmt: skip
+
+
 @needs_fashion_mnist
-def test_a_classic_recipe_on_the_folder_matches_the_builtin_road(image_folder, tmp_path):
+@pytest.mark.parametrize("models", [BUILTIN_MODELS, HF_MODELS], ids=["builtin", "hugging-face"])
+def test_a_classic_recipe_on_the_folder_matches_the_builtin_road(image_folder, tmp_path, models):
     from potstill.data.sources import SOURCES
     from potstill.recipe import validate_recipe
     from potstill.runs import run
@@ -88,9 +103,9 @@ def test_a_classic_recipe_on_the_folder_matches_the_builtin_road(image_folder, t
     try:
         common = {
             "seed": 0,
-            "teacher": {"arch": {"kind": "mlp", "hidden": [32]},
+            "teacher": {**models["teacher"],
                         "train": {"epochs": 1, "batch_size": 50, "progress": False}},
-            "student": {"arch": {"kind": "mlp", "hidden": [8]}},
+            "student": models["student"],
             "train": {"epochs": 2, "batch_size": 50, "progress": False},
             "evaluation": {"measure_cache_speedup": False},
         }  # fmt: skip

@@ -193,7 +193,9 @@ BEFORE = Path(__file__).parent / "data" / "builtin_recipes_before.json"
 ADDED = {"kind", "dtype", "columns", "label_smoothing", "student", "teacher", "loss", "normalize",
          "layer_map", "k", "p", "relation_heads",
          # issue 18: the user's data (data.source, style, windows) and embedding pooling
-         "source", "style", "windows", "mode", "pairs"}  # fmt: skip
+         "source", "style", "windows", "mode", "pairs",
+         # issue 18: Hugging Face and torchvision image classifiers on the classic road
+         "model", "config", "torchvision", "processor", "trust_remote_code", "finetune"}  # fmt: skip
 # fields dropped: an embedding teacher's keep / layers, accepted before and never used (a
 # teacher is not derived); they were unset (None) in every built-in recipe
 REMOVED = {("teacher", "keep"), ("teacher", "layers")}
@@ -231,7 +233,9 @@ def test_builtin_recipes_validate_to_the_same_settings_as_before(name):
 def test_every_kind_loads_through_one_union():
     from potstill.recipe import RECIPE_KINDS, recipe_kind, validate_recipe
 
-    assert list(RECIPE_KINDS) == ["classic", "embed", "causal-lm", "chain", "text-classification"]
+    assert list(RECIPE_KINDS) == [
+        "classic", "image-classification", "embed", "causal-lm", "chain", "text-classification"
+    ]  # fmt: skip
     for name in builtin_recipes():
         r = load_recipe(name)
         assert type(r) is RECIPE_KINDS[recipe_kind(r)]
@@ -250,7 +254,7 @@ def test_unknown_kind_lists_the_kinds_accepted(tmp_path):
         load_recipe(path)
     msg = str(err.value)
     assert "kind: unknown recipe kind 'distill-everything'" in msg
-    assert "accepted kinds: classic, embed, causal-lm, chain" in msg
+    assert "accepted kinds: classic, image-classification, embed, causal-lm, chain" in msg
     result = CliRunner().invoke(app, ["distill", str(path), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "accepted kinds" in result.output
     assert not (tmp_path / "run").exists()

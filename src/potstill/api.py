@@ -1,7 +1,8 @@
 """The one-call Python API: ``potstill.distill(teacher, student, train_data, ...)`` for any
 PyTorch classifier and any Dataset of ``(input, label)`` pairs, and for Hugging Face sequence
-classifiers on a ``datasets.Dataset`` (or any Dataset of dict rows) as they are: each model
-tokenizes the named text column itself, no forward to write."""
+classifiers, image classifiers and causal LMs on a ``datasets.Dataset`` (or any Dataset of
+dict rows) as they are: each model reads the named columns through its own tokenizer or image
+processor, no forward to write."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .losses.terms import build_term, hinton_objective, labels_only_objective
 from .tasks.causal_lm import api_datasets, is_causal_lm
 from .tasks.text_classifier import api_splits, is_sequence_classifier
 from .teachers import ForwardFn, LiveTeacher, TeacherSource, default_forward
+from .vision import ImageClassifier, api_image_splits, is_image_classifier
 
 
 @dataclass
@@ -75,6 +77,10 @@ class _Task:
     teacher_forward: ForwardFn = default_forward
     student_forward: ForwardFn = default_forward
     tokens: bool = False
+    teacher: nn.Module | None = None
+    student: nn.Module | None = None
+    """The models as trained, when they are not the ones given (wrapped with their image
+    processors); the result gives back the student that was passed in."""
 
 
 def _task(
@@ -92,9 +98,15 @@ def _task(
     if task is None:
         task = "text-classifier" if is_sequence_classifier(teacher) else "classifier"
         task = "causal-lm" if is_causal_lm(teacher) else task
+        task = "image-classifier" if is_image_classifier(teacher) else task
     if task == "classifier":
         return _Task(train_data, eval_data)
     tables = {"train": train_data, **({"eval": eval_data} if eval_data is not None else {})}
+    if task == "image-classifier":
+        img = api_image_splits(teacher, student, tables, columns=hf["columns"], **hf["images"])
+        return _Task(img.splits["train"], img.splits.get("eval"), teacher=img.teacher,
+                     student=img.student)  # fmt: skip
+    hf.pop("images")
     if task == "causal-lm":
         own = hf.pop("student_tokenizer")
         if (
@@ -111,7 +123,8 @@ def _task(
                      tokens=True)  # fmt: skip
     if task != "text-classifier":
         raise ValueError(
-            f"task must be 'classifier', 'text-classifier' or 'causal-lm', got {task!r}"
+            "task must be 'classifier', 'text-classifier', 'image-classifier' or 'causal-lm', "
+            f"got {task!r}"
         )
     tok, _ = api_splits(teacher, student, tables, **hf)
     return _Task(tok.splits["train"], tok.splits.get("eval"), tok.teacher_forward,
@@ -141,12 +154,16 @@ def distill(
     run_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool | None = None,
-    task: Literal["classifier", "text-classifier", "causal-lm"] | None = None,
+    task: Literal["classifier", "text-classifier", "image-classifier", "causal-lm"] | None = None,
     tokenizer: Any = None,
     student_tokenizer: Any = None,
     columns: Mapping[str, str] | None = None,
     max_length: int = 128,
     metrics: Mapping[str, Metric] | None = None,
+    image_processor: Any = None,
+    student_image_processor: Any = None,
+    image_size: tuple[int, int] | None = None,
+    image_mode: Literal["L", "RGB"] | None = None,
 ) -> DistillResult:
     """Distill ``teacher`` into ``student`` with Hinton's loss; returns the trained student.
 
@@ -174,14 +191,26 @@ def distill(
     (1−alpha)·CE`` on the next tokens; evaluations report perplexity, top-1 agreement with the
     teacher and KL to it.
 
+    Hugging Face image classifiers (``...ForImageClassification``, or
+    ``task="image-classifier"``) take rows with an image column (PIL images, as
+    ``datasets`` gives them; ``columns={"image": ..., "label": ...}``) decoded to floats in
+    [0, 1] (``image_mode`` converts them, ``image_size`` resizes them when they differ), and
+    each model applies its own image processor (``image_processor`` /
+    ``student_image_processor``, default: the ones saved with the models; none for a model
+    built from a config). ``result.student`` is the Hugging Face model, trained.
+
     >>> result = potstill.distill(teacher, student, train_set, eval_data=test_set,  # doctest: +SKIP
     ...                           epochs=5, temperature=4.0, alpha=0.7)
     >>> result.metrics                                                             # doctest: +SKIP
     {'agreement': 0.93, 'accuracy': 0.86}
     """
+    images = {"image_size": image_size, "image_mode": image_mode,
+              "image_processor": image_processor,
+              "student_image_processor": student_image_processor}  # fmt: skip
     hf = {"tokenizer": tokenizer, "student_tokenizer": student_tokenizer, "columns": columns,
-          "max_length": max_length}  # fmt: skip
+          "max_length": max_length, "images": images}  # fmt: skip
     plan = _task(teacher, student, train_data, eval_data, task, hf)
+    teacher, student = plan.teacher or teacher, plan.student or student
     config = TrainConfig(
         epochs=epochs,
         batch_size=batch_size,
@@ -192,7 +221,7 @@ def distill(
         seed=seed,
         progress=progress,
     )
-    init = copy.deepcopy(student) if baseline else None
+    init = copy.deepcopy(student) if baseline else None  # the wrapped one for an image model
     source: TeacherSource = LiveTeacher(teacher, forward=plan.teacher_forward)
     # without a run_dir the cache lives in a temporary folder for the length of the call
     tmp = tempfile.TemporaryDirectory(prefix="potstill-cache-") if cache_teacher else None
@@ -209,12 +238,18 @@ def distill(
                            tokens=True, name="kd"),
                 build_term("ce", weight=1 - alpha, tokens=True),
             ])  # fmt: skip
-        return _fit_both(
+        result = _fit_both(
             student, teacher, objective, plan, source, config, run_dir, init, resume, metrics
         )
     finally:
         if tmp is not None:
             tmp.cleanup()
+    # give back the models of the kind passed in (an image classifier without its wrapper)
+    if isinstance(result.student, ImageClassifier):
+        result.student = result.student.model
+    if isinstance(result.baseline, ImageClassifier):
+        result.baseline = result.baseline.model
+    return result
 
 
 def _lm_eval(teacher: nn.Module, data: Dataset):

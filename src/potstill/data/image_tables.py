@@ -7,6 +7,7 @@ trains on them the same way."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,27 +54,45 @@ def image_rows(
             f"data: the label column {label_col!r} has no class names (an image folder gives "
             "them); use an image folder, or a table whose label column is a ClassLabel"
         )
-    want = tuple(size) if size is not None else None
     out: dict[str, Rows] = {}
     shape = None
     for split, table in tables.items():
         if getattr(table.features.get(label_col), "names", None) != names:
             raise DataError(f"data: the {split} split's classes differ from train's ({names})")
-        arrays = []
-        for i, image in enumerate(table[image_col]):
-            a = _array(image, mode, want)  # type: ignore[arg-type]
-            if shape is None:
-                shape = a.shape
-            elif a.shape != shape:
-                raise DataError(
-                    f"data: {split} image {i} has shape {a.shape} but the first image {shape}; "
-                    "set data.source size: [H, W] (and mode: L or RGB) to make them alike"
-                )
-            arrays.append(a)
-        x = torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0)
+        x = image_tensor(table[image_col], mode=mode, size=size, shape=shape, split=split)
+        shape = tuple(x.shape[1:])
         y = torch.tensor(list(table[label_col]), dtype=torch.int64)
         out[split] = Rows({"image": x, "label": y}, "images",
-                          {"classes": tuple(names), "input_shape": tuple(shape or ())})  # fmt: skip
+                          {"classes": tuple(names), "input_shape": shape})  # fmt: skip
     if "test" not in out:
         out = {"all": out.pop("train"), **out}
     return out
+
+
+def image_tensor(
+    images: Iterable[Any],
+    *,
+    mode: str | None = None,
+    size: Sequence[int] | None = None,
+    shape: tuple[int, ...] | None = None,
+    split: str = "train",
+    fix: str = "set data.source size: [H, W] (and mode: L or RGB)",
+) -> torch.Tensor:
+    """PIL images as one float tensor in [0, 1] of shape ``(N, C, H, W)``, each converted to
+    ``mode`` and resized to ``size`` ([H, W]) first when given; every image must have the
+    first one's shape (or ``shape``), else a DataError says which and how to ``fix`` it."""
+    want = (int(size[0]), int(size[1])) if size is not None else None
+    arrays = []
+    for i, image in enumerate(images):
+        a = _array(image, mode, want)
+        if shape is None:
+            shape = a.shape
+        elif a.shape != shape:
+            raise DataError(
+                f"data: {split} image {i} has shape {a.shape} but the first image {shape}; "
+                f"{fix} to make them alike"
+            )
+        arrays.append(a)
+    if not arrays:
+        raise DataError(f"data: the {split} split has no images")
+    return torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0)

@@ -335,3 +335,19 @@ def find_column(
         f"{where}: no column for {field} (looked for {', '.join(candidates)}); the data has "
         f"columns: {', '.join(names)}. Name it with columns: {{{field}: <column>}}"
     )
+
+
+def as_table(data: Any, where: str = "data") -> Dataset:
+    """A ``datasets.Dataset`` as it is; any other Dataset of dict rows read into one."""
+    from datasets import Dataset as HFDataset
+
+    if isinstance(data, HFDataset):
+        return data
+    rows = [data[i] for i in range(len(data))]
+    if not rows or not isinstance(rows[0], Mapping):
+        raise DataError(
+            f"{where}: a Hugging Face model reads rows of named fields (a datasets.Dataset, "
+            f"or a Dataset whose items are dicts such as {{'text': ..., 'label': ...}}); got "
+            f"items of type {type(rows[0]).__name__ if rows else 'nothing (empty)'}"
+        )
+    return HFDataset.from_list([dict(r) for r in rows])

@@ -23,6 +23,7 @@ from .text_classification import TextClassificationRecipe
 
 RECIPE_KINDS: dict[str, type[StrictModel]] = {
     "classic": ClassicRecipe,
+    "image-classification": ClassicRecipe,  # the same road, by the name users look for
     "embed": EmbedRecipe,
     "causal-lm": LMRecipe,
     "chain": ChainRecipe,

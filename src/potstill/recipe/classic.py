@@ -1,6 +1,8 @@
-"""The classic recipe (``kind: classic``, the default when ``kind`` is absent): a classifier on
-tensors (a built-in dataset), a teacher trained first or loaded, a student architecture, the
-objective, experimental settings (labelled fractions) and the same-budget baseline."""
+"""The classic recipe (``kind: classic``, the default when ``kind`` is absent, also called
+``kind: image-classification``): a classifier of images (a built-in dataset or your own), a
+teacher trained first or loaded (a built-in architecture, a Hugging Face image classifier, a
+torchvision architecture), a student of any of those kinds, the objective, experimental
+settings (labelled fractions) and the same-budget baseline."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .common import (
 from .data import TableSpec
 
 DEFAULT_EPOCHS = 10
+DEFAULT_DATA = "fashion-mnist"
 DEFAULT_TEACHER_EPOCHS = 5
 
 
@@ -51,7 +54,7 @@ class DataSpec(StrictModel):
     and ``digits``, or one registered there), where its files are, how much of the training set
     is held out."""
 
-    name: str = "fashion-mnist"
+    name: str = DEFAULT_DATA
     source: ImageTableSpec | None = Field(
         None, description="your images (an image folder, ...) instead of a built-in name"
     )
@@ -77,23 +80,87 @@ class DataSpec(StrictModel):
 
     @model_validator(mode="after")
     def _name_or_source(self) -> DataSpec:
-        if self.source is not None and "name" in self.model_fields_set:
+        # judged by value, so a saved recipe (every field written) validates again
+        if self.source is not None and self.name != DEFAULT_DATA:
             raise ValueError("give name (a built-in set) or source (your images), not both")
         return self
 
 
-class TeacherSpec(StrictModel):
-    """A saved teacher (``path``; a list of paths: their ensemble, the mean of their logits), or
-    an architecture that potstill trains first and keeps."""
+class ModelChoice(StrictModel):
+    """Which model: the built-in ``arch`` (the default), a Hugging Face image classifier
+    (``model``: hub name or folder, with its own image processor; or ``config``: a transformers
+    config with ``model_type``, built untrained), or a torchvision architecture by name
+    (``torchvision``: an optional extra). ``processor`` names where the image processor is
+    read from when it is not the model's own (a model from a config has none unless given)."""
+
+    model: str | None = Field(None, description="a Hugging Face image classifier")
+    config: dict[str, Any] | None = Field(None, description="a transformers config to build")
+    torchvision: str | None = Field(None, description="a torchvision architecture by name")
+    processor: str | None = Field(None, description="the image processor's folder or hub name")
+    trust_remote_code: bool = False
+    arch: ArchSpec = Field(default_factory=ArchSpec, description="a built-in architecture")
+
+    @property
+    def family(self) -> Literal["arch", "model", "config", "torchvision"]:
+        """Which of the ways to give a model this one uses."""
+        given = [k for k in ("model", "config", "torchvision") if getattr(self, k) is not None]
+        return given[0] if given else "arch"  # type: ignore[return-value]
+
+    @model_validator(mode="after")
+    def _one_model(self) -> ModelChoice:
+        given = [k for k in ("model", "config", "torchvision") if getattr(self, k) is not None]
+        if self.arch != type(self).model_fields["arch"].get_default(call_default_factory=True):
+            given.insert(0, "arch")  # by value, so a saved recipe (all fields) validates again
+        if len(given) > 1:
+            raise ValueError(f"give one of arch, model, config or torchvision, not {given}")
+        if self.processor is not None and self.family not in ("model", "config"):
+            raise ValueError("processor: only a Hugging Face model (model or config) has one")
+        return self
+
+    def describe(self, arch: ArchSpec) -> str:
+        """The model in a few words (``arch``: the built-in architecture, sized)."""
+        if self.family == "model":
+            return f"the Hugging Face image classifier `{self.model}`"
+        if self.family == "config":
+            kind = (self.config or {}).get("model_type")
+            return f"a Hugging Face {kind} built from a config"
+        if self.family == "torchvision":
+            return f"torchvision's {self.torchvision}"
+        words = [f"channels {arch.channels}"] if arch.channels else []
+        words.append(f"hidden {arch.hidden}")
+        return f"{'a CNN' if arch.kind == 'cnn' else 'an MLP'} ({', '.join(words)})"
+
+
+class TeacherSpec(ModelChoice):
+    """A saved teacher (``path``: a folder potstill wrote; a list of paths: their ensemble, the
+    mean of their logits), a Hugging Face image classifier trained on these classes
+    (``model``; with ``finetune: true`` it gets a new head for the data's classes and is
+    trained first), or an architecture that potstill trains first and keeps."""
 
     path: str | list[str] | None = None
     arch: ArchSpec = Field(default_factory=lambda: ArchSpec(hidden=[1024, 1024], dropout=0.2))
+    finetune: bool = Field(False, description="model: train it on the data's classes first")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=DEFAULT_TEACHER_EPOCHS))
     cache: bool = Field(True, description="compute the teacher's logits once and reuse them")
 
+    @model_validator(mode="after")
+    def _path_alone(self) -> TeacherSpec:
+        if self.path is not None and self.family != "arch":
+            raise ValueError("give path (a saved teacher) or a model to build, not both")
+        if self.finetune and self.family != "model":
+            raise ValueError("finetune: only a Hugging Face model (teacher.model) is fine-tuned")
+        return self
 
-class StudentSpec(StrictModel):
-    """The student's architecture."""
+    @property
+    def trained_here(self) -> bool:
+        """Whether the run trains the teacher (it is not loaded as it is)."""
+        return self.path is None and (self.family != "model" or self.finetune)
+
+
+class StudentSpec(ModelChoice):
+    """The student: a built-in ``arch`` (the default), a Hugging Face image classifier
+    (``model``: its weights, with a new head for the data's classes; ``config``: untrained) or
+    a ``torchvision`` architecture."""
 
     arch: ArchSpec = Field(default_factory=lambda: ArchSpec(hidden=[32]))
 
@@ -125,7 +192,7 @@ class EvalSpec(StrictModel):
 class ClassicRecipe(StrictModel):
     """A whole classic distillation run (``kind: classic``, or no ``kind``)."""
 
-    kind: Literal["classic"] = "classic"
+    kind: Literal["classic", "image-classification"] = "classic"
     name: str = "run"
     seed: int = 0
     data: DataSpec = Field(default_factory=DataSpec)

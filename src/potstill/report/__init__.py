@@ -24,6 +24,7 @@ class Page:
 
 PAGES: dict[str, Page] = {
     "classic": Page(classic.write, classic.console),
+    "image-classification": Page(classic.write, classic.console),
     "embed": Page(embed.write, embed.console),
     "causal-lm": Page(causal_lm.write, causal_lm.console),
     "chain": Page(chain.write, chain.console),

@@ -14,6 +14,7 @@ from ..recipe import recipe_kind
 
 RUNNERS: dict[str, str] = {
     "classic": "potstill.runs.classic",
+    "image-classification": "potstill.runs.classic",
     "embed": "potstill.runs.embed",
     "causal-lm": "potstill.runs.causal_lm",
     "chain": "potstill.runs.chain",

@@ -21,18 +21,20 @@ from .. import distributed
 from ..cache import CachedTeacher, cached_or_live
 from ..config import TrainConfig, same_budget
 from ..data.image_tables import image_rows
+from ..data.labels import model_label_names
 from ..data.splits import Splits, hide_labels, labelled_only, load_splits
 from ..distiller import Distiller
 from ..evaluate import classification_eval, predict_logits
 from ..losses.objective import Objective
 from ..losses.terms import labels_only_objective
-from ..models import ArchSpec, build_model, load_model_folder
-from ..recipe.classic import ClassicRecipe, SettingSpec
+from ..models import ArchSpec, build_model
+from ..recipe.classic import ClassicRecipe, ModelChoice, SettingSpec
 from ..report import write_report
 from ..report.card import model_card, write_model_card
 from ..taps import TapsLike, tap_counts
 from ..tasks import get_task
 from ..teachers import Ensemble, LiveTeacher, TeacherSource
+from ..vision import TorchvisionSpec, hf_image_classifier, load_classifier
 from .folder import RunFolder, fit_info
 
 log = logging.getLogger("potstill")
@@ -53,7 +55,7 @@ def train_classifier(
     run: RunFolder,
     part: str,
     model: nn.Module,
-    spec: ArchSpec | None,
+    spec: ArchSpec | TorchvisionSpec | None,
     objective: Objective,
     train: Dataset,
     val: Dataset,
@@ -65,7 +67,7 @@ def train_classifier(
     folder = run.path / part
     info = run.finished(part)
     if info is not None:
-        loaded, _ = load_model_folder(folder / "final")
+        loaded = load_classifier(folder / "final")
         log.info("%s: finished earlier, reusing %s", part, folder / "final")
         return SubRun(loaded, folder, info)
     result = Distiller(
@@ -84,24 +86,52 @@ def train_classifier(
 def _teacher(recipe: ClassicRecipe, splits: Splits, run: RunFolder) -> tuple[nn.Module, dict]:
     spec = recipe.teacher
     if isinstance(spec.path, list):
-        members = [load_model_folder(p)[0] for p in spec.path]
+        members = [load_classifier(p) for p in spec.path]
         return Ensemble(members).eval(), {"source": f"ensemble of {', '.join(spec.path)}"}
     if spec.path:
-        model, _ = load_model_folder(spec.path)
-        return model, {"source": str(spec.path)}
-    arch = _sized(spec.arch, splits)
-    torch.manual_seed(spec.train.seed)
+        return load_classifier(spec.path), {"source": str(spec.path)}
+    if not spec.trained_here:  # a Hugging Face classifier of these classes, as it is
+        model = hf_image_classifier(
+            splits.classes, model=spec.model, processor=spec.processor, new_head=False,
+            trust_remote_code=spec.trust_remote_code, who="teacher",
+        )  # fmt: skip
+        return model, {"source": str(spec.model)}
+    model, export = build_classifier(spec, splits, spec.train.seed, "teacher")
     sub = train_classifier(
-        run, "teacher", build_model(arch), arch, labels_only_objective(), splits.train,
-        splits.val, spec.train, None,
+        run, "teacher", model, export, labels_only_objective(), splits.train, splits.val,
+        spec.train, None,
     )  # fmt: skip
-    return sub.model, {"source": "trained in this run", **sub.info}
+    fine = "fine-tuned in this run" if spec.finetune else "trained in this run"
+    return sub.model, {"source": fine, **sub.info}
 
 
 def _sized(arch: ArchSpec, splits: Splits) -> ArchSpec:
     return arch.model_copy(
         update={"input_shape": list(splits.input_shape), "num_classes": len(splits.classes)}
     )
+
+
+def build_classifier(
+    choice: ModelChoice, splits: Splits, seed: int, who: str
+) -> tuple[nn.Module, ArchSpec | TorchvisionSpec | None]:
+    """The untrained (or pretrained, with a new head) model a recipe section names, for the
+    data's classes and image shape, its weights drawn with ``seed``; and what its export
+    needs (the built-in architecture, the torchvision spec, or None for a Hugging Face
+    model, whose folder says it all)."""
+    torch.manual_seed(seed)
+    if choice.family == "arch":
+        arch = _sized(choice.arch, splits)
+        return build_model(arch), arch
+    if choice.family == "torchvision":
+        assert choice.torchvision is not None
+        tv = TorchvisionSpec(choice.torchvision, len(splits.classes))
+        return tv.build(seed), tv
+    model = hf_image_classifier(
+        splits.classes, model=choice.model, config=choice.config, processor=choice.processor,
+        input_shape=splits.input_shape, seed=seed, trust_remote_code=choice.trust_remote_code,
+        who=who,
+    )  # fmt: skip
+    return model, None
 
 
 def measure_cache_speedup(
@@ -158,8 +188,36 @@ def run(
             d.name, data_dir=d.data_dir, val_size=d.val_size, seed=recipe.seed,
             columns=d.columns if rows is None else None, rows=rows,
         )  # fmt: skip
+        if recipe.teacher.family == "model" and not recipe.teacher.trained_here:
+            splits = in_teacher_order(splits, recipe.teacher)
         folder.start()
         return _run(recipe, folder, splits)
+
+
+def in_teacher_order(splits: Splits, teacher: ModelChoice) -> Splits:
+    """The splits with their classes in the order of a Hugging Face teacher's labels when
+    they are the same names in another order (an image folder's classes come sorted); other
+    label sets are left for the teacher's check to refuse, with both named."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(teacher.model, trust_remote_code=teacher.trust_remote_code)
+    names = model_label_names(config)
+    if names is None or list(names) == list(splits.classes):
+        return splits
+    if sorted(names) != sorted(splits.classes):
+        return splits
+    log.info("data: classes put in the teacher's label order (%s)", ", ".join(names))
+    new_index = torch.tensor([list(names).index(c) for c in splits.classes])
+
+    def reordered(ds: Dataset) -> TensorDataset:
+        assert isinstance(ds, TensorDataset)
+        x, y = ds.tensors
+        return TensorDataset(x, new_index[y])
+
+    return Splits(
+        reordered(splits.train), reordered(splits.val), reordered(splits.test), tuple(names),
+        splits.input_shape,
+    )  # fmt: skip
 
 
 @dataclass
@@ -196,7 +254,13 @@ class Shared:
 def _run(recipe: ClassicRecipe, run: RunFolder, splits: Splits) -> dict[str, Any]:
     shared = _shared(recipe, run, splits)
     student_arch = _sized(recipe.student.arch, splits)
-    settings_out = [_setting(shared, student_arch, setting) for setting in recipe.settings]
+    settings_out = [_setting(shared, setting) for setting in recipe.settings]
+    s = recipe.student
+    student = (
+        student_arch.model_dump()
+        if s.family == "arch"
+        else {"kind": s.family, "name": s.model or s.torchvision, "config": s.config}
+    )
     results = run.write_results(
         {
             "data": {
@@ -210,7 +274,7 @@ def _run(recipe: ClassicRecipe, run: RunFolder, splits: Splits) -> dict[str, Any
             if recipe.hint
             else [],
             "teacher": shared.teacher_row,
-            "student_arch": student_arch.model_dump(),
+            "student_arch": student,
             "teacher_cache": shared.cache_info,
             "settings": settings_out,
         }
@@ -246,7 +310,7 @@ def _shared(recipe: ClassicRecipe, run: RunFolder, splits: Splits) -> Shared:
     )
 
 
-def _setting(shared: Shared, student_arch: ArchSpec, setting: SettingSpec) -> dict[str, Any]:
+def _setting(shared: Shared, setting: SettingSpec) -> dict[str, Any]:
     """One setting: the distilled student (after its hint stage, if any) and the baseline at
     the same budget, from the same initial weights; their rows and model cards."""
     recipe, run, splits = shared.recipe, shared.run, shared.splits
@@ -255,8 +319,8 @@ def _setting(shared: Shared, student_arch: ArchSpec, setting: SettingSpec) -> di
     labelled = labelled_only(train)
     student_taps = recipe.taps.as_taps("student")
     runs: dict[str, SubRun] = {}
-    torch.manual_seed(recipe.seed)
-    init = build_model(student_arch)  # both students start from the same weights
+    # both students start from the same weights
+    init, student_arch = build_classifier(recipe.student, splits, recipe.seed, "student")
     counts = {
         "student": tap_counts(init, student_taps),
         "teacher": tap_counts(shared.teacher, recipe.taps.as_taps("teacher")),
@@ -342,9 +406,8 @@ def _write_cards(
     examples: int,
 ) -> None:
     """The model card of each student of a setting, in its exported folder."""
-    arch = recipe.student.arch
-    kind = {"mlp": "an MLP", "cnn": "a CNN"}[arch.kind]
-    student = f"{kind} ({_arch_words(arch)}, {rows['distilled']['parameters']:,} parameters)"
+    words = recipe.student.describe(recipe.student.arch)
+    student = f"{words}, {rows['distilled']['parameters']:,} parameters"
     teacher = f"a teacher ({teacher_row.get('source')}, {teacher_row['parameters']:,} parameters)"
     for kind, sub in runs.items():
         row = rows[kind]
@@ -369,11 +432,3 @@ def _write_cards(
             command=run.rerun_command,
         )
         write_model_card(sub.folder / "final", card)
-
-
-def _arch_words(arch: ArchSpec) -> str:
-    parts = []
-    if arch.channels:
-        parts.append(f"channels {arch.channels}")
-    parts.append(f"hidden {arch.hidden}")
-    return ", ".join(parts)

@@ -133,9 +133,10 @@ def api_datasets(
     as token rows in the style its columns call for (a ``text`` corpus in windows; ``messages``
     or prompt + response trained as given), tokenized by the teacher's tokenizer (the student
     must share it)."""
+    from ..data.tables import as_table
     from ..llm.data import pad_id
     from ..llm.user_data import infer_style, style_columns, token_dataset, token_rows
-    from .text_classifier import as_table, model_tokenizer
+    from .text_classifier import model_tokenizer
 
     cols = dict(columns or {})
     tok = model_tokenizer(teacher, tokenizer, "teacher")

@@ -1,6 +1,7 @@
 """The classifier task on tensors: a batch holds ``input`` and ``label``, the model's output is
 its logits, the figures are test accuracy, top-1 agreement with the teacher, size and measured
-speed, and the student is exported as a potstill model folder (safetensors and its spec)."""
+speed, and the student is exported as the folder its library reloads (a built-in model's
+safetensors and spec, a Hugging Face image classifier's ``save_pretrained`` folder)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch.utils.data import Dataset
 from ..evaluate import model_card_figures, predict_logits
 from ..models import ArchSpec, save_model_folder
 from ..teachers import default_forward
+from ..vision import ImageClassifier, TorchvisionSpec
 from . import Task
 
 
@@ -43,9 +45,18 @@ def metrics(
     }
 
 
-def export(model: nn.Module, folder: Path, *, spec: ArchSpec | None = None) -> Path:
-    """The model's folder (weights in safetensors beside its architecture spec)."""
-    save_model_folder(model, folder, spec)
+def export(
+    model: nn.Module, folder: Path, *, spec: ArchSpec | TorchvisionSpec | None = None
+) -> Path:
+    """The model's folder: a Hugging Face image classifier's ``save_pretrained`` folder with
+    its image processor, or weights in safetensors beside the architecture spec (built-in or
+    torchvision); :func:`potstill.vision.load_classifier` reloads any of them."""
+    if isinstance(model, ImageClassifier):
+        model.save(folder)
+    elif isinstance(spec, TorchvisionSpec):
+        spec.save(model, folder)
+    else:
+        save_model_folder(model, folder, spec)
     return folder
 
 

@@ -18,8 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..data.labels import LABEL_COLUMNS, check_teacher_labels, classes_for, encode_labels
-from ..data.rows import DataError
-from ..data.tables import find_column
+from ..data.tables import as_table, find_column
 from ..data.tokenized import TableDataset, tokenize_table
 from ..evaluate import accuracy, agreement, file_size, forward_seconds, predict_logits
 from ..hf import export_pretrained
@@ -182,22 +181,6 @@ TASK = Task(
     metrics=metrics,
     export=export,
 )
-
-
-def as_table(data: Any, where: str = "data") -> Table:
-    """A ``datasets.Dataset`` as it is; any other Dataset of dict rows read into one."""
-    from datasets import Dataset as HFDataset
-
-    if isinstance(data, HFDataset):
-        return data
-    rows = [data[i] for i in range(len(data))]
-    if not rows or not isinstance(rows[0], Mapping):
-        raise DataError(
-            f"{where}: a Hugging Face classifier reads rows of named fields (a datasets.Dataset, "
-            f"or a Dataset whose items are dicts such as {{'text': ..., 'label': ...}}); got "
-            f"items of type {type(rows[0]).__name__ if rows else 'nothing (empty)'}"
-        )
-    return HFDataset.from_list([dict(r) for r in rows])
 
 
 def model_tokenizer(model: nn.Module, given: Any, who: str) -> Any:
