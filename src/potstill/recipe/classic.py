@@ -159,7 +159,7 @@ class TeacherSpec(ModelChoice):
 
 class StudentSpec(ModelChoice):
     """The student: a built-in ``arch`` (the default), a Hugging Face image classifier
-    (``model``: its weights, with a new head for the data's classes; ``config``: untrained) or
+    (``model``: its weights, a head for the data's classes; ``config``: untrained) or
     a ``torchvision`` architecture."""
 
     arch: ArchSpec = Field(default_factory=lambda: ArchSpec(hidden=[32]))

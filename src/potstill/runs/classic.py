@@ -21,20 +21,20 @@ from .. import distributed
 from ..cache import CachedTeacher, cached_or_live
 from ..config import TrainConfig, same_budget
 from ..data.image_tables import image_rows
-from ..data.labels import model_label_names
 from ..data.splits import Splits, hide_labels, labelled_only, load_splits
 from ..distiller import Distiller
 from ..evaluate import classification_eval, predict_logits
 from ..losses.objective import Objective
 from ..losses.terms import labels_only_objective
-from ..models import ArchSpec, build_model
-from ..recipe.classic import ClassicRecipe, ModelChoice, SettingSpec
+from ..models import ArchSpec
+from ..recipe.classic import ClassicRecipe, SettingSpec
 from ..report import write_report
 from ..report.card import model_card, write_model_card
 from ..taps import TapsLike, tap_counts
 from ..tasks import get_task
 from ..teachers import Ensemble, LiveTeacher, TeacherSource
 from ..vision import TorchvisionSpec, hf_image_classifier, load_classifier
+from .classic_models import build_classifier, in_teacher_order, sized
 from .folder import RunFolder, fit_info
 
 log = logging.getLogger("potstill")
@@ -105,35 +105,6 @@ def _teacher(recipe: ClassicRecipe, splits: Splits, run: RunFolder) -> tuple[nn.
     return sub.model, {"source": fine, **sub.info}
 
 
-def _sized(arch: ArchSpec, splits: Splits) -> ArchSpec:
-    return arch.model_copy(
-        update={"input_shape": list(splits.input_shape), "num_classes": len(splits.classes)}
-    )
-
-
-def build_classifier(
-    choice: ModelChoice, splits: Splits, seed: int, who: str
-) -> tuple[nn.Module, ArchSpec | TorchvisionSpec | None]:
-    """The untrained (or pretrained, with a new head) model a recipe section names, for the
-    data's classes and image shape, its weights drawn with ``seed``; and what its export
-    needs (the built-in architecture, the torchvision spec, or None for a Hugging Face
-    model, whose folder says it all)."""
-    torch.manual_seed(seed)
-    if choice.family == "arch":
-        arch = _sized(choice.arch, splits)
-        return build_model(arch), arch
-    if choice.family == "torchvision":
-        assert choice.torchvision is not None
-        tv = TorchvisionSpec(choice.torchvision, len(splits.classes))
-        return tv.build(seed), tv
-    model = hf_image_classifier(
-        splits.classes, model=choice.model, config=choice.config, processor=choice.processor,
-        input_shape=splits.input_shape, seed=seed, trust_remote_code=choice.trust_remote_code,
-        who=who,
-    )  # fmt: skip
-    return model, None
-
-
 def measure_cache_speedup(
     student: nn.Module,
     objective: Objective,
@@ -194,32 +165,6 @@ def run(
         return _run(recipe, folder, splits)
 
 
-def in_teacher_order(splits: Splits, teacher: ModelChoice) -> Splits:
-    """The splits with their classes in the order of a Hugging Face teacher's labels when
-    they are the same names in another order (an image folder's classes come sorted); other
-    label sets are left for the teacher's check to refuse, with both named."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(teacher.model, trust_remote_code=teacher.trust_remote_code)
-    names = model_label_names(config)
-    if names is None or list(names) == list(splits.classes):
-        return splits
-    if sorted(names) != sorted(splits.classes):
-        return splits
-    log.info("data: classes put in the teacher's label order (%s)", ", ".join(names))
-    new_index = torch.tensor([list(names).index(c) for c in splits.classes])
-
-    def reordered(ds: Dataset) -> TensorDataset:
-        assert isinstance(ds, TensorDataset)
-        x, y = ds.tensors
-        return TensorDataset(x, new_index[y])
-
-    return Splits(
-        reordered(splits.train), reordered(splits.val), reordered(splits.test), tuple(names),
-        splits.input_shape,
-    )  # fmt: skip
-
-
 @dataclass
 class Shared:
     """What every setting of a classic run shares: the teacher, its training-set source (live or
@@ -253,7 +198,7 @@ class Shared:
 
 def _run(recipe: ClassicRecipe, run: RunFolder, splits: Splits) -> dict[str, Any]:
     shared = _shared(recipe, run, splits)
-    student_arch = _sized(recipe.student.arch, splits)
+    student_arch = sized(recipe.student.arch, splits)
     settings_out = [_setting(shared, setting) for setting in recipe.settings]
     s = recipe.student
     student = (
