@@ -169,8 +169,8 @@ def test_resume_reloads_the_exported_folders(finished):
 
 def _relabelled(src: Path, out: Path, order: list[str], processor: bool) -> Path:
     """The teacher of ``src`` saved with its classes in ``order`` (head rows permuted with
-    them, so it predicts the same names; or other names, the head kept) and, with ``processor``, an image processor that
-    leaves 28×28 images as they are."""
+    them, so it predicts the same names; or other names, the head kept) and, with
+    ``processor``, an image processor that leaves 28×28 images as they are."""
     from transformers import AutoModelForImageClassification, ViTImageProcessorPil
 
     model = AutoModelForImageClassification.from_pretrained(src)

@@ -51,19 +51,53 @@ def image_folder(tmp_path_factory):
 
 @needs_fashion_mnist
 def test_an_image_folder_reads_back_as_the_builtin_tensors(image_folder):
-    from potstill.data.image_tables import image_rows
+    from potstill.data.image_tables import ImageTable, image_tables
 
-    rows = image_rows(path=str(image_folder))
+    tables = image_tables(path=str(image_folder))
     train, test = load_fashion_mnist()
-    assert set(rows) == {"train", "test"}
-    names = rows["train"].meta["classes"]  # the folder names, sorted
+    assert set(tables) == {"train", "test"}
+    names = tables["train"].meta["classes"]  # the folder names, sorted
     for split, ds in (("train", train), ("test", test)):
         order = folder_order(image_folder, split)
         x, y = ds.tensors
-        assert torch.equal(rows[split].column("image"), x[order])  # pixel for pixel
-        got = [names[i] for i in rows[split].column("label").tolist()]
+        table = tables[split]
+        assert isinstance(table, ImageTable) and len(table) == len(order)
+        batch = table.batch(torch.arange(len(table)))
+        assert torch.equal(batch["input"], x[order])  # pixel for pixel
+        got = [names[i] for i in batch["label"].tolist()]
         assert got == [FASHION_MNIST_CLASSES[int(c)].replace("/", "-") for c in y[order]]
-    assert rows["train"].meta["input_shape"] == (1, 28, 28)
+        some = torch.tensor([5, 0, 3])
+        assert torch.equal(table.select(some).batch(torch.arange(3))["input"], x[order][some])
+        assert torch.equal(table[7][0], x[order][7])
+    assert tables["train"].meta["input_shape"] == (1, 28, 28)
+
+
+@needs_fashion_mnist
+def test_an_image_table_is_read_batch_by_batch_and_fingerprinted_by_its_bytes(image_folder):
+    from potstill.data.image_tables import image_tables
+    from potstill.data.tensors import fingerprint
+
+    table = image_tables(path=str(image_folder))["train"]
+    reads = []
+    original = table.table.__class__.__getitem__
+
+    def counting(self, key):
+        reads.append(len(key) if isinstance(key, list) else 1)
+        return original(self, key)
+
+    table.table.__class__.__getitem__ = counting
+    try:
+        table.batch(torch.tensor([3, 1, 4]))
+    finally:
+        table.table.__class__.__getitem__ = original
+    assert reads == [3]  # only the batch's rows were read
+    again = image_tables(path=str(image_folder))["train"]
+    assert fingerprint(table) == fingerprint(again)
+    assert fingerprint(table, inputs_only=True) == fingerprint(
+        table.relabel(torch.zeros(len(table), dtype=torch.int64)), inputs_only=True
+    )  # labels do not change what the teacher reads
+    assert fingerprint(table) != fingerprint(table.select(torch.arange(len(table) - 1)))
+    assert fingerprint(table) != fingerprint(table.relabel(table.labels.flip(0)))
 
 
 BUILTIN_MODELS = {
@@ -136,19 +170,19 @@ def test_a_classic_recipe_on_the_folder_matches_the_builtin_road(image_folder, t
 def test_mixed_sizes_and_unnamed_labels_are_refused(tmp_path):
     from PIL import Image
 
-    from potstill.data.image_tables import image_rows
+    from potstill.data.image_tables import image_tables
 
     for cls, size in (("a", (8, 8)), ("b", (6, 6))):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         Image.new("L", size, 100).save(tmp_path / "imgs" / cls / "0.png")
     with pytest.raises(DataError, match=r"has shape \(1, 6, 6\) but the first image \(1, 8, 8\)"):
-        image_rows(path=str(tmp_path / "imgs"))
-    rows = image_rows(path=str(tmp_path / "imgs"), size=[4, 4], mode="RGB")
-    assert rows["all"].column("image").shape == (2, 3, 4, 4)
+        image_tables(path=str(tmp_path / "imgs"))
+    tables = image_tables(path=str(tmp_path / "imgs"), size=[4, 4], mode="RGB")
+    assert tables["all"].batch(torch.arange(2))["input"].shape == (2, 3, 4, 4)
     from datasets import Dataset
 
     Dataset.from_dict({"image": [Image.new("L", (2, 2))], "label": [3]}).save_to_disk(
         str(tmp_path / "saved")
     )
     with pytest.raises(DataError, match="has no class names"):
-        image_rows(path=str(tmp_path / "saved"))
+        image_tables(path=str(tmp_path / "saved"))

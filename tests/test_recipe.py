@@ -195,7 +195,8 @@ ADDED = {"kind", "dtype", "columns", "label_smoothing", "student", "teacher", "l
          # issue 18: the user's data (data.source, style, windows) and embedding pooling
          "source", "style", "windows", "mode", "pairs",
          # issue 18: Hugging Face and torchvision image classifiers on the classic road
-         "model", "config", "torchvision", "processor", "trust_remote_code", "finetune"}  # fmt: skip
+         "model", "config", "torchvision", "processor", "trust_remote_code",
+         "finetune"}  # fmt: skip
 # fields dropped: an embedding teacher's keep / layers, accepted before and never used (a
 # teacher is not derived); they were unset (None) in every built-in recipe
 REMOVED = {("teacher", "keep"), ("teacher", "layers")}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data.image_tables import ImageTable
 from .data.labels import check_teacher_labels
 from .data.rows import DataError
 from .models import SPEC_FILE, save_model_folder
@@ -257,10 +258,10 @@ def model_image_processor(model: nn.Module, given: Any, who: str) -> Any:
 
 @dataclass
 class ImageSplits:
-    """What ``potstill.distill`` needs for two Hugging Face image classifiers: the splits as
-    ``(image, label)`` tensors, both models wrapped with their processors, the class names."""
+    """What ``potstill.distill`` needs for two Hugging Face image classifiers: the splits
+    (images read batch by batch), both models wrapped with their processors, the class names."""
 
-    splits: dict[str, torch.utils.data.TensorDataset]
+    splits: dict[str, ImageTable]
     teacher: ImageClassifier
     student: ImageClassifier
     classes: list[str]
@@ -282,9 +283,7 @@ def api_image_splits(
     (converted to ``image_mode`` and resized to ``image_size`` when given; each model's
     processor does the rest), labels mapped to the teacher's classes (by name through its
     ``id2label``, or as indices), both heads checked against them."""
-    from torch.utils.data import TensorDataset
-
-    from .data.image_tables import IMAGE_COLUMNS, image_tensor
+    from .data.image_tables import IMAGE_COLUMNS, image_table
     from .data.labels import LABEL_COLUMNS, classes_for, encode_labels
     from .data.tables import as_table, find_column
 
@@ -297,15 +296,15 @@ def api_image_splits(
     check_teacher_labels(names, teacher.config)
     check_teacher_labels(names, student.config, who="student")
     encoded, _ = encode_labels(named, label, names, drop_unknown=False, where="data")
-    splits: dict[str, TensorDataset] = {}
+    splits: dict[str, ImageTable] = {}
     shape = None
     fix = "pass image_size=(H, W) (and image_mode='RGB')"
     for split, table in encoded.items():
-        x = image_tensor(
-            table[image], mode=image_mode, size=image_size, shape=shape, split=split, fix=fix
+        y = torch.tensor(table.data.column("label").to_numpy(), dtype=torch.int64)
+        splits[split] = image_table(
+            table, image, y, mode=image_mode, size=image_size, shape=shape, split=split, fix=fix
         )
-        shape = tuple(x.shape[1:])
-        splits[split] = TensorDataset(x, torch.tensor(table["label"], dtype=torch.int64))
+        shape = splits[split].shape
     return ImageSplits(
         splits,
         ImageClassifier(teacher, model_image_processor(teacher, image_processor, "teacher")),

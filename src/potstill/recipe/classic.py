@@ -31,11 +31,12 @@ DEFAULT_TEACHER_EPOCHS = 5
 
 
 class ImageTableSpec(TableSpec):
-    """Your images (:func:`potstill.data.image_tables.image_rows`): an image folder (one
-    subfolder per class; ``train/`` and ``test/`` inside give both splits), a ``save_to_disk``
-    folder or a hub dataset with an image and a ClassLabel column. ``mode`` converts (``L``,
-    ``RGB``), ``size`` ([H, W]) resizes. A missing test split is carved by ``test_size``
-    (default: a fifth); the validation split by the data section's ``val_size``."""
+    """Your images (:func:`potstill.data.image_tables.image_tables`, read batch by batch): an
+    image folder (one subfolder per class; ``train/`` and ``test/`` inside give both splits),
+    a ``save_to_disk`` folder or a hub dataset with an image and a ClassLabel column.
+    ``mode`` converts (``L``, ``RGB``), ``size`` ([H, W]) resizes. A missing test split is
+    carved by ``test_size`` (default: a fifth); the validation split by the data section's
+    ``val_size``."""
 
     val_size: float | None = Field(None, gt=0, description="use data.val_size")
     test_size: float | None = Field(None, gt=0)
@@ -43,7 +44,7 @@ class ImageTableSpec(TableSpec):
     size: tuple[int, int] | None = None
 
     def rows_options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`~potstill.data.image_tables.image_rows`."""
+        """The keyword arguments of :func:`~potstill.data.image_tables.image_tables`."""
         out = self.source_options()
         out.pop("val_size")
         return {**out, "columns": self.columns, "mode": self.mode, "size": self.size}

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from .. import distributed
 from ..cache import CachedTeacher, cached_or_live
 from ..config import TrainConfig, same_budget
-from ..data.image_tables import image_rows
+from ..data.image_tables import image_tables
 from ..data.splits import Splits, hide_labels, labelled_only, load_splits
 from ..distiller import Distiller
 from ..evaluate import classification_eval, predict_logits
@@ -154,7 +154,7 @@ def run(
         d = recipe.data
         rows = None
         if d.source is not None:
-            rows = image_rows(**d.source.rows_options(), seed=recipe.seed)
+            rows = image_tables(**d.source.rows_options(), seed=recipe.seed)
         splits = load_splits(
             d.name, data_dir=d.data_dir, val_size=d.val_size, seed=recipe.seed,
             columns=d.columns if rows is None else None, rows=rows,
@@ -260,7 +260,6 @@ def _setting(shared: Shared, setting: SettingSpec) -> dict[str, Any]:
     the same budget, from the same initial weights; their rows and model cards."""
     recipe, run, splits = shared.recipe, shared.run, shared.splits
     train = hide_labels(splits.train, setting.labelled_fraction, recipe.seed)
-    assert isinstance(train, TensorDataset)
     labelled = labelled_only(train)
     student_taps = recipe.taps.as_taps("student")
     runs: dict[str, SubRun] = {}

@@ -9,10 +9,10 @@ import logging
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from ..data.labels import model_label_names
-from ..data.splits import Splits
+from ..data.splits import Splits, labels_of, relabel
 from ..models import ArchSpec, build_model
 from ..recipe.classic import ModelChoice
 from ..vision import TorchvisionSpec, hf_image_classifier
@@ -64,10 +64,8 @@ def in_teacher_order(splits: Splits, teacher: ModelChoice) -> Splits:
     log.info("data: classes put in the teacher's label order (%s)", ", ".join(names))
     new_index = torch.tensor([list(names).index(c) for c in splits.classes])
 
-    def reordered(ds: Dataset) -> TensorDataset:
-        assert isinstance(ds, TensorDataset)
-        x, y = ds.tensors
-        return TensorDataset(x, new_index[y])
+    def reordered(ds: Dataset) -> Dataset:
+        return relabel(ds, new_index[labels_of(ds)])
 
     return Splits(
         reordered(splits.train), reordered(splits.val), reordered(splits.test), tuple(names),
