@@ -73,8 +73,52 @@ def test_corpus_windows_hold_every_token_in_order_and_count_the_tail(tok):
         len(tok(d, add_special_tokens=False)["input_ids"]) + 1 > 12 for d in DOCS if d
     )
     data = token_dataset(rows, tok.pad_token_id)
-    assert int(data.tensors["prompt_length"].sum()) == 0  # every token is predicted
-    assert "labels" not in data.tensors
+    whole = data.batch(torch.arange(len(data)))
+    assert int(whole["prompt_length"].sum()) == 0  # every token is predicted
+    assert "labels" not in whole
+    assert data.trained_tokens() == 8 * len(windows)
+
+
+def _in_memory_reference(table, pad):
+    """The token rows padded whole, as the road held them before (an independent build)."""
+    from potstill.data.tensors import TensorDictDataset
+    from potstill.llm.data import right_pad
+
+    ids, mask = right_pad(table["input_ids"], pad)
+    tensors = {"input_ids": ids, "attention_mask": mask}
+    if "labels" in table.column_names:
+        labels, _ = right_pad(table["labels"], -100)
+        first = [next((j for j, x in enumerate(r) if x != -100), 0) for r in table["labels"]]
+        tensors.update(labels=labels, prompt_length=torch.tensor(first))
+    else:
+        tensors["prompt_length"] = torch.zeros(len(table), dtype=torch.long)
+    return TensorDictDataset(tensors, trim_by="attention_mask")
+
+
+def test_token_rows_batch_as_the_in_memory_rows_and_read_only_their_rows(tok):
+    from potstill.data.tensors import fingerprint, token_width
+
+    corpus, _ = corpus_table(_table([{"text": t} for t in DOCS]), tok, "text", max_length=12,
+                             windows=False)  # fmt: skip
+    chats, _ = chat_table(_table(CONVERSATIONS), tok, {"messages": "messages"}, max_length=200)
+    g = torch.Generator().manual_seed(0)
+    for table in (corpus, chats):
+        rows = token_dataset(table, tok.pad_token_id)
+        ref = _in_memory_reference(table, tok.pad_token_id)
+        assert len(rows) == len(ref) and token_width(rows) == token_width(ref)
+        for _ in range(5):
+            index = torch.randperm(len(rows), generator=g)[: max(1, len(rows) // 2)]
+            got, want = rows.batch(index), ref.batch(index)
+            assert got.keys() == want.keys()
+            for key in want:
+                assert torch.equal(got[key], want[key]), key
+        assert fingerprint(rows) == fingerprint(token_dataset(table, tok.pad_token_id))
+        some = rows.select(torch.tensor([1, 0]), cache_index=torch.tensor([1, 0]))
+        assert some.max_length == rows.max_length  # what the cache of the whole recorded
+        assert torch.equal(some.batch(torch.tensor([0]))["cache_index"], torch.tensor([1]))
+        assert torch.equal(some.batch(torch.tensor([0]))["input_ids"],
+                           rows.batch(torch.tensor([1]))["input_ids"])  # fmt: skip
+    assert token_dataset(chats, tok.pad_token_id, limit=1).max_length == len(chats["input_ids"][0])
 
 
 def test_every_assistant_turn_is_trained_and_the_conversation_kept(tok):
@@ -101,9 +145,11 @@ def test_chat_table_counts_conversations_without_an_answer(tok):
     rows, counts = chat_table(_table(CONVERSATIONS), tok, {"messages": "messages"}, max_length=200)
     assert len(rows) == 2 and counts.left_out["conversations without an assistant turn"] == 1
     data = token_dataset(rows, tok.pad_token_id)
-    labelled = (data.tensors["labels"] != -100).sum(1)
+    whole = data.batch(torch.arange(len(data)))
+    labelled = (whole["labels"] != -100).sum(1)
     assert labelled.tolist() == [sum(x != -100 for x in r) for r in rows["labels"]]
-    assert (data.tensors["prompt_length"] > 0).all()
+    assert (whole["prompt_length"] > 0).all()
+    assert data.trained_tokens() == int(labelled.sum())
     short, scounts = chat_table(_table(CONVERSATIONS[:2]), tok, {"messages": "messages"},
                                 max_length=20)  # fmt: skip
     assert scounts.cut == 2 and len(short) == 1  # the second's answer lies past 20 tokens

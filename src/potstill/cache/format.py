@@ -16,7 +16,7 @@ from typing import Any, Literal
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data.tensors import TensorDictDataset, fingerprint
+from ..data.tensors import TensorDictDataset, fingerprint, token_width
 from ..teachers import model_fingerprint
 from .codec import Encoding
 
@@ -120,9 +120,9 @@ def cache_meaning(
     """The manifest fields that pin what a cache built from these inputs means."""
     max_length = None
     if unit == "token":
-        if not isinstance(dataset, TensorDictDataset) or "attention_mask" not in dataset.tensors:
-            raise ValueError("a token cache needs a TensorDictDataset with an attention_mask")
-        max_length = int(dataset.tensors["attention_mask"].shape[1])
+        max_length = token_width(dataset)
+        if max_length is None:
+            raise ValueError("a token cache needs token rows (input_ids with an attention mask)")
     return {
         "format": FORMAT,
         "unit": unit,

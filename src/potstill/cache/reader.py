@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..data.tensors import TensorDictDataset
+from ..data.tensors import TensorDictDataset, token_width
 from ..io import sha256_file
 from ..signal import Signal, TopK
 from ..teachers import Batch, model_fingerprint
@@ -77,8 +77,8 @@ class CachedTeacher:
         if tokenizer is not None:
             expected["tokenizer"] = tokenizer_fingerprint(tokenizer)
         if dataset is not None:
-            if self.meaning["unit"] == "token" and isinstance(dataset, TensorDictDataset):
-                expected["max_length"] = int(dataset.tensors["attention_mask"].shape[1])
+            if self.meaning["unit"] == "token" and token_width(dataset) is not None:
+                expected["max_length"] = token_width(dataset)
             expected["num_examples"] = len(dataset)  # type: ignore[arg-type]
             expected["data"] = data_fingerprint(dataset, self.meaning["unit"])
         compare_meaning(self.path, self.meaning, expected)
@@ -284,10 +284,12 @@ class CachedTeacher:
         items = [self[int(i)] for i in index]
         return self.collate(items, batch.get("attention_mask") if self.unit == "token" else None)
 
-    def subset(self, dataset: TensorDictDataset) -> TensorDictDataset:
+    def subset(self, dataset: Dataset) -> Dataset:
         """The examples of ``dataset`` (the one cached) that this cache holds, each carrying
         its ``cache_index``: what to train on from an incomplete cache."""
         keep = self.available.nonzero().flatten()
+        if not isinstance(dataset, TensorDictDataset):  # a token table: no row is read
+            return dataset.select(keep, cache_index=keep)  # type: ignore[attr-defined]
         tensors = {name: t[keep] for name, t in dataset.tensors.items()}
         tensors["cache_index"] = keep
         return TensorDictDataset(tensors, trim_by=dataset.trim_by)

@@ -85,6 +85,16 @@ class TensorDictDataset(Dataset):
         return {k: v[i] for k, v in self.tensors.items()}
 
 
+def token_width(dataset: Dataset) -> int | None:
+    """The width of a token dataset: its longest row (an in-memory one's padded width, or a
+    token table's ``max_length``); None for data that is not token rows."""
+    if isinstance(dataset, TensorDictDataset):
+        mask = dataset.tensors.get("attention_mask")
+        return int(mask.shape[1]) if mask is not None and mask.dim() == 2 else None
+    width = getattr(dataset, "max_length", None)
+    return int(width) if width is not None else None
+
+
 def make_batch(dataset: Dataset, index: torch.Tensor) -> dict[str, torch.Tensor]:
     """The examples at ``index`` as a batch dict ``{"input", "label", "index"}``.
 

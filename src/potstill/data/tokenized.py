@@ -153,3 +153,69 @@ def _buffers(array: Any) -> list[bytes]:
     if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
         return ["".join(f"{s}\x00" for s in array.to_pylist()).encode()]
     return [array.to_numpy(zero_copy_only=False).tobytes()]
+
+
+class TokenRows(TableDataset):
+    """A causal LM's token rows in an Arrow table (``input_ids``, and ``labels`` with -100 on
+    what is not trained), read a batch at a time: each batch holds ``input_ids`` (padded right
+    with ``pad_token_id`` to the batch's longest row), ``attention_mask`` (1 on each row's own
+    tokens), ``labels`` (padded with -100) and ``prompt_length`` (the first trained position; 0
+    without labels) — the fields and shapes of the in-memory token datasets, so the loop, the
+    teacher cache and the evaluation read either alike. ``max_length`` is the longest row.
+    ``fields`` are per-row tensors carried into every batch (a cache's ``cache_index``)."""
+
+    def __init__(
+        self, table: Table, pad_token_id: int, fields: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        import pyarrow.compute as pc
+
+        if len(table) == 0:
+            raise DataError(
+                "data: no training examples are left (see the log for what was left out)"
+            )
+        if getattr(table, "_indices", None) is not None:  # a selection: Arrow counts the rows
+            table = table.flatten_indices()  # it holds, written beside the table on disk
+        columns = {"input_ids": "input_ids"}
+        pad = {"input_ids": int(pad_token_id)}
+        if "labels" in table.column_names:
+            columns["labels"], pad["labels"] = "labels", -100
+        super().__init__(table, columns, pad, inputs=("input_ids",))
+        self.pad_token_id = int(pad_token_id)
+        lengths = pc.list_value_length(self.table.data.column("input_ids"))
+        self.max_length = int(pc.max(lengths).as_py() or 0)
+        self.fields = {k: v for k, v in (fields or {}).items()}
+
+    def _tensors(self, rows: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
+        out = super()._tensors(rows)
+        lengths = torch.tensor([len(r) for r in rows["input_ids"]])
+        width = out["input_ids"].shape[1]
+        out["attention_mask"] = (torch.arange(width) < lengths[:, None]).long()
+        if "labels" in out:
+            trained = out["labels"] != -100
+            out["prompt_length"] = torch.where(trained.any(1), trained.long().argmax(1), 0)
+        else:
+            out["prompt_length"] = torch.zeros(len(lengths), dtype=torch.long)
+        return out
+
+    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows at ``index`` (padded to their longest), their fields, and ``index``."""
+        out = super().batch(index)
+        return {**out, **{k: v[index] for k, v in self.fields.items()}}
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.batch(torch.tensor([int(i)])).items() if k != "index"}
+
+    def select(self, index: torch.Tensor, **fields: torch.Tensor) -> TokenRows:
+        """The rows at ``index`` with ``fields`` added; ``max_length`` stays the whole
+        table's (what a cache of it recorded)."""
+        kept = {k: v[index] for k, v in self.fields.items()}
+        rows = TokenRows(self.table.select(index.tolist()), self.pad_token_id, {**kept, **fields})
+        rows.max_length = self.max_length
+        return rows
+
+    def trained_tokens(self) -> int:
+        """The tokens that are trained: those whose label is not -100, or every token of rows
+        without labels (a corpus), counted by Arrow."""
+        if "labels" in self.columns:
+            return tokens_in(self.table, "labels", not_equal=-100)
+        return tokens_in(self.table, "input_ids")

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch.utils.data import Dataset
 
 from ..data.prompts import iter_jsonl
 from ..data.sources import load_rows
-from ..data.tensors import TensorDictDataset
+from ..data.tensors import TensorDictDataset, make_batch
 
 log = logging.getLogger("potstill")
 
@@ -80,7 +81,27 @@ def first_fit(lengths: Sequence[int], width: int) -> list[list[int]]:
     return rows
 
 
-def pack_examples(data: TensorDictDataset, max_length: int | None = None) -> TensorDictDataset:
+def trained_tokens(data: Dataset) -> int:
+    """How many tokens of a causal-LM dataset are trained: those whose label is not -100, or,
+    without labels, every token after each row's prompt."""
+    if not isinstance(data, TensorDictDataset):
+        return data.trained_tokens()  # type: ignore[attr-defined]
+    t = data.tensors
+    if "labels" in t:
+        return int((t["labels"] != -100).sum())
+    return int((t["attention_mask"].sum(1) - t["prompt_length"]).sum())
+
+
+def in_memory(data: Dataset) -> TensorDictDataset:
+    """A token dataset's rows as one in-memory dataset (a token table read whole)."""
+    if isinstance(data, TensorDictDataset):
+        return data
+    batch = make_batch(data, torch.arange(len(data)))  # type: ignore[arg-type]
+    batch.pop("index")
+    return TensorDictDataset(batch, trim_by="attention_mask")
+
+
+def pack_examples(data: Dataset, max_length: int | None = None) -> TensorDictDataset:
     """Short examples packed into rows of at most ``max_length`` tokens (default: the data's
     width), first fit in order, so batches carry far less padding.
 
@@ -90,6 +111,7 @@ def pack_examples(data: TensorDictDataset, max_length: int | None = None) -> Ten
     example's start). :func:`~potstill.llm.forward.causal_lm_forward` turns ``segment`` into a
     block-diagonal causal mask: each example sees only itself, as unpacked.
     """
+    data = in_memory(data)  # packing rewrites every row: it holds them
     width = max_length or int(data.tensors["input_ids"].shape[1])
     lengths = data.tensors["attention_mask"].sum(1).tolist()
     if max(lengths) > width:

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..data.tensors import TensorDictDataset, iterate_batches, make_batch
+from ..data.tensors import iterate_batches, make_batch
 from ..evaluate import eval_mode, median_seconds
 from ..losses.divergences import divergence
 from ..losses.forms import shared_vocabulary
@@ -26,7 +27,7 @@ from .forward import causal_lm_forward
 @torch.no_grad()
 def lm_figures(
     models: Mapping[str, nn.Module],
-    data: TensorDictDataset,
+    data: Dataset,
     *,
     teacher: nn.Module | None = None,
     batch_size: int = 8,
@@ -114,7 +115,7 @@ def greedy_generations(
 
 @torch.no_grad()
 def forward_tokens_per_s(
-    model: nn.Module, data: TensorDictDataset, batch_size: int = 8, repeats: int = 3
+    model: nn.Module, data: Dataset, batch_size: int = 8, repeats: int = 3
 ) -> float:
     """Tokens per second of a forward pass over the first ``batch_size`` examples of ``data``
     (real tokens only; median of ``repeats`` after one warm-up)."""

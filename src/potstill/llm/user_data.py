@@ -22,13 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ..data.rows import DataError
 from ..data.tables import find_column
-from ..data.tensors import TensorDictDataset
-from ..data.tokenized import column_sum, tokens_in
-from .data import LMExample, encode_example, right_pad
+from ..data.tokenized import TokenRows, column_sum, tokens_in
+from .data import LMExample, encode_example
 
 if TYPE_CHECKING:
     from datasets import Dataset as Table
@@ -278,20 +275,10 @@ def token_rows(
     raise ValueError(f"style {style!r} has no token rows of its own (prompts: answer them first)")
 
 
-def token_dataset(table: Table, pad_token_id: int, limit: int | None = None) -> TensorDictDataset:
+def token_dataset(table: Table, pad_token_id: int, limit: int | None = None) -> TokenRows:
     """The first ``limit`` token rows of a table (all of them by default) as a causal-LM
-    dataset: ``input_ids``, ``attention_mask`` (right padding, batches trimmed), and ``labels``
-    and ``prompt_length`` (the first trained position) when the rows have labels."""
+    dataset read a batch at a time from the table on disk (:class:`TokenRows`):
+    ``input_ids``, ``attention_mask`` (right padding, each batch to its longest row), and
+    ``labels`` and ``prompt_length`` (the first trained position) when the rows have labels."""
     n = len(table) if limit is None else min(limit, len(table))
-    if n == 0:
-        raise DataError("data: no training examples are left (see the log for what was left out)")
-    rows = table.select(range(n))
-    ids, mask = right_pad(rows["input_ids"], pad_token_id)
-    tensors = {"input_ids": ids, "attention_mask": mask}
-    if "labels" in rows.column_names:
-        labels, _ = right_pad(rows["labels"], -100)
-        first = [next((j for j, x in enumerate(r) if x != -100), 0) for r in rows["labels"]]
-        tensors.update(labels=labels, prompt_length=torch.tensor(first))
-    else:
-        tensors["prompt_length"] = torch.zeros(n, dtype=torch.long)
-    return TensorDictDataset(tensors, trim_by="attention_mask")
+    return TokenRows(table if n == len(table) else table.select(range(n)), pad_token_id)

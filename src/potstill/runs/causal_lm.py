@@ -17,7 +17,7 @@ import torch
 from .. import distributed
 from ..distiller import Distiller
 from ..hf import load_model, shared_vocab_size
-from ..llm.data import pack_examples, pad_id, prompt_ids
+from ..llm.data import pack_examples, pad_id, prompt_ids, trained_tokens
 from ..llm.forward import causal_lm_hidden_forward, fused_head_problem
 from ..llm.onpolicy import OnPolicySampler, SamplingSpec
 from ..recipe.causal_lm import LMRecipe
@@ -64,12 +64,7 @@ def _run(recipe: LMRecipe, run: RunFolder) -> dict[str, Any]:
 
     d = recipe.data
     train, val, heldout = lm_datasets(recipe, tok, teacher=teacher, run_dir=run.path)
-    if "labels" in train.tensors:  # conversations: every assistant turn, nothing else
-        response_tokens = int((train.tensors["labels"] != -100).sum())
-    else:
-        response_tokens = int(
-            (train.tensors["attention_mask"].sum(1) - train.tensors["prompt_length"]).sum()
-        )
+    response_tokens = trained_tokens(train)  # conversations: every assistant turn, no more
     n_examples = len(train)
     if d.packing:
         train = pack_examples(train, d.max_length)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from .. import distributed
 from ..assets import resolve
@@ -22,7 +23,6 @@ from ..data.prompts import Prompt
 from ..data.rows import DataError
 from ..data.sources import load_rows
 from ..data.tables import load_table_splits
-from ..data.tensors import TensorDictDataset
 from ..hf import check_same_tokenization, load_model, load_tokenizer
 from ..llm.answers import GenerationSettings, encode_prompt, generate_answers, read_answers
 from ..llm.data import LMExample, fortune_examples, pad_id, tokenize_examples
@@ -81,7 +81,7 @@ def lm_datasets(
     *,
     teacher: torch.nn.Module | None = None,
     run_dir: Path | None = None,
-) -> tuple[TensorDictDataset, TensorDictDataset, dict[str, Any] | None]:
+) -> tuple[Dataset, Dataset, dict[str, Any] | None]:
     """The recipe's tokenized training and held-out data (shuffled with the recipe's seed), and
     for prompt data the held-out prompts with the teacher's greedy answers (else None).
 
@@ -111,7 +111,7 @@ def _prompt_datasets(
     teacher: torch.nn.Module,
     run_dir: Path,
     prompts: tuple[list[Prompt], list[Prompt]] | None = None,
-) -> tuple[TensorDictDataset, TensorDictDataset, dict[str, Any]]:
+) -> tuple[Dataset, Dataset, dict[str, Any]]:
     d, a = recipe.data, recipe.data.answers
     if prompts is not None:
         train_p, val_p = prompts
@@ -170,7 +170,7 @@ def _prompt_datasets(
 
 def _source_datasets(
     recipe: LMRecipe, tok: Any, *, teacher: torch.nn.Module | None, run_dir: Path | None
-) -> tuple[TensorDictDataset, TensorDictDataset, dict[str, Any] | None]:
+) -> tuple[Dataset, Dataset, dict[str, Any] | None]:
     """The recipe's own data (``data.source``) in its style: a corpus in windows, conversations
     as given, or prompts the teacher answers first; the validation split carved unless given."""
     d = recipe.data
@@ -253,8 +253,8 @@ def cached_source(
     run_dir: Path,
     teacher: torch.nn.Module,
     tok: Any,
-    train: TensorDictDataset,
-) -> tuple[CachedTeacher, TensorDictDataset, dict[str, Any]]:
+    train: Dataset,
+) -> tuple[CachedTeacher, Dataset, dict[str, Any]]:
     """The recipe's teacher cache over ``train`` (filled first unless ``allow_incomplete``),
     the training data it covers, and its figures for the results."""
     c = recipe.teacher.cache

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from torch.utils.data import Dataset
 
-from ..data.tensors import TensorDictDataset
 from ..evaluate import file_size
 from ..hf import export_pretrained
 from ..llm.evaluate import (
@@ -40,7 +40,7 @@ def size_row(model: nn.Module) -> dict[str, Any]:
 
 def metrics(
     models: Mapping[str, nn.Module],
-    data: TensorDictDataset,
+    data: Dataset,
     *,
     teacher: nn.Module,
     tokenizer: Any,
@@ -128,7 +128,7 @@ def api_datasets(
     tokenizer: Any = None,
     columns: Mapping[str, str] | None = None,
     max_length: int = 256,
-) -> dict[str, TensorDictDataset]:
+) -> dict[str, Dataset]:
     """What ``potstill.distill`` needs to train a causal LM on rows of named fields: each table
     as token rows in the style its columns call for (a ``text`` corpus in windows; ``messages``
     or prompt + response trained as given), tokenized by the teacher's tokenizer (the student
