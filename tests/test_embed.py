@@ -197,6 +197,28 @@ def test_fingerprint_of_tensor_dict_dataset():
 # --- tokenize_pair / mean_pool / encoder_forward --------------------------------------------------
 
 
+def test_a_table_of_texts_batches_as_the_in_memory_tokenization(minilm, tmp_path):
+    from datasets import Dataset
+
+    from potstill.data.tensors import fingerprint
+    from potstill.tasks.embedding import tokenize_texts
+
+    _, _, tok = minilm
+    path = tmp_path / "texts.parquet"
+    Dataset.from_dict({"sentence": SENTENCES}).to_parquet(str(path))
+    from potstill.data.tables import load_table_splits
+
+    table = load_table_splits(path=str(path))["train"]  # memory-mapped, as a run reads it
+    rows = tokenize_texts(table, "sentence", tok, tok, 12)
+    ref = tokenize_pair(SENTENCES, tok, tok, 12)
+    index = torch.tensor([2, 0, 1])
+    got, want = rows.batch(index), ref.batch(index)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert fingerprint(rows) == fingerprint(tokenize_texts(table, "sentence", tok, tok, 12))
+
+
 def test_tokenize_pair_shapes_and_masks(minilm):
     _, _, tok = minilm
     max_length = 12  # SENTENCES[1] is longer than that, SENTENCES[2] much shorter

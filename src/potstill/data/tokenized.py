@@ -78,7 +78,8 @@ def tokens_in(table: Table, column: str, *, not_equal: int | None = None) -> int
 class TableDataset(Dataset):
     """Rows of an Arrow table (a ``datasets.Dataset``) as batches of tensors: ``columns`` maps
     each batch field to its column; list columns named in ``pad`` are padded right to the
-    longest row of the batch with their pad value. Only the rows of a batch are read."""
+    longest row of the batch (or to ``pad_to``) with their pad value. Only the rows of a batch
+    are read."""
 
     def __init__(
         self,
@@ -86,6 +87,7 @@ class TableDataset(Dataset):
         columns: Mapping[str, str],
         pad: Mapping[str, int] | None = None,
         inputs: Sequence[str] | None = None,
+        pad_to: int | None = None,
     ) -> None:
         missing = [c for c in columns.values() if c not in table.column_names]
         if missing:
@@ -95,6 +97,7 @@ class TableDataset(Dataset):
         self.table = table.select_columns(list(dict.fromkeys(columns.values())))
         self.columns = dict(columns)
         self.pad = dict(pad or {})
+        self.pad_to = pad_to
         self.inputs = tuple(inputs) if inputs is not None else tuple(
             f for f in self.columns if f != "label"
         )  # fmt: skip
@@ -107,7 +110,7 @@ class TableDataset(Dataset):
         for name, column in self.columns.items():
             values = rows[column]
             if name in self.pad:
-                width = max((len(v) for v in values), default=0)
+                width = self.pad_to or max((len(v) for v in values), default=0)
                 pad = self.pad[name]
                 values = [list(v) + [pad] * (width - len(v)) for v in values]
             out[name] = torch.tensor(values)

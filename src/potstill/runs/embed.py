@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from .. import distributed
 from ..assets import resolve
 from ..data.rows import DataError
 from ..data.sources import load_rows
 from ..data.tables import find_column, load_table_splits
-from ..data.tensors import TensorDictDataset
 from ..distiller import Distiller
 from ..hf import check_aligned_positions, load_model, load_tokenizer
 from ..recipe.common import TermSpec, build_objective, folder_name
@@ -29,7 +29,7 @@ from ..report.card import model_card, write_model_card
 from ..students import derive
 from ..taps import tap_counts
 from ..tasks import get_task
-from ..tasks.embedding import Pooling, embed, encoder_forward, tokenize_pair
+from ..tasks.embedding import Pooling, embed, encoder_forward, tokenize_pair, tokenize_texts
 from ..teachers import PrecomputedTeacher
 from .folder import RunFolder
 
@@ -67,11 +67,11 @@ def _run(recipe: EmbedRecipe, run: RunFolder) -> dict[str, Any]:
     t_tok = load_tokenizer(t_path, trust_remote_code=t_spec.trust_remote_code)
     s_tok = load_tokenizer(s_path, trust_remote_code=s_spec.trust_remote_code)
 
-    train_texts, val_texts = _texts(recipe)
+    train_texts, val_texts, column = _texts(recipe)
     n_train, n_val = len(train_texts), len(val_texts)
-    check_aligned_positions(t_tok, s_tok, train_texts[:50])
-    train = tokenize_pair(train_texts, t_tok, s_tok, recipe.data.max_length)
-    val = tokenize_pair(val_texts, t_tok, s_tok, recipe.data.max_length)
+    check_aligned_positions(t_tok, s_tok, train_texts[:50][column])
+    train = tokenize_texts(train_texts, column, t_tok, s_tok, recipe.data.max_length)
+    val = tokenize_texts(val_texts, column, t_tok, s_tok, recipe.data.max_length)
     pooling = {"teacher": t_spec.pooling.resolve(t_path), "student": s_spec.pooling.resolve(s_path)}
     forwards = (
         encoder_forward("t_", pooling["teacher"]),
@@ -143,16 +143,20 @@ def _pairs(recipe: EmbedRecipe, t_tok: Any, s_tok: Any) -> tuple | None:
     return first, second, [float(x) for x in table[cols[2]]]
 
 
-def _texts(recipe: EmbedRecipe) -> tuple[list[str], list[str]]:
-    """The training and held-out texts: fortunes (shuffled with the seed), or the recipe's own
-    table (its train and validation splits) — ``data.train`` / ``data.val`` of them."""
+def _texts(recipe: EmbedRecipe) -> tuple[Any, Any, str]:
+    """The training and held-out texts as tables, and their text column: fortunes (shuffled
+    with the seed), or the recipe's own table (its train and validation splits, memory-mapped;
+    empty texts left out and counted) — ``data.train`` / ``data.val`` of them."""
+    from datasets import Dataset as HFDataset
+
     d = recipe.data
     if d.source is None:
         texts = list(load_rows(d.name, folder=d.folder)["all"].column("text"))
         random.Random(recipe.seed).shuffle(texts)
         if d.train + d.val > len(texts):
             raise ValueError(f"data: train + val = {d.train + d.val} but only {len(texts)} texts")
-        return texts[: d.train], texts[d.train : d.train + d.val]
+        train, val = texts[: d.train], texts[d.train : d.train + d.val]
+        return HFDataset.from_dict({"text": train}), HFDataset.from_dict({"text": val}), "text"
     tables = load_table_splits(**d.source.source_options(), seed=recipe.seed, where="data.source")
     if "validation" not in tables:
         raise DataError("data.source: give a validation split or set data.source.val_size")
@@ -162,11 +166,14 @@ def _texts(recipe: EmbedRecipe) -> tuple[list[str], list[str]]:
     for split, cap in (("train", "train"), ("validation", "val")):
         table = tables[split].shuffle(seed=recipe.seed)
         n = min(len(table), getattr(d, cap)) if cap in d.model_fields_set else len(table)
-        texts = [t for t in table.select(range(n))[column] if isinstance(t, str) and t.strip()]
-        if len(texts) < n:
-            log.info("data.source %s: %d empty texts left out", split, n - len(texts))
-        out.append(texts)
-    return out[0], out[1]
+        table = table.select(range(n)).filter(
+            lambda rows: [isinstance(t, str) and bool(t.strip()) for t in rows[column]],
+            batched=True, desc=f"empty texts of {split}",
+        )  # fmt: skip
+        if len(table) < n:
+            log.info("data.source %s: %d empty texts left out", split, n - len(table))
+        out.append(table)
+    return out[0], out[1], column
 
 
 @dataclass
@@ -180,8 +187,8 @@ class Shared:
     counts: dict[str, dict[str, int]]
     student_taps: dict[str, Any]
     figures: dict[str, Any]
-    train: TensorDictDataset
-    val: TensorDictDataset
+    train: Dataset
+    val: Dataset
     tokenizer: Any
     student_path: str
     student_pooling: Pooling

@@ -10,17 +10,21 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from ..data.tensors import TensorDictDataset, iterate_batches
+from ..data.tokenized import TableDataset, tokenize_table
 from ..evaluate import file_size, forward_seconds
 from ..hf import export_pretrained
 from ..models import count_parameters
 from . import Task
+
+if TYPE_CHECKING:
+    from datasets import Dataset as Table
 
 log = logging.getLogger("potstill")
 
@@ -48,6 +52,24 @@ def tokenize_pair(
         "t_input_ids": t["input_ids"], "t_attention_mask": t["attention_mask"],
         "s_input_ids": s["input_ids"], "s_attention_mask": s["attention_mask"],
     })  # fmt: skip
+
+
+def tokenize_texts(
+    table: Table, column: str, teacher_tok: Any, student_tok: Any, max_length: int
+) -> TableDataset:
+    """Both tokenizations of a table's text ``column`` (through ``datasets.map``, cached on
+    disk beside a file-backed table), read a batch at a time and padded to ``max_length``: the
+    fields of :func:`tokenize_pair`, without holding the texts or their tokens in memory."""
+    columns: dict[str, str] = {}
+    pad: dict[str, int] = {}
+    for prefix, tok in (("t_", teacher_tok), ("s_", student_tok)):
+        side = "teacher" if prefix == "t_" else "student"
+        table, _ = tokenize_table(table, tok, column, max_length=max_length, prefix=prefix,
+                                  desc=f"tokenizing for the {side}")  # fmt: skip
+        for key, value in (("input_ids", tok.pad_token_id), ("attention_mask", 0)):
+            columns[f"{prefix}{key}"] = f"{prefix}{key}"
+            pad[f"{prefix}{key}"] = int(value or 0)
+    return TableDataset(table, columns, pad, inputs=tuple(columns), pad_to=max_length)
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
