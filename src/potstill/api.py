@@ -24,6 +24,7 @@ from .evaluate import accuracy, agreement, predict_logits
 from .llm.forward import causal_lm_forward
 from .losses.objective import Objective
 from .losses.terms import build_term, hinton_objective, labels_only_objective
+from .placement import Placement, resolve_device
 from .tasks.causal_lm import api_datasets, is_causal_lm
 from .tasks.text_classifier import api_splits, is_sequence_classifier
 from .teachers import ForwardFn, LiveTeacher, TeacherSource, default_forward
@@ -154,6 +155,8 @@ def distill(
     run_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool | None = None,
+    device: str = "auto",
+    teacher_device: str | None = None,
     task: Literal["classifier", "text-classifier", "image-classifier", "causal-lm"] | None = None,
     tokenizer: Any = None,
     student_tokenizer: Any = None,
@@ -173,6 +176,11 @@ def distill(
     every epoch: only valid when ``train_data`` returns the same inputs every time (no random
     augmentation). With ``baseline`` the same student is also trained without a teacher, from
     the same initial weights and for the same number of steps, for comparison.
+
+    ``device`` (``auto``: CUDA when a GPU is visible, else MPS, else the CPU; or ``cpu``,
+    ``cuda``, ``cuda:N``, ``mps``) places the student, its batches and the teacher's signals;
+    the teacher goes there too, or to ``teacher_device``. A device this machine lacks is
+    refused before anything trains.
 
     Hugging Face sequence classifiers (``...ForSequenceClassification``; or
     ``task="text-classifier"``) take ``train_data`` / ``eval_data`` as a ``datasets.Dataset``
@@ -209,8 +217,11 @@ def distill(
               "student_image_processor": student_image_processor}  # fmt: skip
     hf = {"tokenizer": tokenizer, "student_tokenizer": student_tokenizer, "columns": columns,
           "max_length": max_length, "images": images}  # fmt: skip
+    placement = Placement.of(device, "device")
     plan = _task(teacher, student, train_data, eval_data, task, hf)
     teacher, student = plan.teacher or teacher, plan.student or student
+    where = resolve_device(teacher_device, "teacher_device") if teacher_device else None
+    teacher.to(where or placement.device)  # the student is placed by the Distiller
     config = TrainConfig(
         epochs=epochs,
         batch_size=batch_size,
@@ -239,7 +250,17 @@ def distill(
                 build_term("ce", weight=1 - alpha, tokens=True),
             ])  # fmt: skip
         result = _fit_both(
-            student, teacher, objective, plan, source, config, run_dir, init, resume, metrics
+            student,
+            teacher,
+            objective,
+            plan,
+            source,
+            config,
+            run_dir,
+            init,
+            resume,
+            metrics,
+            placement,
         )
     finally:
         if tmp is not None:
@@ -274,6 +295,7 @@ def _fit_both(
     init: nn.Module | None,
     resume: bool,
     metrics: Mapping[str, Metric] | None,
+    placement: Placement,
 ) -> DistillResult:
     evaluate = None
     if plan.eval is not None and plan.tokens:
@@ -281,7 +303,8 @@ def _fit_both(
     elif plan.eval is not None:
         known, _ = predict_logits(teacher, plan.eval, forward=plan.teacher_forward)
         evaluate = _eval_with_teacher(known, plan.eval, plan.student_forward, metrics)
-    common = {"evaluate": evaluate, "student_forward": plan.student_forward}
+    common = {"evaluate": evaluate, "student_forward": plan.student_forward,
+              "placement": placement}  # fmt: skip
     fit = Distiller(
         student, objective, plan.train, teacher=source, config=config,
         run_dir=Path(run_dir) / "distilled" if run_dir else None, **common,

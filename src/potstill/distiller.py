@@ -39,7 +39,7 @@ from .losses.chunked import single_backward
 from .losses.objective import Objective
 from .optim import make_optimizer, make_scheduler
 from .placement import CPU, Placement
-from .signal import StudentView
+from .signal import Signal, StudentView
 from .taps import Taps, TapsLike, tapped_forward
 from .teachers import TeacherSource, default_forward
 
@@ -130,9 +130,10 @@ class Distiller:
     logging steps and empty otherwise. ``batch_transform(batch, micro)`` (optional) replaces each
     training batch before the teacher and the student see it, ``micro`` counting micro-batches
     from the start of training (so a resumed run transforms as an uninterrupted one would): how
-    on-policy distillation swaps in the student's own completions. ``placement`` puts the student,
-    the objective's trainable parts and every batch on its device (the teacher is placed by
-    whoever builds it; :mod:`potstill.placement`; the CPU by default).
+    on-policy distillation swaps in the student's own completions. ``placement`` (or ``device``:
+    ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``) puts the student, the objective's trainable
+    parts, every batch and the teacher's signals on its device; the teacher runs on its own
+    (wherever whoever built it put it: :mod:`potstill.placement`; the CPU by default).
 
     Under ``torchrun`` (see :mod:`potstill.distributed`) every process builds the same
     Distiller: each global batch of ``config.batch_size`` examples is split into contiguous
@@ -165,7 +166,12 @@ class Distiller:
         student_taps: TapsLike | None = None,
         batch_transform: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
         placement: Placement = CPU,
+        device: str | torch.device | None = None,
     ) -> None:
+        if device is not None:
+            if placement is not CPU:
+                raise ValueError("give device or placement, not both")
+            placement = Placement.of(device)
         if objective.needs_teacher and teacher is None:
             raise ValueError(
                 "the objective has teacher terms "
@@ -230,6 +236,12 @@ class Distiller:
 
     # ---- set-up -----------------------------------------------------------------------------
 
+    def _signal(self, batch: dict[str, Any]) -> Signal | None:
+        """The teacher's signal on the batch, on the student's device (None without one)."""
+        if self.teacher is None:
+            return None
+        return self.placement.signal(self.teacher.signal(batch))
+
     def _probe(self) -> None:
         """Check that every feature the objective reads is tapped, and let terms build their
         projectors from one batch's shapes (seeded, so runs and resumes build the same ones)."""
@@ -250,7 +262,7 @@ class Distiller:
             try:
                 with torch.no_grad():
                     view = self._view(taps, batch)
-                    signal = self.teacher.signal(batch) if self.teacher is not None else None
+                    signal = self._signal(batch)
             finally:
                 self.student.train(was_training)
             with torch.random.fork_rng(devices=[]):
@@ -389,7 +401,7 @@ class Distiller:
                     self._autocast(),
                     single_backward(),
                 ):
-                    signal = self.teacher.signal(batch) if self.teacher is not None else None
+                    signal = self._signal(batch)
                     view = self._view(taps, batch, self.model)
                     # DDP and FSDP average gradients over processes: scale back up by their number
                     scales = None if share is None else share * self.world

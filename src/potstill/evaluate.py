@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from .data.tensors import iterate_batches, make_batch
 from .io import atomic_save_module
 from .models import count_parameters
+from .placement import model_device, on_device
 from .teachers import ForwardFn, default_forward
 
 
@@ -40,12 +41,14 @@ def predict_logits(
     batch_size: int = 1024,
     forward: ForwardFn = default_forward,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits of ``model`` over ``dataset`` in order, and the labels (None when it has none)."""
+    """Logits of ``model`` over ``dataset`` in order, and the labels (None when it has none),
+    on the CPU; each batch is run on the model's device."""
     n = len(dataset)  # type: ignore[arg-type]
+    device = model_device(model)
     logits, labels = [], []
     with eval_mode(model):
         for batch in iterate_batches(dataset, torch.arange(n), batch_size):
-            logits.append(forward(model, batch).float())
+            logits.append(forward(model, on_device(batch, device)).float().cpu())
             if "label" in batch:
                 labels.append(batch["label"])
     return torch.cat(logits), (torch.cat(labels) if labels else None)
@@ -85,6 +88,14 @@ def file_size(model: nn.Module) -> int:
         return os.path.getsize(path)
 
 
+def synced(out: object) -> object:
+    """``out``, once the work queued for it is done: on a GPU a forward returns before it has
+    run, so a timing must wait for it (nothing to wait for on the CPU)."""
+    if isinstance(out, torch.Tensor) and out.device.type == "cuda":
+        torch.cuda.synchronize(out.device)
+    return out
+
+
 def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall time of ``call()`` over ``repeats`` runs, after ``warmup`` untimed ones."""
     for _ in range(warmup):
@@ -103,8 +114,9 @@ def forward_seconds(
     """Median wall time of ``forward`` on the first ``batch_size`` rows of ``data`` (a batch of
     named fields, as training reads it), no gradients, after two untimed runs."""
     batch = make_batch(data, torch.arange(min(batch_size, len(data))))  # type: ignore[arg-type]
+    batch = on_device(batch, model_device(model))
     with torch.no_grad():
-        return median_seconds(lambda: forward(model, batch), repeats, warmup=2)
+        return median_seconds(lambda: synced(forward(model, batch)), repeats, warmup=2)
 
 
 @torch.no_grad()
@@ -120,16 +132,17 @@ def measure_speed(
     """Median wall time of a forward pass on ``batch_size`` copies of ``example`` (eval mode, no
     grad, this process's threads), with its spread, and the implied examples per second."""
     x = example.unsqueeze(0).expand(batch_size, *example.shape).contiguous()
+    x = x.to(model_device(model))
     times: list[float] = []
     with eval_mode(model):
         for _ in range(warmup):
-            model(x)
+            synced(model(x))
         start = time.perf_counter()
         while len(times) < repeats or (
             time.perf_counter() - start < min_time_s and len(times) < 10 * repeats
         ):
             t = time.perf_counter()
-            model(x)
+            synced(model(x))
             times.append(time.perf_counter() - t)
     med = statistics.median(times)
     q = statistics.quantiles(times, n=4)

@@ -1,24 +1,98 @@
-"""Where a run's models and batches live: a :class:`Placement` puts the student, the teacher and
-every batch on its device. The CPU is the only placement that recipes use today; GPUs (one
-device per process, precision and memory per device) come in through this seam."""
+"""Where a run's models and batches live: :func:`resolve_device` turns the one setting
+(``auto | cpu | cuda | cuda:N | mps``) into a device, with an error naming the field when the
+machine has no such device; a :class:`Placement` puts the student, its batches and the
+teacher's signals on that device, and a teacher runs its batches on its own device
+(:func:`on_device`), so the two may live apart."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from .signal import Signal
+
 M = TypeVar("M", bound=nn.Module)
+
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
+"""What a device setting may say (in messages)."""
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_device(spec: str | torch.device | None = "auto", where: str = "device") -> torch.device:
+    """The device a setting names: ``auto`` (or None) is CUDA when a GPU is visible, else MPS,
+    else the CPU; ``cpu``, ``cuda``, ``cuda:N`` and ``mps`` must exist on this machine. A
+    ValueError names the field (``where``), what was asked and what the machine has."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    text = "auto" if spec is None else str(spec).strip().lower()
+    if not _DEVICE.match(text):
+        raise ValueError(f"{where}: unknown device {spec!r}; give {DEVICE_FORMS}")
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "mps":
+        if not _mps_available():
+            raise ValueError(f"{where}: mps was asked for but this machine has no MPS device; "
+                             "use cpu or auto")  # fmt: skip
+        return torch.device("mps")
+    if not torch.cuda.is_available():
+        build = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(
+            f"{where}: {text} was asked for but CUDA is not available here ({build}); use "
+            "cpu or auto, or install torch built for CUDA on a machine with a GPU"
+        )
+    index = int(text.split(":")[1]) if ":" in text else torch.cuda.current_device()
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(
+            f"{where}: {text} was asked for but this machine has {count} GPU"
+            f"{'s' if count != 1 else ''} (cuda:0 … cuda:{count - 1})"
+        )
+    return torch.device("cuda", index)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (or buffer); the CPU for one with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def on_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with every tensor on ``device`` (others, and tensors already there, as they
+    are); copies from pinned memory do not block."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Teacher, student and batches on ``device`` (default: the CPU)."""
+    """The student, its batches and the teacher's signals on ``device`` (default: the CPU)."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def of(cls, spec: str | torch.device | None, where: str = "device") -> Placement:
+        """The placement a device setting names (see :func:`resolve_device`)."""
+        return cls(resolve_device(spec, where))
 
     def model(self, model: M) -> M:
         """``model`` on this placement's device (moved in place; returned for chaining)."""
@@ -26,11 +100,17 @@ class Placement:
 
     def batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The batch with every tensor on this placement's device (others as they are)."""
-        return {
-            k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()
-        }
+        return on_device(batch, self.device)
+
+    def signal(self, signal: Signal) -> Signal:
+        """A teacher's signal on this placement's device (itself when it is there already)."""
+        tensors = [signal.logits, *signal.features.values()]
+        if signal.topk is not None:
+            tensors.append(signal.topk.ids)
+        if all(t is None or t.device == self.device for t in tensors):
+            return signal
+        return signal.to(self.device, non_blocking=True)
 
 
 CPU = Placement()
-"""The placement of every run today."""
+"""The CPU placement, the default."""

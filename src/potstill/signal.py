@@ -41,6 +41,14 @@ class TopK:
                 f"{tuple(self.ids.shape[:-1])} of ids"
             )
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TopK:
+        """The same summary on ``device`` (itself when it is there already)."""
+        return TopK(
+            self.ids.to(device, non_blocking=non_blocking),
+            self.logprobs.to(device, non_blocking=non_blocking),
+            self.tail_mass.to(device, non_blocking=non_blocking),
+        )
+
     @property
     def k(self) -> int:
         """Number of stored tokens per position."""
@@ -84,6 +92,16 @@ class Signal:
     logits: torch.Tensor | None = None
     topk: TopK | None = None
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Signal:
+        """The same signal with every tensor on ``device`` (no copy of those already there)."""
+        return Signal(
+            logits=None
+            if self.logits is None
+            else self.logits.to(device, non_blocking=non_blocking),
+            topk=None if self.topk is None else self.topk.to(device, non_blocking=non_blocking),
+            features={k: v.to(device, non_blocking=non_blocking) for k, v in self.features.items()},
+        )
 
 
 class StudentView:

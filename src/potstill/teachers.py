@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .data.tensors import iterate_batches
+from .placement import model_device, on_device
 from .signal import Signal
 from .taps import Taps, TapsLike, tapped_forward
 
@@ -83,6 +84,7 @@ class LiveTeacher:
             self.model.eval()
         if self.shard and not self._sharded:
             self._shard()
+        batch = on_device(batch, model_device(self.model))  # the teacher's own device
         if self.taps is None:
             return Signal(logits=self.forward(self.model, batch).detach())
         if self.taps.closed:
@@ -138,16 +140,18 @@ class PrecomputedTeacher:
         feats: dict[str, list[torch.Tensor]] = {}
         n = len(dataset)  # type: ignore[arg-type]
         bar = tqdm(total=n, desc="teacher signals", unit="ex", leave=False, disable=None)
+        device = model_device(model)
         try:
             with torch.no_grad():
                 for batch in iterate_batches(dataset, torch.arange(n), batch_size):
+                    batch = on_device(batch, device)
                     if tap is None:
                         out, f = forward(model, batch), {}
                     else:
                         out, f = tapped_forward(tap, forward, model, batch)
-                    logits.append(out.float())
+                    logits.append(out.float().cpu())
                     for k, v in f.items():
-                        feats.setdefault(k, []).append(v.to(feature_dtype))
+                        feats.setdefault(k, []).append(v.to(feature_dtype).cpu())
                     bar.update(len(batch["index"]))
         finally:
             bar.close()

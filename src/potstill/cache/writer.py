@@ -25,6 +25,7 @@ from .. import distributed
 from .._version import __version__
 from ..data.tensors import make_batch
 from ..io import atomic_create_text, atomic_save_safetensors, atomic_write_text, sha256_file
+from ..placement import CPU
 from ..taps import TapsLike
 from ..teachers import ForwardFn, LiveTeacher, default_forward, freeze
 from .codec import Encoding, compress_rows, id_dtype, topk_rows
@@ -153,7 +154,7 @@ def write_cache(
         raise ValueError("the dataset is empty: nothing to cache")
     live = LiveTeacher(teacher, forward=forward, taps=taps)
     try:
-        probe = live.signal(make_batch(dataset, torch.arange(min(2, n))))
+        probe = CPU.signal(live.signal(make_batch(dataset, torch.arange(min(2, n)))))
         assert probe.logits is not None
         vocab = probe.logits.shape[-1]
         if k is not None and not 1 <= k <= vocab:
@@ -262,7 +263,7 @@ def _shard_tensors(
     index = torch.arange(examples.start, examples.stop)
     for lo in range(0, len(index), batch_size):
         batch = make_batch(dataset, index[lo : lo + batch_size])
-        signal = live.signal(batch)
+        signal = CPU.signal(live.signal(batch))  # stored from the CPU, wherever the teacher runs
         assert signal.logits is not None
         mask = batch["attention_mask"] if unit == "token" else None
         logit_rows = _rows_of(signal.logits, mask)

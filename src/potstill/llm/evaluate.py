@@ -16,10 +16,11 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..data.tensors import iterate_batches, make_batch
-from ..evaluate import eval_mode, median_seconds
+from ..evaluate import eval_mode, median_seconds, synced
 from ..losses.divergences import divergence
 from ..losses.forms import shared_vocabulary
 from ..losses.tokens import batch_token_mask, next_token_mask, next_token_nll
+from ..placement import model_device, on_device
 from .data import right_pad
 from .forward import causal_lm_forward
 
@@ -58,17 +59,22 @@ def lm_figures(
             mask = batch_token_mask(batch)
             k = int(mask.sum())
             count += k
-            t_logits = causal_lm_forward(teacher, batch).float() if teacher is not None else None
+            t_logits = None
+            if teacher is not None:  # on the teacher's device; compared on each model's
+                t_batch = on_device(batch, model_device(teacher))
+                t_logits = causal_lm_forward(teacher, t_batch).float()
             for name, model in models.items():
-                logits = causal_lm_forward(model, batch).float()
-                nll, _ = next_token_nll(logits, batch["input_ids"], mask)
+                device = model_device(model)
+                here, m_mask = on_device(batch, device), mask.to(device)
+                logits = causal_lm_forward(model, here).float()
+                nll, _ = next_token_nll(logits, here["input_ids"], m_mask)
                 sums[name]["nll"] += float(nll)
                 if t_logits is None:
                     continue
-                s, t = shared_vocabulary(logits, t_logits)
+                s, t = shared_vocabulary(logits, t_logits.to(device))
                 same = s.argmax(-1) == t.argmax(-1)
-                sums[name]["agree"] += float(same[mask].sum())
-                sums[name]["kl"] += float(divergence(s, t, "fkl", mask=mask)) * k
+                sums[name]["agree"] += float(same[m_mask].sum())
+                sums[name]["kl"] += float(divergence(s, t, "fkl", mask=m_mask)) * k
     finally:
         for name, m in models.items():
             m.train(states[name])
@@ -97,7 +103,7 @@ def greedy_generations(
     texts, new_tokens, seconds = [], 0, 0.0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for ids in prompts:
-        x = torch.tensor([list(ids)])
+        x = torch.tensor([list(ids)], device=model_device(model))
         start = time.perf_counter()
         out = model.generate(
             input_ids=x,
@@ -120,9 +126,11 @@ def forward_tokens_per_s(
     """Tokens per second of a forward pass over the first ``batch_size`` examples of ``data``
     (real tokens only; median of ``repeats`` after one warm-up)."""
     model.eval()
-    batch = make_batch(data, torch.arange(min(batch_size, len(data))))
+    batch = on_device(make_batch(data, torch.arange(min(batch_size, len(data)))),
+                      model_device(model))  # fmt: skip
     tokens = int(batch["attention_mask"].sum())
-    return tokens / median_seconds(lambda: causal_lm_forward(model, batch), repeats, warmup=1)
+    run = lambda: synced(causal_lm_forward(model, batch))  # noqa: E731
+    return tokens / median_seconds(run, repeats, warmup=1)
 
 
 @torch.no_grad()
@@ -170,8 +178,11 @@ def teacher_log_likelihood(
             tails = answers[lo : lo + batch_size]
             rows = [list(p) + list(a) for p, a in zip(heads, tails, strict=True)]
             ids, mask = right_pad(rows, pad_token_id)
+            device = model_device(teacher)
+            ids, mask = ids.to(device), mask.to(device)
             logits = causal_lm_forward(teacher, {"input_ids": ids, "attention_mask": mask})
-            scored = next_token_mask(mask, prompt_lengths=torch.tensor([len(p) for p in heads]))
+            lengths = torch.tensor([len(p) for p in heads], device=device)
+            scored = next_token_mask(mask, prompt_lengths=lengths)
             nll, n = next_token_nll(logits.float(), ids, scored)
             total -= float(nll)
             count += int(n)
