@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..data.prompts import Prompt
 from ..evaluate import eval_mode
+from ..placement import model_device
 from ..teachers import model_fingerprint
 from .data import prompt_ids
 
@@ -90,8 +91,10 @@ def sample_completions(
     ``top_p`` from the global torch RNG, in eval mode (the model's mode is restored after).
     Sequences that stop early are padded after their end token; cut them at it."""
     width = max(len(x) for x in prompts)
-    input_ids = torch.tensor([[pad_token_id] * (width - len(x)) + list(x) for x in prompts])
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts])
+    device = model_device(model)  # generated where the model is
+    input_ids = torch.tensor([[pad_token_id] * (width - len(x)) + list(x) for x in prompts],
+                             device=device)  # fmt: skip
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts], device=device)
     sample = temperature > 0
     with eval_mode(model):
         generated = model.generate(

@@ -82,8 +82,8 @@ class OnPolicySampler:
         input_ids, attention = right_pad(rows, self.pad, dtype=ids.dtype)
         return {
             **batch,
-            "input_ids": input_ids,
-            "attention_mask": attention,
+            "input_ids": input_ids.to(ids.device),  # where the batch was placed
+            "attention_mask": attention.to(ids.device),
             "on_policy": True,
         }
 

@@ -21,6 +21,7 @@ from ..data.tokenized import TableDataset, tokenize_table
 from ..evaluate import file_size, forward_seconds
 from ..hf import export_pretrained
 from ..models import count_parameters
+from ..placement import model_device, on_device
 from . import Task
 
 if TYPE_CHECKING:
@@ -163,8 +164,12 @@ def embed(model: nn.Module, dataset: Dataset, forward, batch_size: int = 64) -> 
     """Embeddings of every example, in order."""
     model.eval()
     n = len(dataset)  # type: ignore[arg-type]
+    device = model_device(model)  # run where the model is; the embeddings come back to the CPU
     return torch.cat(
-        [forward(model, b).float() for b in iterate_batches(dataset, torch.arange(n), batch_size)]
+        [
+            forward(model, on_device(b, device)).float().cpu()
+            for b in iterate_batches(dataset, torch.arange(n), batch_size)
+        ]
     )
 
 
