@@ -305,13 +305,13 @@ def test_the_api_distills_one_hugging_face_image_classifier_into_another(finishe
     from transformers import AutoConfig, AutoModelForImageClassification
 
     import potstill
-    from potstill.vision import label_config
+    from potstill.data.labels import head_config
 
     root, _, _ = finished
     teacher = AutoModelForImageClassification.from_pretrained(root / "run" / "teacher" / "final")
     names = [teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
     cfg = AutoConfig.for_model(**{**VIT, "image_size": 28, "num_channels": 1},
-                               **label_config(names))  # fmt: skip
+                               **head_config(names))  # fmt: skip
     torch.manual_seed(0)
     student = AutoModelForImageClassification.from_config(cfg)
     train = load_dataset("imagefolder", data_dir=str(image_folder), split="train")

@@ -19,22 +19,13 @@ import torch
 from torch import nn
 
 from .data.image_tables import ImageTable
-from .data.labels import check_teacher_labels
+from .data.labels import check_teacher_labels, head_config
 from .data.rows import DataError
 from .models import SPEC_FILE, save_model_folder
 
 log = logging.getLogger("potstill")
 
 PROCESSOR_FILE = "preprocessor_config.json"
-
-
-def label_config(classes: Sequence[str]) -> dict[str, Any]:
-    """The config fields of a classification head for ``classes`` (its number and names)."""
-    return {
-        "num_labels": len(classes),
-        "id2label": dict(enumerate(classes)),
-        "label2id": {c: i for i, c in enumerate(classes)},
-    }
 
 
 class ImageClassifier(nn.Module):
@@ -161,7 +152,7 @@ def hf_image_classifier(
             )
         options.setdefault("num_channels", int(input_shape[0]))
         try:
-            cfg = AutoConfig.for_model(kind, **options, **label_config(classes))
+            cfg = AutoConfig.for_model(kind, **options, **head_config(classes))
             if hasattr(cfg, "image_size") and "image_size" not in config:
                 cfg.image_size = int(input_shape[-1])
             net = AutoModelForImageClassification.from_config(cfg)
@@ -174,7 +165,7 @@ def hf_image_classifier(
         proc = load_image_processor(processor) if processor else None
         return ImageClassifier(net, proc).eval()
     assert model is not None
-    extra = {**label_config(classes), "ignore_mismatched_sizes": True} if new_head else {}
+    extra = {**head_config(classes), "ignore_mismatched_sizes": True} if new_head else {}
     net = AutoModelForImageClassification.from_pretrained(
         model, trust_remote_code=trust_remote_code, **extra
     )
@@ -284,18 +275,11 @@ def api_image_splits(
     processor does the rest), labels mapped to the teacher's classes (by name through its
     ``id2label``, or as indices), both heads checked against them."""
     from .data.image_tables import IMAGE_COLUMNS, image_table
-    from .data.labels import LABEL_COLUMNS, classes_for, encode_labels
-    from .data.tables import as_table, find_column
+    from .data.labels import classifier_tables
 
-    columns = dict(columns or {})
-    named = {k: as_table(v, f"{k} data") for k, v in tables.items()}
-    first = named["train"]
-    image = find_column(first, "image", columns.get("image"), IMAGE_COLUMNS, "columns")
-    label = find_column(first, "label", columns.get("label"), LABEL_COLUMNS, "columns")
-    names = classes_for(first, label, config=teacher.config)
-    check_teacher_labels(names, teacher.config)
-    check_teacher_labels(names, student.config, who="student")
-    encoded, _ = encode_labels(named, label, names, drop_unknown=False, where="data")
+    encoded, image, names = classifier_tables(
+        tables, teacher.config, student.config, columns, "image", IMAGE_COLUMNS
+    )
     splits: dict[str, ImageTable] = {}
     shape = None
     fix = "pass image_size=(H, W) (and image_mode='RGB')"

@@ -149,3 +149,39 @@ def check_teacher_labels(
 def _short(names: Sequence[str], n: int = 6) -> str:
     shown = ", ".join(map(str, names[:n]))
     return shown + (f", … {len(names) - n} more" if len(names) > n else "")
+
+
+def head_config(classes: Sequence[str]) -> dict[str, Any]:
+    """The config fields of a classification head for ``classes`` (its number and names)."""
+    return {
+        "num_labels": len(classes),
+        "id2label": dict(enumerate(classes)),
+        "label2id": {c: i for i, c in enumerate(classes)},
+    }
+
+
+def classifier_tables(
+    tables: Mapping[str, Any],
+    teacher_config: Any,
+    student_config: Any,
+    columns: Mapping[str, str] | None,
+    field: str,
+    candidates: Sequence[str],
+) -> tuple[dict[str, Table], str, list[str]]:
+    """What ``potstill.distill`` reads for two Hugging Face classifiers from rows of named
+    fields (a ``datasets.Dataset`` or any Dataset of dict rows): the tables with an integer
+    ``label`` column, the input column (``field``, named in ``columns`` or the first of
+    ``candidates``) and the class names (the teacher's ``id2label`` when it names them; string
+    labels are mapped by name), both heads checked against them."""
+    from .tables import as_table, find_column
+
+    columns = dict(columns or {})
+    named = {k: as_table(v, f"{k} data") for k, v in tables.items()}
+    first = named["train"]
+    column = find_column(first, field, columns.get(field), candidates, "columns")
+    label = find_column(first, "label", columns.get("label"), LABEL_COLUMNS, "columns")
+    names = classes_for(first, label, config=teacher_config)
+    check_teacher_labels(names, teacher_config)
+    check_teacher_labels(names, student_config, who="student")
+    encoded, _ = encode_labels(named, label, names, drop_unknown=False, where="data")
+    return encoded, column, names

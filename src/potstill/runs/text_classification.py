@@ -20,7 +20,13 @@ from .. import distributed
 from ..assets import resolve
 from ..cache import cached_or_live
 from ..config import TrainConfig, same_budget
-from ..data.labels import LABEL_COLUMNS, check_teacher_labels, classes_for, encode_labels
+from ..data.labels import (
+    LABEL_COLUMNS,
+    check_teacher_labels,
+    classes_for,
+    encode_labels,
+    head_config,
+)
 from ..data.tables import find_column, load_table_splits
 from ..data.tokenized import TableDataset
 from ..distiller import Distiller
@@ -124,18 +130,10 @@ def prepare_data(recipe: TextClassificationRecipe, teacher_config: Any) -> Prepa
     )  # fmt: skip
 
 
-def _head(names: list[str]) -> dict[str, Any]:
-    return {
-        "num_labels": len(names),
-        "id2label": dict(enumerate(names)),
-        "label2id": {n: i for i, n in enumerate(names)},
-    }
-
-
 def _load(path: str | Path, spec: Any, names: list[str], *, new_head: bool, seed: int) -> nn.Module:
     """A sequence classifier; with ``new_head`` its head is made for ``names`` (a base model,
     or a classifier of other classes whose head is replaced)."""
-    extra = {**_head(names), "ignore_mismatched_sizes": True} if new_head else {}
+    extra = {**head_config(names), "ignore_mismatched_sizes": True} if new_head else {}
     torch.manual_seed(seed)  # a new head's initial weights: the same in every run of the recipe
     return load_model(
         path, KIND, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,

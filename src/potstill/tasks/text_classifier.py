@@ -17,8 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data.labels import LABEL_COLUMNS, check_teacher_labels, classes_for, encode_labels
-from ..data.tables import as_table, find_column
+from ..data.labels import classifier_tables
 from ..data.tokenized import TableDataset, tokenize_table
 from ..evaluate import accuracy, agreement, file_size, forward_seconds, predict_logits
 from ..hf import export_pretrained
@@ -213,14 +212,9 @@ def api_splits(
     named fields: the splits tokenized for both models and the class names (the teacher's
     ``id2label`` when it names them; string labels are mapped by name)."""
     columns = dict(columns or {})
-    named = {k: as_table(v, f"{k} data") for k, v in tables.items()}
-    first = named["train"]
-    text = find_column(first, "text", columns.get("text"), TEXT_COLUMNS, "columns")
-    label = find_column(first, "label", columns.get("label"), LABEL_COLUMNS, "columns")
-    names = classes_for(first, label, config=teacher.config)
-    check_teacher_labels(names, teacher.config)
-    check_teacher_labels(names, student.config, who="student")
-    encoded, _ = encode_labels(named, label, names, drop_unknown=False, where="data")
+    encoded, text, names = classifier_tables(
+        tables, teacher.config, student.config, columns, "text", TEXT_COLUMNS
+    )
     t_tok = model_tokenizer(teacher, tokenizer, "teacher")
     s_tok = model_tokenizer(student, student_tokenizer, "student") if (
         student_tokenizer is not None or _own_tokenizer(teacher, student)
