@@ -1,38 +1,24 @@
 """Device placement without a GPU: the ``device`` setting resolves or is refused with the field
-named; a teacher whose weights are fake CUDA tensors (PyTorch's ``FakeTensorMode``, which makes
-them on a CPU-only build and raises on any mix of devices) runs each batch on its own device,
-is evaluated there with its logits brought back, and fills a teacher cache from there; a
-teacher's signal lands on the student's device; the CPU road is untouched."""
+named; on the fake GPU of :mod:`fakegpu` (real values, and an error on any CPU tensor that meets
+a GPU one) a teacher runs each batch on its own device, evaluation and a teacher cache run where
+the model is and bring results back, the loop trains, checkpoints and resumes with the CPU
+road's figures bit for bit, and a tensor left behind is caught."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_mlp, quiet_config
+from fakegpu import DeviceMismatch, on_fake
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from potstill.config import OptimizerConfig
 from potstill.placement import CPU, Placement, resolve_device
 from potstill.signal import Signal, TopK
 
 NO_CUDA = not torch.cuda.is_available()
-
-
-def fake_cuda(model: nn.Module) -> nn.Module:
-    """``model`` with every parameter a frozen fake CUDA tensor (call inside the mode)."""
-    for m in model.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None:
-                fake = torch.empty(p.shape, dtype=p.dtype, device="cuda")
-                m._parameters[name] = nn.Parameter(fake, requires_grad=False)
-    return model
-
-
-@pytest.fixture
-def fake_mode():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        yield mode
+GPU = "fakegpu"
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="this machine has a GPU: auto resolves to it")
@@ -46,6 +32,10 @@ def test_device_settings_resolve_or_name_the_field():
     for spec in ("gpu", "cuda:x", "tpu", ""):
         with pytest.raises(ValueError, match="device: unknown device .*auto, cpu, cuda, cuda:N"):
             resolve_device(spec)
+    # an out-of-tree accelerator (PrivateUse1: Ascend's npu, the suite's fakegpu) is named too
+    assert resolve_device("fakegpu") == resolve_device("FakeGPU:0") == torch.device(GPU, 0)
+    with pytest.raises(ValueError, match="device: fakegpu:1 was asked for but this machine has 1"):
+        resolve_device("fakegpu:1")
     if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         with pytest.raises(ValueError, match="mps was asked for"):
             resolve_device("mps")
@@ -71,32 +61,123 @@ def test_the_api_and_the_loop_refuse_a_missing_gpu_before_training(digits):
                   placement=Placement(torch.device("cpu")))  # fmt: skip
 
 
-def test_a_teacher_on_a_fake_gpu_runs_its_batches_there(fake_mode):
-    from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
-
+def test_a_teacher_on_the_gpu_runs_its_batches_there():
     from potstill.teachers import LiveTeacher
 
-    teacher = fake_cuda(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    teacher = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    ref = LiveTeacher(teacher, taps={"h": "0"}).signal({"input": torch.randn(5, 3)})
+    teacher.to(GPU)
+    torch.manual_seed(0)
     batch = {"input": torch.randn(5, 3), "index": torch.arange(5)}  # as the loader gives it
-    with pytest.raises(FakeTensorDeviceMismatchError):
+    with pytest.raises(DeviceMismatch, match="a cpu tensor of shape \\(5, 3\\) met a fakegpu"):
         teacher(batch["input"])  # what a placement that forgot the batch would do
     signal = LiveTeacher(teacher, taps={"h": "0"}).signal(batch)
-    assert signal.logits.device.type == "cuda" and signal.features["h"].device.type == "cuda"
+    assert on_fake(signal.logits) and on_fake(signal.features["h"])
     moved = CPU.signal(signal)  # to a student on the CPU
     assert moved.logits.device.type == "cpu" and moved.features["h"].device.type == "cpu"
+    torch.manual_seed(0)
+    again = LiveTeacher(teacher.cpu(), taps={"h": "0"}).signal({"input": torch.randn(5, 3)})
+    assert torch.equal(again.logits, moved.logits) and ref.logits.shape == moved.logits.shape
 
 
-def test_evaluation_and_a_cache_run_on_the_models_device(fake_mode, tmp_path):
+def test_evaluation_and_a_cache_run_on_the_models_device():
     from potstill.evaluate import predict_logits
     from potstill.teachers import PrecomputedTeacher
 
-    teacher = fake_cuda(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    teacher = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     data = TensorDataset(torch.randn(7, 3), torch.zeros(7, dtype=torch.long))
+    cpu_logits, _ = predict_logits(teacher, data, batch_size=3)
+    teacher.to(GPU)
     logits, labels = predict_logits(teacher, data, batch_size=3)
-    assert logits.device.type == "cpu" and logits.shape == (7, 2)
+    assert logits.device.type == "cpu" and torch.equal(logits, cpu_logits)
     assert labels is not None and labels.device.type == "cpu"
     pre = PrecomputedTeacher(teacher, data, lambda m, b: m(b["input"]), batch_size=3)
-    assert pre.logits.device.type == "cpu" and pre.logits.shape == (7, 2)
+    assert pre.logits.device.type == "cpu" and torch.equal(pre.logits, cpu_logits)
+
+
+def _fit(digits, student_device, teacher_device, *, steps=3, run_dir=None, stop_at=None,
+         resume=False, dropout=0.0):  # fmt: skip
+    from potstill.distiller import Distiller
+    from potstill.evaluate import classification_eval
+    from potstill.losses.terms import hinton_objective
+    from potstill.teachers import LiveTeacher
+
+    teacher = make_mlp([64], seed=1).to(teacher_device)
+    # fused=False: the CPU's default fused AdamW is another kernel than the multi-tensor one
+    # a non-CPU device gets; with one implementation on both the figures are bitwise equal
+    cfg = quiet_config(max_steps=steps, batch_size=32, eval_every=2,
+                       optimizer=OptimizerConfig(fused=False))  # fmt: skip
+    d = Distiller(make_mlp([32], dropout=dropout, seed=2), hinton_objective(4.0, 0.5),
+                  digits.train, teacher=LiveTeacher(teacher), config=cfg, device=student_device,
+                  evaluate=classification_eval(digits.val), run_dir=run_dir)  # fmt: skip
+
+    def stop(step, row):
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    d.callbacks.append(stop)
+    try:
+        return d.fit(resume=resume)
+    except KeyboardInterrupt:
+        return None
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.cpu() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("teacher_device", ["fakegpu", "cpu"])
+def test_training_on_the_gpu_gives_the_cpu_figures(digits, teacher_device):
+    """Student, batches, objective and teacher signals on the (fake) GPU, the teacher there or
+    on the CPU: the same losses, evaluations and weights as the CPU road, bit for bit; any
+    tensor left on the CPU would have raised."""
+    cpu = _fit(digits, "cpu", "cpu")
+    gpu = _fit(digits, "fakegpu", teacher_device)
+    assert on_fake(next(gpu.student.parameters()))
+    assert [r["loss"] for r in gpu.history] == [r["loss"] for r in cpu.history]
+    assert gpu.evals == cpu.evals
+    g = _cpu_state(gpu.student)
+    assert all(torch.equal(v, g[k]) for k, v in cpu.student.state_dict().items())
+
+
+def test_a_gpu_run_checkpoints_and_resumes_exactly(digits, tmp_path):
+    whole = _fit(digits, "fakegpu", "fakegpu", steps=4, run_dir=tmp_path / "a", dropout=0.2)
+    assert _fit(digits, "fakegpu", "fakegpu", steps=4, run_dir=tmp_path / "b", stop_at=3,
+                dropout=0.2) is None  # fmt: skip
+    resumed = _fit(digits, "fakegpu", "fakegpu", steps=4, run_dir=tmp_path / "b", resume=True,
+                   dropout=0.2)  # fmt: skip
+    assert resumed is not None and resumed.evals == whole.evals
+    assert resumed.history[-1]["loss"] == whole.history[-1]["loss"]
+    a, b = _cpu_state(whole.student), _cpu_state(resumed.student)
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    # the checkpoint holds CPU tensors only: it loads (weights_only) on a machine without GPU
+    state = torch.load(tmp_path / "b" / "checkpoints" / "step-00000004" / "trainer_state.pt",
+                       weights_only=True)  # fmt: skip
+    tensors = [v for st in state["optimizer"]["state"].values() for v in st.values()]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+
+
+def test_a_tied_model_on_the_gpu_saves_each_weight_once_and_loads_back(tmp_path):
+    from potstill.io import atomic_save_module, load_module
+
+    def tied() -> nn.Module:
+        m = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+        m[1].weight = m[0].weight
+        return m
+
+    torch.manual_seed(0)
+    cpu = tied()
+    atomic_save_module(cpu, tmp_path / "cpu.safetensors")
+    atomic_save_module(cpu.to(GPU), tmp_path / "gpu.safetensors")
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "cpu.safetensors"), load_file(tmp_path / "gpu.safetensors")
+    assert list(a) == list(b) == ["0.weight"] and torch.equal(a["0.weight"], b["0.weight"])
+    back = tied().to(GPU)
+    load_module(back, tmp_path / "gpu.safetensors")
+    assert on_fake(back[1].weight) and torch.equal(back[1].weight.cpu(), a["0.weight"])
+    with pytest.raises(ValueError, match="gpu.safetensors: the weights do not fit the model"):
+        load_module(nn.Linear(3, 3), tmp_path / "gpu.safetensors")
 
 
 def test_a_signal_lands_on_the_students_device_and_stays_put_when_it_is_there():

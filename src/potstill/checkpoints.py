@@ -12,10 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model
+from safetensors.torch import load_file
 from torch import nn
 
-from .io import atomic_save_module, atomic_torch_save, atomic_write_text, sha256_file
+from .io import (
+    atomic_save_module,
+    atomic_torch_save,
+    atomic_write_text,
+    load_module,
+    sha256_file,
+)
 
 
 class CheckpointError(RuntimeError):
@@ -66,7 +72,8 @@ def read_checkpoint(folder: Path, total_steps: int) -> dict[str, Any]:
                 f"checkpoint file {folder / fname} is missing or damaged "
                 "(checksum differs from meta.json)"
             )
-    state = torch.load(folder / "trainer_state.pt", weights_only=True)
+    # on the CPU: a run checkpointed on a GPU resumes on any device
+    state = torch.load(folder / "trainer_state.pt", weights_only=True, map_location="cpu")
     if state["total_steps"] != total_steps:
         raise CheckpointError(
             f"checkpoint {folder} was written by a run of {state['total_steps']} steps, this "
@@ -84,21 +91,23 @@ def load_weights(folder: Path, student: nn.Module, objective: nn.Module, *, fsdp
         full = load_file(str(folder / "student.safetensors"))
         set_model_state_dict(student, full, options=StateDictOptions(full_state_dict=True))
     else:
-        load_model(student, str(folder / "student.safetensors"))
+        load_module(student, folder / "student.safetensors")
     if (folder / "objective.safetensors").exists():
-        load_model(objective, str(folder / "objective.safetensors"))
+        load_module(objective, folder / "objective.safetensors")
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer, *, fsdp: bool) -> dict[str, Any]:
-    """The optimizer's state dict with every sharded (DTensor) tensor gathered: the same layout
-    as a single process's, whatever the number of processes."""
+    """The optimizer's state dict with every sharded (DTensor) tensor gathered and every tensor
+    on the CPU: the same layout as a single process's on any device, whatever the number of
+    processes (``load_state_dict`` puts each tensor back beside its parameter)."""
     state = optimizer.state_dict()
-    if not fsdp:
-        return state
-    from torch.distributed.tensor import DTensor
+    if fsdp:
+        from torch.distributed.tensor import DTensor
 
     def full(v: Any) -> Any:
-        return v.full_tensor().cpu() if isinstance(v, DTensor) else v
+        if fsdp and isinstance(v, DTensor):
+            return v.full_tensor().cpu()
+        return v.cpu() if isinstance(v, torch.Tensor) else v
 
     state["state"] = {i: {k: full(v) for k, v in st.items()} for i, st in state["state"].items()}
     return state

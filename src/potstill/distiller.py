@@ -532,10 +532,11 @@ class Distiller:
             "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            **self._device_rng(),
             "python_rng": random.getstate(),
             "best": json.dumps(self.best),
             "evals": json.dumps(self.evals),
-            "log_sums": {k: v.detach().clone() for k, v in self._sums.items()},
+            "log_sums": {k: v.detach().cpu().clone() for k, v in self._sums.items()},
             "log_count": self._n_sums,
             "train_time_s": self.train_time_s,
             "examples_seen": self.examples_seen,
@@ -544,6 +545,12 @@ class Distiller:
         folder = write_checkpoint(self.run_dir, self.step, student, self.objective, state)
         distributed.barrier()
         return folder
+
+    def _device_rng(self) -> dict[str, torch.Tensor]:
+        """The GPU's random state when the student trains on one (dropout draws from it)."""
+        if self.placement.device.type != "cuda":
+            return {}
+        return {"cuda_rng": torch.cuda.get_rng_state(self.placement.device)}
 
     def _start_fresh(self) -> None:
         torch.manual_seed(self.cfg.seed)
@@ -564,11 +571,13 @@ class Distiller:
         load_optimizer_state(self.optimizer, state["optimizer"], fsdp=self.fsdp)
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.placement.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.placement.device)
         random.setstate(state["python_rng"])
         self.step = int(state["step"])
         self.best = json.loads(state["best"])
         self.evals = json.loads(state["evals"])
-        self._sums = dict(state["log_sums"])
+        self._sums = {k: v.to(self.placement.device) for k, v in state["log_sums"].items()}
         self._n_sums = int(state["log_count"])
         self.train_time_s = float(state["train_time_s"])
         self.examples_seen = int(state["examples_seen"])

@@ -89,5 +89,40 @@ def sha256_file(path: str | os.PathLike) -> str:
 def atomic_save_module(
     module: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write a module's state dict to safetensors atomically (tied weights stored once)."""
-    return _atomic(path, lambda tmp: save_model(module, tmp, metadata=metadata))
+    """Write a module's state dict to safetensors atomically (tied weights stored once). A
+    module on an accelerator is copied to the CPU tensor by tensor, each tied weight once (the
+    names after the first of a tied group are recorded in the metadata, as ``save_model``
+    does; :func:`load_module` restores them)."""
+    state = module.state_dict(keep_vars=True)
+    if all(t.device.type == "cpu" for t in state.values()):
+        return _atomic(path, lambda tmp: save_model(module, tmp, metadata=metadata))
+    meta = dict(metadata or {})
+    kept: dict[int, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        first = kept.setdefault(id(t), name)
+        if first != name:
+            meta.setdefault(name, first)
+        else:
+            tensors[name] = t.detach().to("cpu").contiguous()
+    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta or None))
+
+
+def load_module(module: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a file written by :func:`atomic_save_module` into ``module``, wherever its weights
+    live (each tensor is copied onto its parameter's device); a tied weight stored once fills
+    every name it is tied to. Raises ValueError naming the file and the names that do not fit."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    tensors = load_file(str(path))
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    untied = [k for k in missing if meta.get(k) not in tensors]
+    if untied or unexpected:
+        raise ValueError(
+            f"{path}: the weights do not fit the model (missing: {untied[:5]}, unexpected: "
+            f"{unexpected[:5]}); it was written for another model"
+        )
+    return module

@@ -24,6 +24,14 @@ DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
+def accelerator_backend() -> str | None:
+    """The name of an out-of-tree accelerator registered as PyTorch's PrivateUse1 backend
+    (Ascend's ``npu``, for one), which a device setting may then name like ``cuda``; None
+    when no such backend is registered."""
+    name = torch._C._get_privateuse1_backend_name()
+    return None if name == "privateuseone" else name
+
+
 def _mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
@@ -36,8 +44,12 @@ def resolve_device(spec: str | torch.device | None = "auto", where: str = "devic
     if isinstance(spec, torch.device):
         spec = str(spec)
     text = "auto" if spec is None else str(spec).strip().lower()
+    other = accelerator_backend()
+    if other is not None and re.match(rf"^{re.escape(other)}(:\d+)?$", text):
+        return _accelerator(other, text, where)
     if not _DEVICE.match(text):
-        raise ValueError(f"{where}: unknown device {spec!r}; give {DEVICE_FORMS}")
+        forms = DEVICE_FORMS if other is None else f"{DEVICE_FORMS}, or {other}"
+        raise ValueError(f"{where}: unknown device {spec!r}; give {forms}")
     if text == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
@@ -63,6 +75,17 @@ def resolve_device(spec: str | torch.device | None = "auto", where: str = "devic
             f"{'s' if count != 1 else ''} (cuda:0 … cuda:{count - 1})"
         )
     return torch.device("cuda", index)
+
+
+def _accelerator(name: str, text: str, where: str) -> torch.device:
+    module = getattr(torch, name, None)
+    if module is None or not module.is_available():
+        raise ValueError(f"{where}: {text} was asked for but its backend reports no device")
+    index = int(text.split(":")[1]) if ":" in text else module.current_device()
+    if index >= module.device_count():
+        raise ValueError(f"{where}: {text} was asked for but this machine has "
+                         f"{module.device_count()} {name} device(s)")  # fmt: skip
+    return torch.device(name, index)
 
 
 def model_device(model: nn.Module) -> torch.device:
