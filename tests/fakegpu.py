@@ -54,6 +54,9 @@ class GPUTensor(torch.Tensor):
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         return f"GPUTensor({self.data_!r})"
 
+    def tolist(self) -> Any:  # as on a GPU: the values, copied back (``numpy()`` refuses)
+        return self.data_.tolist()
+
     def __tensor_flatten__(self) -> tuple[list[str], None]:
         return ["data_"], None
 
@@ -112,6 +115,13 @@ def _empty_strided(size, stride, dtype=None, layout=None, device=None, pin_memor
     return GPUTensor(torch.empty_strided(size, stride, dtype=dtype))
 
 
+def _copy_from(src, dst, non_blocking=False):  # noqa: ANN001, ANN202
+    # a copy onto the device below Python dispatch (``torch.tensor(..., device=...)``)
+    plain = src.data_ if isinstance(src, GPUTensor) else src
+    (dst.data_ if isinstance(dst, GPUTensor) else dst).copy_(plain)
+    return dst
+
+
 def _setup() -> None:
     from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
@@ -121,6 +131,7 @@ def _setup() -> None:
     lib = torch.library.Library("aten", "IMPL")  # noqa: TID251
     lib.impl("empty.memory_format", _empty, "PrivateUse1")
     lib.impl("empty_strided", _empty_strided, "PrivateUse1")
+    lib.impl("_copy_from", _copy_from, "PrivateUse1")
     _LIBS.append(lib)  # kept alive: the registrations go with the Library object
 
 

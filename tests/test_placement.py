@@ -191,3 +191,63 @@ def test_a_signal_lands_on_the_students_device_and_stays_put_when_it_is_there():
     dense = Signal(logits=torch.randn(2, 5))
     assert CPU.signal(dense) is dense  # the CPU road: the very same tensors
     assert meta.batch({"input": torch.ones(2), "n": 3})["input"].device.type == "meta"
+
+
+def _precision_fit(digits, tmp_path, name, stop_at=None, resume=False, **train):
+    from potstill.distiller import Distiller
+    from potstill.losses.terms import hinton_objective
+    from potstill.teachers import LiveTeacher
+
+    cfg = quiet_config(max_steps=4, batch_size=32, eval_every=2, **train)
+    d = Distiller(make_mlp([32], seed=2), hinton_objective(4.0, 0.5), digits.train,
+                  teacher=LiveTeacher(make_mlp([64], seed=1)), config=cfg,
+                  run_dir=tmp_path / name)  # fmt: skip
+
+    def stop(step, row):
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    d.callbacks.append(stop)
+    try:
+        return d, d.fit(resume=resume)
+    except KeyboardInterrupt:
+        return d, None
+
+
+def test_fp16_trains_with_a_loss_scale_that_checkpoints_and_resumes(digits, tmp_path):
+    """fp16 (autocast + gradient scaler; on the CPU here, the same code as on a GPU): near the
+    fp32 figures, the scale in the checkpoint, and a resumed run equal to an uninterrupted one."""
+    _, fp32 = _precision_fit(digits, tmp_path, "fp32")
+    d, fp16 = _precision_fit(digits, tmp_path, "fp16", precision="fp16")
+    assert d.scaler.is_enabled() and d.scaler.get_scale() > 1
+    assert fp16 is not None and fp32 is not None
+    assert fp16.history[-1]["loss"] == pytest.approx(fp32.history[-1]["loss"], rel=1e-2)
+    assert fp16.history[-1]["loss"] != fp32.history[-1]["loss"]  # it did run in float16
+    _precision_fit(digits, tmp_path, "cut", stop_at=3, precision="fp16")
+    _, resumed = _precision_fit(digits, tmp_path, "cut", resume=True, precision="fp16")
+    assert resumed is not None and resumed.history[-1]["loss"] == fp16.history[-1]["loss"]
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "step-00000004" / "trainer_state.pt",
+                       weights_only=True)  # fmt: skip
+    assert state["scaler"]["scale"] == d.scaler.get_scale()
+
+
+def test_a_compiled_student_trains_as_the_eager_one_and_a_failed_compile_falls_back(
+    digits, tmp_path, caplog
+):
+    import torch._dynamo
+
+    @torch._dynamo.register_backend(name="potstill_test_broken")
+    def broken(gm, inputs):
+        raise RuntimeError("this backend compiles nothing")
+
+    _, eager = _precision_fit(digits, tmp_path, "eager")
+    d, compiled = _precision_fit(digits, tmp_path, "compiled", compile="eager")  # dynamo traced
+    assert d._compiled and compiled is not None and eager is not None
+    assert [r["loss"] for r in compiled.history] == [r["loss"] for r in eager.history]
+    for backend in ("potstill_test_broken", "no-such-backend"):
+        with caplog.at_level("WARNING", logger="potstill"):
+            d, fallen = _precision_fit(digits, tmp_path, backend, compile=backend)
+        assert not d._compiled and fallen is not None
+        assert "train.compile: the student did not compile" in caplog.text
+        assert [r["loss"] for r in fallen.history] == [r["loss"] for r in eager.history]
+        caplog.clear()

@@ -71,6 +71,14 @@ def data_dir_override(recipe: str, data_dir: str) -> str:
     return f"{prefix}data.{field}={data_dir}"
 
 
+def recipe_prefix(recipe: str) -> str:
+    """Where a recipe's run fields are: ``base.`` in a chain (its stages share them), else the
+    top level."""
+    from .recipe import read_recipe_data, recipe_kind
+
+    return "base." if recipe_kind(read_recipe_data(recipe)[0]) == "chain" else ""
+
+
 @app.command()
 def distill(
     recipe: Annotated[
@@ -86,6 +94,13 @@ def distill(
     overwrite: Annotated[bool, typer.Option(help="delete an existing run folder first")] = False,
     data_dir: Annotated[str | None, typer.Option(help="folder with the dataset's files")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="where to compute: auto, cpu, cuda, cuda:N or mps (recipe: device)"),
+    ] = None,
+    teacher_device: Annotated[
+        str | None, typer.Option(help="the teacher's device, if not the run's (teacher.device)")
+    ] = None,
 ) -> None:
     """Run a recipe: teacher, baseline and distilled students, evaluation, report."""
     from .recipe import load_recipe
@@ -98,6 +113,10 @@ def distill(
         if data_dir:
             # text recipes (embed, causal-lm) call the dataset's folder data.folder
             overrides.append(data_dir_override(recipe, data_dir))
+        if device or teacher_device:
+            prefix = recipe_prefix(recipe)
+            overrides += [f"{prefix}device={device}"] if device else []
+            overrides += [f"{prefix}teacher.device={teacher_device}"] if teacher_device else []
         r = load_recipe(recipe, overrides)
         run_dir = out or Path("runs") / r.name
         results = run(r, run_dir, resume=resume, overwrite=overwrite)

@@ -58,11 +58,22 @@ class TrainConfig(_Strict):
     shuffle: bool = True
     progress: bool | None = Field(None, description="progress bar; default: when on a terminal")
     tensorboard: bool = True
-    precision: Literal["fp32", "bf16"] = Field(
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
         description="bf16: mixed precision (autocast) for the forward passes and the loss; "
         "weights, gradients and optimizer state stay fp32. Fast where the hardware multiplies "
-        "bf16 natively (CPUs with avx512_bf16 or AMX, GPUs from Ampere on)",
+        "bf16 natively (CPUs with avx512_bf16 or AMX, GPUs from Ampere on). fp16: the same in "
+        "float16 with a gradient scaler (GPUs before Ampere: V100, T4)",
+    )
+    tf32: bool | None = Field(
+        None,
+        description="fp32 matrix products in TF32 on a GPU that has it (Ampere and later); "
+        "default: on there, and logged; false: full fp32 products",
+    )
+    compile: bool | str = Field(
+        False,
+        description="torch.compile the student (true: the default inductor backend, or a "
+        "backend's name); a model that does not compile trains uncompiled, with a warning",
     )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",

@@ -38,7 +38,7 @@ from .logs import MetricsLog
 from .losses.chunked import single_backward
 from .losses.objective import Objective
 from .optim import make_optimizer, make_scheduler
-from .placement import CPU, Placement
+from .placement import CPU, Placement, peak_memory_gb, reset_peak_memory
 from .signal import Signal, StudentView
 from .taps import Taps, TapsLike, tapped_forward
 from .teachers import TeacherSource, default_forward
@@ -63,6 +63,10 @@ class FitResult:
     train_time_s: float = 0.0
     examples_seen: int = 0
     run_dir: Path | None = None
+    peak_memory_gb: float | None = None
+    """The most GPU memory allocated while training (GiB; None off a GPU)."""
+    device: str = "cpu"
+    """Where the student trained."""
 
     @property
     def final_eval(self) -> dict[str, Any] | None:
@@ -219,6 +223,18 @@ class Distiller:
         self._weigh = self.world > 1 or self.cfg.grad_accum > 1
         self._order_epoch, self._order = -1, torch.arange(0)  # the epoch order last built
         self.model, self._objective = self._wrap()
+        self._eager = self.model  # what a student that does not compile trains as
+        self._compiled = False
+        if self.cfg.compile:
+            backend = "inductor" if self.cfg.compile is True else str(self.cfg.compile)
+            try:
+                self.model = torch.compile(self.model, backend=backend)
+                self._compiled = True
+            except Exception as e:  # noqa: BLE001  (an unknown backend, no compiler support)
+                self._no_compile(e)
+        self._set_tf32()
+        device_type = placement.device.type
+        self.scaler = torch.amp.GradScaler(device_type, enabled=self.cfg.precision == "fp16")
         params = [p for p in self.student.parameters() if p.requires_grad]
         params += [p for p in self.objective.parameters() if p.requires_grad]
         self.params = params
@@ -322,6 +338,7 @@ class Distiller:
             dynamic_ncols=True,
         )
         taps = Taps(self.student, self.student_taps) if self.student_taps else None
+        reset_peak_memory(self.placement.device)
         try:
             # FSDP2 gathers and reshards weights itself: leave its embeddings as they are
             tied = contextlib.nullcontext() if self.fsdp else sparse_tied_embeddings(self.student)
@@ -343,6 +360,8 @@ class Distiller:
             self.train_time_s,
             self.examples_seen,
             self.run_dir,
+            peak_memory_gb(self.placement.device),
+            str(self.placement.device),
         )
 
     def _micro_batch(self, micro: int) -> tuple[dict[str, Any], torch.Tensor, int]:
@@ -367,13 +386,46 @@ class Distiller:
         return batch, counts * 0 if empty else counts, len(index)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        """``train.precision: bf16``: the forward passes (teacher and student) and the loss under
-        torch.autocast in bfloat16 (matrix products in bf16, reductions and softmaxes in fp32);
-        weights, gradients and optimizer state stay fp32."""
-        if self.cfg.precision != "bf16":
+        """``train.precision: bf16`` (or ``fp16``): the forward passes (teacher and student) and
+        the loss under torch.autocast in bfloat16 (float16), matrix products in the low
+        precision, reductions and softmaxes in fp32; weights, gradients and optimizer state
+        stay fp32 (fp16: the loss scaled against underflow, :attr:`scaler`)."""
+        if self.cfg.precision == "fp32":
             return contextlib.nullcontext()
-        device = next(self.student.parameters()).device.type
-        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.placement.device.type, dtype=dtype)
+
+    def _set_tf32(self) -> None:
+        """``train.tf32``: fp32 matrix products in TF32 on a GPU that has it (default on)."""
+        device = self.placement.device
+        if device.type != "cuda" or self.cfg.tf32 is False:
+            return
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            if self.cfg.tf32:
+                log.warning("train.tf32: %s has no TF32 (before Ampere); products stay fp32",
+                            torch.cuda.get_device_name(device))  # fmt: skip
+            return
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        log.info("%s: fp32 matrix products in TF32 (train.tf32: false turns it off)",
+                 torch.cuda.get_device_name(device))  # fmt: skip
+
+    def _student_view(self, taps: Taps | None, batch: dict[str, Any]) -> StudentView:
+        """The student's view of a training batch, through the compiled student when
+        ``train.compile`` is set; one that does not compile trains as it is from then on."""
+        if not self._compiled:
+            return self._view(taps, batch, self.model)
+        try:
+            return self._view(taps, batch, self.model)
+        except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, say why)
+            self._no_compile(e)
+            return self._view(taps, batch, self.model)
+
+    def _no_compile(self, error: Exception) -> None:
+        reason = (str(error).splitlines() or [""])[0]
+        log.warning("train.compile: the student did not compile (%s: %s); training it "
+                    "uncompiled", type(error).__name__, reason)  # fmt: skip
+        self.model, self._compiled = self._eager, False
 
     def _loop(self, taps: Taps | None, writer: Any, bar: Any) -> None:
         cfg = self.cfg
@@ -402,14 +454,14 @@ class Distiller:
                     single_backward(),
                 ):
                     signal = self._signal(batch)
-                    view = self._view(taps, batch, self.model)
+                    view = self._student_view(taps, batch)
                     # DDP and FSDP average gradients over processes: scale back up by their number
                     scales = None if share is None else share * self.world
                     loss, values = self._objective(view, signal, batch, scales)
                     # the logits of both models are not needed by the backward pass (the
                     # graph keeps what it needs): let them go before it allocates gradients
                     del view, signal
-                    loss.backward()
+                    self.scaler.scale(loss).backward()
                 sums = self._sums
                 step_values = (
                     dict(values)
@@ -424,9 +476,11 @@ class Distiller:
             micro += cfg.grad_accum
             self._n_sums += 1
             if cfg.clip_grad_norm is not None:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients (fp16)
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm)
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # the optimizer's step (fp16: skipped on inf/nan)
+            self.scaler.update()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -533,6 +587,7 @@ class Distiller:
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             **self._device_rng(),
+            **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
             "python_rng": random.getstate(),
             "best": json.dumps(self.best),
             "evals": json.dumps(self.evals),
@@ -570,6 +625,8 @@ class Distiller:
         load_weights(folder, self.student, self.objective, fsdp=self.fsdp)
         load_optimizer_state(self.optimizer, state["optimizer"], fsdp=self.fsdp)
         self.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and self.placement.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.placement.device)

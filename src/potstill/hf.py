@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from .placement import cpu_state
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -185,7 +187,7 @@ def export_pretrained(
     loads it. Nothing of potstill's (projectors, hooks, wrappers) goes in."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=cpu_state(model))  # a GPU's weights via the CPU
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if card is not None:

@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import save_file, save_model
 from torch import nn
 
+from .placement import cpu_state
+
 
 def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path = Path(path)
@@ -91,20 +93,22 @@ def atomic_save_module(
 ) -> Path:
     """Write a module's state dict to safetensors atomically (tied weights stored once). A
     module on an accelerator is copied to the CPU tensor by tensor, each tied weight once (the
-    names after the first of a tied group are recorded in the metadata, as ``save_model``
-    does; :func:`load_module` restores them)."""
-    state = module.state_dict(keep_vars=True)
-    if all(t.device.type == "cpu" for t in state.values()):
+    other names of a tied group are recorded in the metadata; the file is the one
+    ``save_model`` writes on the CPU; :func:`load_module` restores them)."""
+    state = cpu_state(module)
+    if state is None:
         return _atomic(path, lambda tmp: save_model(module, tmp, metadata=metadata))
     meta = dict(metadata or {})
-    kept: dict[int, str] = {}
-    tensors: dict[str, torch.Tensor] = {}
+    groups: dict[int, list[str]] = {}
     for name, t in state.items():
-        first = kept.setdefault(id(t), name)
-        if first != name:
-            meta.setdefault(name, first)
-        else:
-            tensors[name] = t.detach().to("cpu").contiguous()
+        groups.setdefault(id(t), []).append(name)
+    tensors: dict[str, torch.Tensor] = {}
+    for names in groups.values():
+        keep = min(names)  # the name save_model keeps: the same file from any device
+        tensors[keep] = state[keep].contiguous()
+        for other in sorted(names):
+            if other != keep:
+                meta.setdefault(other, keep)
     return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta or None))
 
 

@@ -6,6 +6,7 @@ teacher's signals on that device, and a teacher runs its batches on its own devi
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,20 @@ def _mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
+def check_device_form(spec: str, where: str = "device") -> str:
+    """``spec`` when it is a device setting's form (whether this machine has the device is
+    :func:`resolve_device`'s question, asked when a run starts); ValueError naming ``where``."""
+    text = str(spec).strip().lower()
+    other = accelerator_backend()
+    if other is not None and re.match(rf"^{re.escape(other)}(:\d+)?$", text):
+        return spec
+    if not _DEVICE.match(text):
+        forms = DEVICE_FORMS if other is None else f"{DEVICE_FORMS}, or {other}"
+        named = f"{where}: " if where else ""
+        raise ValueError(f"{named}unknown device {spec!r}; give {forms}")
+    return spec
+
+
 def resolve_device(spec: str | torch.device | None = "auto", where: str = "device") -> torch.device:
     """The device a setting names: ``auto`` (or None) is CUDA when a GPU is visible, else MPS,
     else the CPU; ``cpu``, ``cuda``, ``cuda:N`` and ``mps`` must exist on this machine. A
@@ -44,15 +59,13 @@ def resolve_device(spec: str | torch.device | None = "auto", where: str = "devic
     if isinstance(spec, torch.device):
         spec = str(spec)
     text = "auto" if spec is None else str(spec).strip().lower()
+    check_device_form(text, where)
     other = accelerator_backend()
-    if other is not None and re.match(rf"^{re.escape(other)}(:\d+)?$", text):
+    if other is not None and text.split(":")[0] == other:
         return _accelerator(other, text, where)
-    if not _DEVICE.match(text):
-        forms = DEVICE_FORMS if other is None else f"{DEVICE_FORMS}, or {other}"
-        raise ValueError(f"{where}: unknown device {spec!r}; give {forms}")
     if text == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
+            return torch.device("cuda", _launch_index())
         return torch.device("mps") if _mps_available() else torch.device("cpu")
     if text == "cpu":
         return torch.device("cpu")
@@ -67,7 +80,7 @@ def resolve_device(spec: str | torch.device | None = "auto", where: str = "devic
             f"{where}: {text} was asked for but CUDA is not available here ({build}); use "
             "cpu or auto, or install torch built for CUDA on a machine with a GPU"
         )
-    index = int(text.split(":")[1]) if ":" in text else torch.cuda.current_device()
+    index = int(text.split(":")[1]) if ":" in text else _launch_index()
     count = torch.cuda.device_count()
     if index >= count:
         raise ValueError(
@@ -75,6 +88,15 @@ def resolve_device(spec: str | torch.device | None = "auto", where: str = "devic
             f"{'s' if count != 1 else ''} (cuda:0 … cuda:{count - 1})"
         )
     return torch.device("cuda", index)
+
+
+def _launch_index() -> int:
+    """The GPU of this process: ``LOCAL_RANK`` under ``torchrun`` (one GPU per process on a
+    node), else the current device."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return int(local) % max(torch.cuda.device_count(), 1)
+    return torch.cuda.current_device()
 
 
 def _accelerator(name: str, text: str, where: str) -> torch.device:
@@ -95,6 +117,40 @@ def model_device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The model's state dict on the CPU, a tied weight copied once (its names share one
+    tensor, so writers store it once), for saving a model that lives on an accelerator
+    without moving it; None for a model on the CPU (save it as it is)."""
+    state = model.state_dict(keep_vars=True)
+    if all(t.device.type == "cpu" for t in state.values()):
+        return None
+    copies: dict[int, torch.Tensor] = {}
+    return {name: copies.setdefault(id(t), t.detach().to("cpu")) for name, t in state.items()}
+
+
+def describe_device(device: torch.device) -> dict[str, Any]:
+    """What a report says about a device: its name and, for a GPU, its model and memory."""
+    info: dict[str, Any] = {"device": str(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(device_name=props.name, device_memory_gb=round(props.total_memory / 2**30, 1),
+                    compute_capability=f"{props.major}.{props.minor}")  # fmt: skip
+    return info
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting the peak memory of ``device`` afresh (a GPU; nothing elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    """The most memory allocated on ``device`` since the last reset (GiB; None off a GPU)."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
 
 
 def on_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:

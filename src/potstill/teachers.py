@@ -163,7 +163,7 @@ class PrecomputedTeacher:
 
     def signal(self, batch: Mapping[str, Any]) -> Signal:
         """The stored signal of the batch's examples (features back in float32)."""
-        idx = batch["index"]
+        idx = torch.as_tensor(batch["index"]).cpu()  # the stored signal is on the CPU
         return Signal(
             logits=self.logits[idx], features={k: v[idx].float() for k, v in self.features.items()}
         )

@@ -22,6 +22,7 @@ from .data.image_tables import ImageTable
 from .data.labels import check_teacher_labels, head_config
 from .data.rows import DataError
 from .models import SPEC_FILE, save_model_folder
+from .placement import cpu_state
 
 log = logging.getLogger("potstill")
 
@@ -76,7 +77,8 @@ class ImageClassifier(nn.Module):
         label names) and the image processor; ``AutoModelForImageClassification`` reloads it."""
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out)  # type: ignore[operator]
+        state = cpu_state(self.model)  # type: ignore[arg-type]
+        self.model.save_pretrained(out, state_dict=state)  # type: ignore[operator]
         if self.processor is not None:
             self.processor.save_pretrained(out)
         return out

@@ -276,13 +276,16 @@ class CachedTeacher:
 
     def signal(self, batch: Batch) -> Signal:
         """The cached signal of the batch's examples (``cache_index`` or ``index``)."""
-        index = batch.get("cache_index", batch["index"])
+        # the cache lives on the CPU: it is read there, with the batch's ids and mask brought
+        # back from the student's device; the loop moves the signal to the student
+        index = torch.as_tensor(batch.get("cache_index", batch["index"]), dtype=torch.long).cpu()
         if self.unit == "example" and self.k is None:
-            rows = self._gather_examples(torch.as_tensor(index, dtype=torch.long))
+            rows = self._gather_examples(index)
             if rows is not None:
                 return self.collate([rows], None)
         items = [self[int(i)] for i in index]
-        return self.collate(items, batch.get("attention_mask") if self.unit == "token" else None)
+        mask = batch.get("attention_mask") if self.unit == "token" else None
+        return self.collate(items, None if mask is None else mask.cpu())
 
     def subset(self, dataset: Dataset) -> Dataset:
         """The examples of ``dataset`` (the one cached) that this cache holds, each carrying

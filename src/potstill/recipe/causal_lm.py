@@ -13,12 +13,16 @@ from ..config import TrainConfig
 from ..llm.user_data import STYLES
 from .common import (
     DerivedModelSpec,
+    DeviceSetting,
     HFModelSpec,
+    PlacedTeacher,
     StrictModel,
     TokenTermSpec,
     budget_default,
+    check_sharded_teacher,
     check_terms,
     check_variant_names,
+    run_device,
     share_seed,
 )
 from .data import TableSpec
@@ -44,7 +48,7 @@ class LMCacheSpec(StrictModel):
     allow_incomplete: bool = False
 
 
-class LMTeacherSpec(HFModelSpec):
+class LMTeacherSpec(HFModelSpec, PlacedTeacher):
     """The teacher; ``cache: true`` (or cache options) trains from its cached top-k instead of
     running it live every step."""
 
@@ -157,6 +161,7 @@ class LMRecipe(StrictModel):
     kind: Literal["causal-lm"]
     name: str = "causal-lm"
     seed: int = 0
+    device: DeviceSetting = run_device()
     teacher: LMTeacherSpec
     student: LMStudentSpec = Field(default_factory=LMStudentSpec)
     data: LMDataSpec = Field(default_factory=LMDataSpec)
@@ -199,6 +204,7 @@ class LMRecipe(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> LMRecipe:
         share_seed(self.seed, self.train)
+        check_sharded_teacher(self.teacher, derived_from_teacher=self.student.model is None)
         if not self.variants:
             raise ValueError("variants: give at least one, e.g. {fkl: [{kind: fkl}]}")
         d = self.data

@@ -15,12 +15,15 @@ from ..data.sources import SOURCES
 from ..losses.objective import Objective
 from ..models import ArchSpec
 from .common import (
+    DeviceSetting,
     StrictModel,
     TapsSpec,
+    TeacherDevice,
     TermSpec,
     budget_default,
     build_objective,
     check_terms,
+    run_device,
     share_seed,
 )
 from .data import TableSpec
@@ -132,7 +135,7 @@ class ModelChoice(StrictModel):
         return f"{'a CNN' if arch.kind == 'cnn' else 'an MLP'} ({', '.join(words)})"
 
 
-class TeacherSpec(ModelChoice):
+class TeacherSpec(ModelChoice, TeacherDevice):
     """A saved teacher (``path``: a folder potstill wrote; a list of paths: their ensemble, the
     mean of their logits), a Hugging Face image classifier trained on these classes
     (``model``; with ``finetune: true`` it gets a new head for the data's classes and is
@@ -196,6 +199,7 @@ class ClassicRecipe(StrictModel):
     kind: Literal["classic", "image-classification"] = "classic"
     name: str = "run"
     seed: int = 0
+    device: DeviceSetting = run_device()
     data: DataSpec = Field(default_factory=DataSpec)
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)  # type: ignore[arg-type]
     student: StudentSpec = Field(default_factory=StudentSpec)

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from ..config import TrainConfig
 from ..losses.feature_terms import FEATURE_TERM_KINDS
 from ..losses.features import explicit_layer_map, last_k_layer_map, uniform_layer_map
 from ..losses.objective import Objective, Term
 from ..losses.terms import DIVERGENCE_KINDS, TERM_KINDS, build_term
+from ..placement import check_device_form
 from ..taps import TapSpec
 
 
@@ -27,6 +28,58 @@ class StrictModel(BaseModel):
 
     # coerce numbers: `--set name=2024` is parsed as YAML and gives an int for a text field
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+DeviceSetting = Annotated[str, AfterValidator(lambda v: check_device_form(v, where=""))]
+"""A device setting: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (checked against the
+machine when the run starts)."""
+
+
+def run_device() -> Any:
+    """The ``device`` field of a recipe: where the student trains and everything is evaluated."""
+    return Field(
+        "auto",
+        description="where the run computes: auto (a GPU when there is one, else MPS, else the "
+        "CPU), cpu, cuda, cuda:N or mps; under torchrun each process takes cuda:LOCAL_RANK",
+    )
+
+
+class TeacherDevice(StrictModel):
+    """Where a teacher runs: ``device`` (another GPU, or the CPU; default: the run's)."""
+
+    device: DeviceSetting | None = Field(
+        None, description="the teacher's device (another GPU, or cpu); default the run's"
+    )
+
+
+class PlacedTeacher(TeacherDevice):
+    """Where a Hugging Face teacher runs: ``device`` (default: the run's), or for one too large
+    for one GPU ``device_map`` (``auto``, ``balanced``, ``sequential`` or a mapping of module
+    names to devices), its layers sharded over the GPUs through accelerate."""
+
+    device_map: str | dict[str, str | int] | None = Field(
+        None, description="Hugging Face teachers: shard over several GPUs (accelerate)"
+    )
+
+    @model_validator(mode="after")
+    def _one_placement(self) -> PlacedTeacher:
+        if self.device is not None and self.device_map is not None:
+            raise ValueError("give the teacher a device or a device_map, not both")
+        return self
+
+
+def check_sharded_teacher(teacher: PlacedTeacher, derived_from_teacher: bool) -> None:
+    """A teacher sharded by ``device_map`` is used as it is: a student cannot be derived from
+    its layers (they live on several GPUs) and it is not fine-tuned."""
+    if teacher.device_map is None:
+        return
+    if derived_from_teacher:
+        raise ValueError(
+            "teacher.device_map: a student derived from the teacher's layers needs the whole "
+            "teacher on one device; give student.model, or drop device_map"
+        )
+    if getattr(teacher, "finetune", None):
+        raise ValueError("teacher.device_map: a sharded teacher is not fine-tuned; drop one")
 
 
 TermKind = Literal[TERM_KINDS]  # type: ignore[valid-type]

@@ -11,13 +11,16 @@ from ..config import TrainConfig
 from ..tasks.embedding import POOLING_MODES, Pooling, read_pooling
 from .common import (
     DerivedModelSpec,
+    DeviceSetting,
     HFModelSpec,
+    PlacedTeacher,
     StrictModel,
     TapsSpec,
     TermSpec,
     budget_default,
     check_terms,
     check_variant_names,
+    run_device,
     share_seed,
 )
 from .data import TableSpec
@@ -42,7 +45,7 @@ class PoolingSpec(StrictModel):
         return Pooling(mode, found.normalize if self.normalize is None else self.normalize)
 
 
-class EmbedTeacherSpec(HFModelSpec):
+class EmbedTeacherSpec(HFModelSpec, PlacedTeacher):
     """The teacher encoder and its pooling."""
 
     pooling: PoolingSpec = Field(default_factory=PoolingSpec)
@@ -89,6 +92,7 @@ class EmbedRecipe(StrictModel):
     kind: Literal["embed"]
     name: str = "embed"
     seed: int = 0
+    device: DeviceSetting = run_device()
     teacher: EmbedTeacherSpec
     student: EmbedStudentSpec
     data: TextDataSpec = Field(default_factory=TextDataSpec)

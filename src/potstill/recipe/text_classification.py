@@ -15,12 +15,16 @@ from ..data.sources import load_callable
 from ..losses.objective import Objective
 from .common import (
     DerivedModelSpec,
+    DeviceSetting,
     HFModelSpec,
+    PlacedTeacher,
     StrictModel,
     TapsSpec,
     TermSpec,
     build_objective,
+    check_sharded_teacher,
     check_terms,
+    run_device,
     share_seed,
 )
 from .data import TableSpec
@@ -58,7 +62,7 @@ class TextTableSpec(TableSpec):
     max_length: int = Field(128, gt=2)
 
 
-class TeacherSpec(HFModelSpec):
+class TeacherSpec(HFModelSpec, PlacedTeacher):
     """The teacher: a fine-tuned sequence classifier (hub name or folder), or with ``finetune``
     a base model whose new classification head and body are trained on the labels first."""
 
@@ -108,6 +112,7 @@ class TextClassificationRecipe(StrictModel):
     kind: Literal["text-classification"]
     name: str = "text-classification"
     seed: int = 0
+    device: DeviceSetting = run_device()
     data: TextTableSpec
     teacher: TeacherSpec
     student: StudentSpec
@@ -140,6 +145,7 @@ class TextClassificationRecipe(StrictModel):
         extra = (self.teacher.finetune,) if self.teacher.finetune else ()
         share_seed(self.seed, self.train, *extra)
         check_terms("objective", self.objective)
+        check_sharded_teacher(self.teacher, derived_from_teacher=self.student.model is None)
         return self
 
     def build_objective(self, layer_counts: dict[str, dict[str, int]] | None = None) -> Objective:

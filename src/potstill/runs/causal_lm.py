@@ -27,7 +27,7 @@ from ..report.card import model_card, write_model_card
 from ..tasks import get_task
 from ..tasks.causal_lm import answer_metrics
 from ..teachers import LiveTeacher, TeacherSource
-from .folder import RunFolder
+from .folder import RunFolder, trained_on
 from .lm_data import cached_source, initial_student, lm_datasets, load_lm_teacher
 
 log = logging.getLogger("potstill")
@@ -58,6 +58,7 @@ def run(
 def _run(recipe: LMRecipe, run: RunFolder) -> dict[str, Any]:
     teacher, tok = load_lm_teacher(recipe)
     init, base, s_name = initial_student(recipe, teacher, tok)
+    run.place_teacher(teacher), run.place_student(init)
     if recipe.fused_head and (problem := fused_head_problem(init)) is not None:
         raise ValueError(f"fused_head: {problem}; set fused_head: false")
     vocab = shared_vocab_size(teacher, init, len(tok))  # raises when the vocabularies differ
@@ -147,7 +148,8 @@ def _train_variants(
         if info is not None:
             log.info("%s: finished before, reloading %s", name, run.path / part / "export")
             trained[name] = info
-            students[name] = load_model(run.path / part / "export", "causal-lm", dtype=init.dtype)
+            export = run.path / part / "export"
+            students[name] = run.place_student(load_model(export, "causal-lm", dtype=init.dtype))
             continue
         objective = build_objective(variant.terms, tokens=True, chunk_size=recipe.chunk_size)
         student = copy.deepcopy(init)
@@ -162,7 +164,7 @@ def _train_variants(
         fit = Distiller(
             student, objective, train, teacher=source if objective.needs_teacher else None,
             config=recipe.train, run_dir=run.path / part, student_forward=forward, name=name,
-            batch_transform=sampler,
+            batch_transform=sampler, placement=run.placement,
         ).fit(resume=run.resume)  # fmt: skip
         students[name] = fit.student
         trained[name] = {
@@ -172,6 +174,7 @@ def _train_variants(
             "on_policy": variant.on_policy,
             "metrics": str(Path(part) / "metrics.jsonl"),
             "export": str(Path(part) / "export"),
+            **trained_on(fit),
         }
         if distributed.is_main():  # every process holds the same student; rank 0 saves it
             TASK.export(fit.student, run.path / part / "export", tokenizer=tok)

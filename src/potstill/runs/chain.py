@@ -27,7 +27,7 @@ from ..recipe.common import folder_name
 from ..report import write_report
 from ..tasks.causal_lm import size_row
 from . import causal_lm, classic
-from .folder import RunFolder
+from .folder import RunFolder, place_teacher, run_devices
 from .lm_data import initial_student, lm_datasets, load_lm_teacher
 
 log = logging.getLogger("potstill")
@@ -175,17 +175,20 @@ def _lm_rows(
     recipe's held-out data: the teacher, the last student before distillation, and each
     stage's distilled student (variant ``setting``)."""
     base = chain.base_recipe()
+    placement, teacher_device = run_devices(chain)
     teacher, tok = load_lm_teacher(base)
+    place_teacher(teacher, teacher_device)
     _, val, _ = lm_datasets(base, tok, teacher=teacher, run_dir=run_dir / order[0])
     chained = [n for n in order if n not in ("direct", "ensemble")]
     last = done[chained[-1]]
     untrained_recipe = last["recipe"].model_copy(update={"teacher": base.teacher})
     init, _, _ = initial_student(untrained_recipe, teacher, tok)
+    placement.model(init)
     untrained = f"{chained[-1]} (not distilled)"
     models: dict[str, torch.nn.Module] = {"teacher": teacher, untrained: init}
     for name in order:
         folder = run_dir / name / folder_name(setting) / "export"
-        models[name] = load_model(folder, "causal-lm", dtype=teacher.dtype)
+        models[name] = placement.model(load_model(folder, "causal-lm", dtype=teacher.dtype))
     log.info("chain %s: measuring every model against the first teacher", chain.name)
     figures = lm_figures(models, val, teacher=teacher, batch_size=base.eval_batch_size)
     first_rows = done[order[0]]["results"]["rows"]

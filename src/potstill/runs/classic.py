@@ -27,6 +27,7 @@ from ..evaluate import classification_eval, predict_logits
 from ..losses.objective import Objective
 from ..losses.terms import labels_only_objective
 from ..models import ArchSpec
+from ..placement import CPU, Placement
 from ..recipe.classic import ClassicRecipe, SettingSpec
 from ..report import write_report
 from ..report.card import model_card, write_model_card
@@ -67,13 +68,14 @@ def train_classifier(
     folder = run.path / part
     info = run.finished(part)
     if info is not None:
-        loaded = load_classifier(folder / "final")
+        loaded = run.place_student(load_classifier(folder / "final"))
         log.info("%s: finished earlier, reusing %s", part, folder / "final")
         return SubRun(loaded, folder, info)
     result = Distiller(
         model, objective, train, teacher=teacher, config=config, run_dir=folder,
         evaluate=classification_eval(val), best_metric="accuracy", name=part,
         student_forward=TASK.student_forward, student_taps=student_taps,
+        placement=run.placement,
     ).fit(resume=run.resume)  # fmt: skip
     info = fit_info(result, len(train))  # type: ignore[arg-type]
     if distributed.is_main():  # every process holds the same trained model; rank 0 saves it
@@ -84,6 +86,11 @@ def train_classifier(
 
 
 def _teacher(recipe: ClassicRecipe, splits: Splits, run: RunFolder) -> tuple[nn.Module, dict]:
+    teacher, info = _build_teacher(recipe, splits, run)
+    return run.place_teacher(teacher), info
+
+
+def _build_teacher(recipe: ClassicRecipe, splits: Splits, run: RunFolder) -> tuple[nn.Module, dict]:
     spec = recipe.teacher
     if isinstance(spec.path, list):
         members = [load_classifier(p) for p in spec.path]
@@ -114,6 +121,7 @@ def measure_cache_speedup(
     config: TrainConfig,
     steps: int = 60,
     rounds: int = 2,
+    placement: Placement = CPU,
 ) -> dict[str, float]:
     """Training throughput with the live teacher and with its cache, measured alternately on
     fresh copies of the same student, and the epoch times they imply."""
@@ -127,8 +135,9 @@ def measure_cache_speedup(
     for _ in range(rounds):
         for name, source in (("live", live), ("cached", cached)):
             r = Distiller(
-                copy.deepcopy(student), copy.deepcopy(objective), train, teacher=source, config=cfg
-            ).fit()
+                copy.deepcopy(student), copy.deepcopy(objective), train, teacher=source,
+                config=cfg, placement=placement,
+            ).fit()  # fmt: skip
             rates[name].append(r.examples_per_s)
     n = len(train)  # type: ignore[arg-type]
     live_rate, cached_rate = max(rates["live"]), max(rates["cached"])
@@ -304,7 +313,15 @@ def _setting(shared: Shared, setting: SettingSpec) -> dict[str, Any]:
     ):
         live = LiveTeacher(shared.teacher)
         cache.update(
-            measure_cache_speedup(init, objective, train, live, shared.source, recipe.train)
+            measure_cache_speedup(
+                init,
+                objective,
+                train,
+                live,
+                shared.source,
+                recipe.train,
+                placement=run.placement,
+            )  # fmt: skip
         )
     return {
         "name": setting.name,

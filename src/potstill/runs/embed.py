@@ -31,7 +31,7 @@ from ..taps import tap_counts
 from ..tasks import get_task
 from ..tasks.embedding import Pooling, embed, encoder_forward, tokenize_pair, tokenize_texts
 from ..teachers import PrecomputedTeacher
-from .folder import RunFolder
+from .folder import RunFolder, teacher_load_options, trained_on
 
 log = logging.getLogger("potstill")
 
@@ -58,8 +58,9 @@ def _run(recipe: EmbedRecipe, run: RunFolder) -> dict[str, Any]:
     t_path, s_path = resolve(t_spec.model), resolve(s_spec.model)
     teacher = load_model(
         t_path, dtype=t_spec.dtype, trust_remote_code=t_spec.trust_remote_code,
-        attn_implementation="eager",
+        attn_implementation="eager", **teacher_load_options(t_spec),
     )  # fmt: skip
+    run.place_teacher(teacher)
     base = load_model(
         s_path, dtype=s_spec.dtype, trust_remote_code=s_spec.trust_remote_code,
         attn_implementation="eager",
@@ -81,6 +82,7 @@ def _run(recipe: EmbedRecipe, run: RunFolder) -> dict[str, Any]:
 
     torch.manual_seed(recipe.seed)
     init = derive(base, keep=s_spec.keep, layers=s_spec.layers) if s_spec.derived else base
+    run.place_student(init), run.place_student(base)
     student_taps, teacher_taps = recipe.taps.as_taps("student"), recipe.taps.as_taps("teacher")
     counts = {
         "student": tap_counts(init, student_taps),
@@ -202,7 +204,7 @@ def _variant(shared: Shared, name: str, terms: list[TermSpec]) -> dict[str, Any]
     trained = run.finished(part)
     if trained is not None:
         log.info("%s: finished before, reloading %s", name, run.path / part / "export")
-        student = load_model(run.path / part / "export", dtype=init.dtype)
+        student = run.place_student(load_model(run.path / part / "export", dtype=init.dtype))
     else:
         student = copy.deepcopy(init)
         student.train()
@@ -210,7 +212,7 @@ def _variant(shared: Shared, name: str, terms: list[TermSpec]) -> dict[str, Any]
             student, build_objective(terms, shared.counts), shared.train, teacher=shared.source,
             config=recipe.train, run_dir=run.path / part,
             student_forward=shared.figures["forwards"][1],
-            student_taps=shared.student_taps, name=name,
+            student_taps=shared.student_taps, name=name, placement=run.placement,
         ).fit(resume=run.resume)  # fmt: skip
         student = fit.student
         trained = {
@@ -218,6 +220,7 @@ def _variant(shared: Shared, name: str, terms: list[TermSpec]) -> dict[str, Any]
             "train_time_s": fit.train_time_s,
             "objective": [t.model_dump(exclude_unset=True) for t in terms],
             "metrics": str(Path(part) / "metrics.jsonl"),
+            **trained_on(fit),
         }
         st_from = shared.student_path if Path(shared.student_path).exists() else None
         TASK.export(

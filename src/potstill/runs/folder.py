@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import yaml
@@ -22,7 +22,10 @@ from pydantic import BaseModel
 from .. import distributed
 from .._version import __version__
 from ..io import atomic_write_text
+from ..placement import Placement, describe_device, resolve_device
 from ..recipe.common import RecipeError
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 RECIPE_FILE = "recipe.yaml"
 RESULTS_FILE = "results.json"
@@ -31,9 +34,14 @@ LOCK_FILE = ".potstill.lock"
 
 HEADER_KEYS = (
     "kind", "name", "seed", "potstill_version", "torch_version", "transformers_version",
-    "python", "machine", "threads", "processes", "wall_time_s",
+    "python", "machine", "threads", "processes", "device", "teacher_device", "precision",
+    "wall_time_s",
 )  # fmt: skip
-"""The keys every run's results.json starts with, whatever its kind."""
+"""The keys every run's results.json starts with, whatever its kind (a GPU run adds its
+``device_name``, ``device_memory_gb`` and ``compute_capability`` after them)."""
+
+PLACEMENT_FIELDS = ("device", "device_map")
+"""Recipe fields that say where a run computes, not what: a run resumes on another device."""
 
 
 class RunFolder:
@@ -55,6 +63,9 @@ class RunFolder:
         self.resume = resume
         self.t_start = time.perf_counter()
         self._lock: Any = None
+        # where the run computes, resolved before anything loads: a device the machine lacks
+        # is an error naming the field at once
+        self.placement, self.teacher_device = run_devices(recipe)
         self._check(overwrite)
 
     # -- the guard ------------------------------------------------------------------------------
@@ -71,7 +82,11 @@ class RunFolder:
                     "(finished parts are reused) or --overwrite to start again"
                 )
             before = type(self.recipe).model_validate(yaml.safe_load(saved.read_text()))
-            diff = sorted(_diff_fields(before.model_dump(), self.recipe.model_dump()))
+            diff = sorted(
+                f
+                for f in _diff_fields(before.model_dump(), self.recipe.model_dump())
+                if f.rsplit(".", 1)[-1] not in PLACEMENT_FIELDS
+            )
             if diff:
                 raise RecipeError(
                     f"{self.path} was started with another recipe (fields that differ: "
@@ -130,6 +145,16 @@ class RunFolder:
     ) -> None:  # fmt: skip
         self.close()
 
+    # -- placement ------------------------------------------------------------------------------
+
+    def place_teacher(self, teacher: M) -> M:
+        """``teacher`` on ``teacher.device`` (default: the run's device): :func:`place_teacher`."""
+        return place_teacher(teacher, self.teacher_device)
+
+    def place_student(self, student: M) -> M:
+        """``student`` on the run's device."""
+        return self.placement.model(student)
+
     # -- writing --------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -167,6 +192,7 @@ class RunFolder:
         except ImportError:
             hf_version = None
         recipe = self.recipe
+        gpu = describe_device(self.placement.device)
         seed = getattr(recipe, "seed", None)
         if seed is None and isinstance(getattr(recipe, "base", None), dict):  # a chain
             seed = recipe.base.get("seed", 0)  # type: ignore[attr-defined]
@@ -181,7 +207,11 @@ class RunFolder:
             "machine": platform.machine(),
             "threads": torch.get_num_threads(),
             "processes": distributed.world_size(),
+            "device": gpu.pop("device"),
+            "teacher_device": str(self.teacher_device),
+            "precision": getattr(getattr(recipe, "train", None), "precision", None),
             "wall_time_s": time.perf_counter() - self.t_start,
+            **gpu,
         }
 
     def write_results(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -203,6 +233,33 @@ def _diff_fields(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if a != b else []
 
 
+def run_devices(recipe: Any) -> tuple[Placement, torch.device]:
+    """The placement of a recipe's student (its ``device``) and its teacher's device
+    (``teacher.device``, default the same), resolved on this machine; a chain's come from its
+    base recipe. ValueError naming the field for a device the machine lacks."""
+    if hasattr(recipe, "base_recipe"):
+        recipe = recipe.base_recipe()
+    placement = Placement.of(getattr(recipe, "device", None), "device")
+    asked = getattr(getattr(recipe, "teacher", None), "device", None)
+    teacher = resolve_device(asked, "teacher.device") if asked else placement.device
+    return placement, teacher
+
+
+def place_teacher(teacher: M, device: torch.device) -> M:
+    """``teacher`` on ``device``; a Hugging Face model loaded with a ``device_map`` stays
+    sharded where accelerate put it."""
+    if getattr(teacher, "hf_device_map", None) is None:
+        teacher.to(device)
+    return teacher
+
+
+def teacher_load_options(spec: Any) -> dict[str, Any]:
+    """What ``from_pretrained`` gets for the teacher section ``spec``: its ``device_map``
+    (sharded over the GPUs through accelerate) when it has one."""
+    device_map = getattr(spec, "device_map", None)
+    return {} if device_map is None else {"device_map": device_map}
+
+
 def fit_info(result: Any, examples: int) -> dict[str, Any]:
     """What a trained part records in its done marker and its report row: steps, training time,
     throughput, the last and the best validation figures, and how many training examples."""
@@ -213,4 +270,12 @@ def fit_info(result: Any, examples: int) -> dict[str, Any]:
         "val_final": result.final_eval,
         "val_best": result.best,
         "examples": examples,
+        **trained_on(result),
     }
+
+
+def trained_on(result: Any) -> dict[str, Any]:
+    """Where a training part ran: its ``device`` and, on a GPU, ``peak_memory_gb`` (the most
+    memory it allocated)."""
+    peak = getattr(result, "peak_memory_gb", None)
+    return {"device": result.device, **({} if peak is None else {"peak_memory_gb": peak})}

@@ -30,6 +30,7 @@ from ..llm.forward import causal_lm_forward
 from ..llm.user_data import infer_style, style_columns, token_dataset, token_rows
 from ..recipe.causal_lm import LMCacheSpec, LMRecipe
 from ..students import derive
+from .folder import teacher_load_options
 
 log = logging.getLogger("potstill")
 
@@ -71,6 +72,7 @@ def load_lm_teacher(recipe: LMRecipe) -> tuple[torch.nn.Module, Any]:
         "causal-lm",
         dtype=recipe.teacher.dtype,
         trust_remote_code=recipe.teacher.trust_remote_code,
+        **teacher_load_options(recipe.teacher),
     )
     return teacher, load_tokenizer(t_path, trust_remote_code=recipe.teacher.trust_remote_code)
 

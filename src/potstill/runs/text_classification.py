@@ -42,7 +42,7 @@ from ..taps import tap_counts
 from ..tasks import get_task
 from ..tasks.text_classifier import TEXT_COLUMNS, tokenized_splits
 from ..teachers import LiveTeacher, TeacherSource
-from .folder import RunFolder, fit_info
+from .folder import RunFolder, fit_info, teacher_load_options
 
 log = logging.getLogger("potstill")
 
@@ -130,10 +130,13 @@ def prepare_data(recipe: TextClassificationRecipe, teacher_config: Any) -> Prepa
     )  # fmt: skip
 
 
-def _load(path: str | Path, spec: Any, names: list[str], *, new_head: bool, seed: int) -> nn.Module:
+def _load(
+    path: str | Path, spec: Any, names: list[str], *, new_head: bool, seed: int, **extra: Any
+) -> nn.Module:
     """A sequence classifier; with ``new_head`` its head is made for ``names`` (a base model,
     or a classifier of other classes whose head is replaced)."""
-    extra = {**head_config(names), "ignore_mismatched_sizes": True} if new_head else {}
+    if new_head:
+        extra.update(head_config(names), ignore_mismatched_sizes=True)
     torch.manual_seed(seed)  # a new head's initial weights: the same in every run of the recipe
     return load_model(
         path, KIND, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
@@ -160,12 +163,13 @@ def train_part(
     info = run.finished(part)
     if info is not None:
         log.info("%s: finished earlier, reusing %s", part, folder / "final")
-        return load_model(folder / "final", KIND), info
+        return run.place_student(load_model(folder / "final", KIND)), info
     model.train()
     result = Distiller(
         model, objective, data.splits["train"], teacher=teacher, config=config, run_dir=folder,
         evaluate=classification_eval(data.splits["validation"], batch_size=64, forward=forward),
         best_metric="accuracy", name=part, student_forward=forward, student_taps=taps,
+        placement=run.placement,
     ).fit(resume=run.resume)  # fmt: skip
     info = fit_info(result, len(data.splits["train"]))
     TASK.export(result.student, folder / "final", tokenizer=tokenizer)
@@ -178,15 +182,15 @@ def _teacher(
 ) -> tuple[nn.Module, dict[str, Any]]:
     spec = recipe.teacher
     if spec.finetune is None:
-        return _load(path, spec, data.classes, new_head=False, seed=recipe.seed), {
-            "source": spec.model
-        }
+        model = _load(path, spec, data.classes, new_head=False, seed=recipe.seed,
+                      **teacher_load_options(spec))  # fmt: skip
+        return run.place_teacher(model), {"source": spec.model}
     base = _load(path, spec, data.classes, new_head=True, seed=recipe.seed)
     model, info = train_part(
         run, "teacher", base, labels_only_objective(), data, spec.finetune, None,
         forward=data.teacher_forward, tokenizer=data.teacher_tok,
     )  # fmt: skip
-    return model, {"source": "fine-tuned in this run", **info}
+    return run.place_teacher(model), {"source": "fine-tuned in this run", **info}
 
 
 def _student_init(recipe: TextClassificationRecipe, teacher: nn.Module, data: Prepared):
