@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .page import describe_term, plot_metric_curves, write_page
+from .page import describe_term, plot_metric_curves, where_it_ran, write_page
 
 
 def lm_markdown(results: dict[str, Any]) -> str:
@@ -30,7 +30,7 @@ def lm_markdown(results: dict[str, Any]) -> str:
         f"{t['steps']} steps of {t['batch_size']} sequences, lr {t['lr']}, the same for every "
         f"objective. Held-out: {d['val']} ({d['val_tokens']} response tokens). Seed "
         f"{results['seed']}, {results['threads']} threads, whole run "
-        f"{results['wall_time_s'] / 60:.1f} min.",
+        f"{results['wall_time_s'] / 60:.1f} min. {where_it_ran(results)}",
         *_cache_lines(results.get("teacher_cache")),
         "",
         "| model | objective | layers | parameters | size (MB) | perplexity | top-1 agreement "

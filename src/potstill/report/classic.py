@@ -18,6 +18,7 @@ from .page import (  # noqa: E402
     human_size,
     png_base64,
     read_metrics,
+    where_it_ran,
     write_page,
 )
 
@@ -199,6 +200,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"torch {results['torch_version']}, Python {results['python']} on "
         f"{results['machine']}; retention = accuracy / teacher's; speed-up = teacher's "
         "latency / model's.",
+        f"- {where_it_ran(results)}",
         f"- Whole run: {results['wall_time_s']:.0f} s.",
         "",
     ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .page import write_page
+from .page import where_it_ran, write_page
 
 
 def embed_markdown(results: dict[str, Any]) -> str:
@@ -49,7 +49,8 @@ def embed_markdown(results: dict[str, Any]) -> str:
         "similarities; cosine (linear map): mean cosine to the teacher's embedding after the "
         "least-squares linear map fitted on the training texts (same for every model). "
         f"Teacher pass (once, reused by every objective): {results['teacher_pass_s']:.0f} s."
-        f" Whole run {results['wall_time_s']:.0f} s, {results['threads']} threads.",
+        f" Whole run {results['wall_time_s']:.0f} s, {results['threads']} threads. "
+        + where_it_ran(results),
         "",
     ]
     return "\n".join(lines)

@@ -32,6 +32,51 @@ def human_count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
+def where_it_ran(results: dict[str, Any]) -> str:
+    """Where a run computed, in a sentence: the device (a GPU's name and memory), the
+    teacher's device when it differs, the precision, and each trained part's peak GPU memory."""
+    device = results.get("device", "cpu")
+    if results.get("device_name"):
+        text = (f"Computed on {results['device_name']} ({device}, "
+                f"{results.get('device_memory_gb', '?')} GiB)")  # fmt: skip
+    elif device == "cpu":
+        text = f"Computed on the CPU ({results.get('threads', '?')} threads)"
+    else:
+        text = f"Computed on {device}"
+    teacher = results.get("teacher_device")
+    if teacher and teacher != device:
+        text += f", the teacher on {teacher}"
+    if results.get("precision"):
+        text += f", precision {results['precision']}"
+    peaks = _peaks(results)
+    if peaks:
+        text += "; peak GPU memory " + ", ".join(f"{k} {v:.2f} GiB" for k, v in peaks.items())
+    return text + "."
+
+
+_CONTAINERS = frozenset({"settings", "runs", "rows", "stages", "results"})
+
+
+def _peaks(node: Any, path: str = "") -> dict[str, float]:
+    """Every ``peak_memory_gb`` in the results, by the path of the part that recorded it
+    (list items by their ``name``)."""
+    out: dict[str, float] = {}
+    items: list[tuple[str, Any]] = []
+    if isinstance(node, dict):
+        if isinstance(node.get("peak_memory_gb"), int | float):
+            out[path or "run"] = float(node["peak_memory_gb"])
+        items = [(str(k), v) for k, v in node.items()]
+    elif isinstance(node, list):
+        items = [(str(v.get("name", i)) if isinstance(v, dict) else str(i), v)
+                 for i, v in enumerate(node)]  # fmt: skip
+    for label, value in items:
+        if label in _CONTAINERS:  # "settings/few/runs/distilled" reads "few/distilled"
+            out.update(_peaks(value, path))
+        else:
+            out.update(_peaks(value, f"{path}/{label}" if path else label))
+    return out
+
+
 def describe_term(term: dict[str, Any]) -> str:
     """A recipe term in a few words: kind, what it reads, weight and options."""
     text = term["kind"]

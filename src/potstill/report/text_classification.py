@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .page import describe_term, human_size, write_page
+from .page import describe_term, human_size, where_it_ran, write_page
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -70,7 +70,8 @@ def markdown(results: dict[str, Any]) -> str:
         + f". Texts cut at {data['max_length']} tokens: "
         + (", ".join(f"{k} {v:,}" for k, v in cut.items()) if cut else "none")
         + f". Columns: {data['columns']}. Speed: median forward time on this machine "
-        f"({results['threads']} threads); whole run {results['wall_time_s']:.0f} s.",
+        f"({results['threads']} threads); whole run {results['wall_time_s']:.0f} s. "
+        + where_it_ran(results),
         "",
     ]
     return "\n".join(lines)
