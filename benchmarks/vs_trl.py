@@ -44,6 +44,16 @@ skipped). Writes ``--out``/vs_trl.json, vs_trl.md and vs_trl.png.
         --rounds 1 --steps 2 --warmup 1 --out /tmp/fused  # the fused LM head at long rows
     .venv/bin/python benchmarks/vs_trl.py --methods potstill potstill-compile --rounds 1
         --steps 6 --warmup 3 --out /tmp/compile  # torch.compile against eager
+
+GPU mode (``--device cuda``): rows of 8 × ``--length`` tokens (1,024 and 4,096 are the
+realistic ones; the fortunes tokens are repeated to fill them), every method in bf16 mixed
+precision (potstill ``train.precision: bf16``, TRL ``bf16=True``, the plain loop under
+``torch.autocast``), the teacher and the student on the GPU, each step timed after a
+``torch.cuda.synchronize``; peak memory is ``torch.cuda.max_memory_allocated`` over training
+(reset just before it), and the FLOP floor uses the measured bf16 matmul rate (8192² matrices):
+
+    .venv/bin/python benchmarks/vs_trl.py --device cuda --length 4096 --rounds 1 --steps 5
+        --warmup 2 --methods potstill potstill-fused plain trl --out /tmp/gpu4096
 """
 
 from __future__ import annotations
@@ -66,8 +76,18 @@ METHODS = (
 )  # fmt: skip
 # on request: torch.compile (minutes of compilation a run), the fused head (for long rows)
 DEFAULT_METHODS = METHODS[:-2]
-BATCH, LR = 4, 1e-5
+LR = 1e-5
 LENGTH = int(os.environ.get("VS_TRL_LENGTH", "64"))  # tokens per row (--length)
+DEVICE = os.environ.get("VS_TRL_DEVICE", "cpu")  # --device: cpu, or cuda (GPU mode)
+GPU = DEVICE != "cpu"
+BATCH = 8 if GPU else 4
+
+
+def step_clock(times: list[float]) -> None:
+    """Record the end of a step (on a GPU once its queued work is done)."""
+    if GPU:
+        torch.cuda.synchronize()
+    times.append(time.perf_counter())
 
 
 def rss_mb() -> float:
@@ -108,6 +128,8 @@ def setup(rows: int) -> tuple:
     ids, mask = train.tensors["input_ids"], train.tensors["attention_mask"].bool()
     stream = torch.cat([ids[i][mask[i]] for i in range(len(ids))])
     need = rows * LENGTH
+    if len(stream) < need and GPU:  # long GPU rows: the fortunes' tokens, repeated
+        stream = stream.repeat(need // len(stream) + 1)
     if len(stream) < need:
         raise SystemExit(f"only {len(stream)} tokens of data for {need}")
     input_ids = stream[:need].reshape(rows, LENGTH).contiguous()
@@ -158,7 +180,7 @@ def run_potstill(
         student, Objective([token_term("fkl", chunk_size=256 if fused else 1024)]),
         lm_rows(input_ids), teacher=source, config=config,
         student_forward=causal_lm_hidden_forward if fused else causal_lm_forward,
-        callbacks=[lambda step, row: times.append(time.perf_counter())],
+        callbacks=[lambda step, row: step_clock(times)], device=DEVICE,
     ).fit()  # fmt: skip
     return times
 
@@ -171,20 +193,23 @@ def run_plain(teacher, student, input_ids, steps: int) -> list[float]:
     student.train()
     opt = torch.optim.AdamW(student.parameters(), lr=LR)
     times = []
+    amp = torch.autocast(DEVICE.split(":")[0], dtype=torch.bfloat16, enabled=GPU)
     for step in range(steps):
-        x = input_ids[step * BATCH : (step + 1) * BATCH]
+        x = input_ids[step * BATCH : (step + 1) * BATCH].to(DEVICE)
         mask = torch.ones_like(x)
-        with torch.no_grad():
-            t = teacher(input_ids=x, attention_mask=mask).logits[:, :-1]
-        s = student(input_ids=x, attention_mask=mask).logits[:, :-1]
-        loss = F.kl_div(
-            F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum"
-        ) / (s.shape[0] * s.shape[1])
+        with amp:
+            with torch.no_grad():
+                t = teacher(input_ids=x, attention_mask=mask).logits[:, :-1]
+            s = student(input_ids=x, attention_mask=mask).logits[:, :-1]
+            loss = F.kl_div(
+                F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1), log_target=True,
+                reduction="sum",
+            ) / (s.shape[0] * s.shape[1])  # fmt: skip
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter())
+        step_clock(times)
     return times
 
 
@@ -204,7 +229,7 @@ def run_trl(
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter())
+            step_clock(times)
 
     data = Dataset.from_dict(
         {
@@ -217,7 +242,7 @@ def run_trl(
         output_dir=str(folder), per_device_train_batch_size=BATCH, max_steps=steps,
         lmbda=0.0, beta=0.0, temperature=1.0, learning_rate=LR, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
-        logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+        logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=not GPU, seed=0,
         dataloader_num_workers=0, disable_dropout=True, max_length=LENGTH, bf16=bf16,
     )  # fmt: skip
     trainer = InOrder(
@@ -244,6 +269,10 @@ def worker(method: str, steps: int, warmup: int, cache: Path | None, out: Path) 
     if method == "potstill-compile":
         student.compile()  # in place; the compiled graphs are built in the warm-up steps
         teacher.compile()
+    if GPU:
+        student.to(DEVICE)
+        if teacher is not None:
+            teacher.to(DEVICE)
     if teacher is not None:  # every teacher page resident (memory-mapped weights) before
         with torch.no_grad():
             for t in teacher.parameters():
@@ -254,16 +283,24 @@ def worker(method: str, steps: int, warmup: int, cache: Path | None, out: Path) 
     trained = sum(t.numel() * t.element_size() for t in student.parameters() if t.requires_grad)
     floor = before + 3 * trained / 2**20
     from_start = not reset_peak()  # peak of training alone, where the kernel allows it
+    if GPU:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        gpu_before = torch.cuda.memory_allocated() / 2**20
     if method == "plain":
         times = run_plain(teacher, student, input_ids, total)
     elif method in ("trl", "trl-amp"):
         folder = out.parent / "trl-out"
-        times = run_trl(teacher, student, tok, input_ids, total, folder, bf16=method == "trl-amp")
+        bf16 = method == "trl-amp" or GPU
+        times = run_trl(teacher, student, tok, input_ids, total, folder, bf16=bf16)
     else:
-        precision = "bf16" if method == "potstill-amp" else "fp32"
+        precision = "bf16" if method == "potstill-amp" or GPU else "fp32"
         fused = method == "potstill-fused"
         times = run_potstill(teacher, student, input_ids, total, cache, precision, fused)
     peak = peak_mb()
+    if GPU:  # the GPU's memory is what a GPU run is short of: report it in place of RSS
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        before, floor = gpu_before, gpu_before + 3 * trained / 2**20
     seconds = (times[-1] - times[warmup - 1]) / steps
     out.write_text(json.dumps({
         "method": method, "s_per_step": seconds, "tokens_per_s": BATCH * LENGTH / seconds,
@@ -291,6 +328,7 @@ def write_cache_once(folder: Path, rows: int) -> Path:
     from potstill.llm.forward import causal_lm_forward
 
     teacher, _, tok, input_ids = setup(rows)
+    teacher.to(DEVICE)
     path = folder / "cache"
     write_cache(
         teacher, lm_rows(input_ids), path, unit="token", k=64, encoding=Encoding(),
@@ -300,15 +338,23 @@ def write_cache_once(folder: Path, rows: int) -> Path:
 
 
 def matmul_gflops(threads: int, n: int = 2048, repeats: int = 20) -> float:
-    """The best fp32 rate of ``repeats`` n × n matrix products, GFLOP/s."""
+    """The best rate of ``repeats`` n × n matrix products, GFLOP/s: fp32 on the CPU, bf16 on
+    the GPU (8192² there, synchronised)."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dtype = torch.bfloat16 if GPU else torch.float32
+    n = 8192 if GPU else n
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
     for _ in range(3):
         a @ b
     rates = []
     for _ in range(repeats):
+        if GPU:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         a @ b
+        if GPU:
+            torch.cuda.synchronize()
         rates.append(2 * n**3 / (time.perf_counter() - t) / 1e9)
     return max(rates)
 
@@ -327,6 +373,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--length", type=int, help="tokens per row (default 64)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: the GPU mode")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
@@ -338,6 +385,9 @@ def main() -> None:
         global LENGTH
         LENGTH = a.length
         os.environ["VS_TRL_LENGTH"] = str(a.length)  # the workers' rows too
+    if a.device != DEVICE:
+        os.environ["VS_TRL_DEVICE"] = a.device  # the module's settings follow in a fresh start
+        os.execv(sys.executable, [sys.executable, __file__, *sys.argv[1:]])
     if a.worker:
         worker(a.worker, a.steps, a.warmup, a.cache, a.result)
         return
@@ -367,7 +417,7 @@ def main() -> None:
                 result = folder / f"{m}.json"
                 cmd = [sys.executable, __file__, "--worker", m, "--steps", str(a.steps),
                        "--warmup", str(a.warmup), "--threads", str(a.threads),
-                       "--result", str(result)]  # fmt: skip
+                       "--device", DEVICE, "--result", str(result)]  # fmt: skip
                 if m == "potstill-cached":
                     cmd += ["--cache", str(cache)]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -381,6 +431,7 @@ def main() -> None:
     results = {
         "threads": a.threads, "torch": torch.__version__, "rounds": a.rounds, "steps": a.steps,
         "warmup": a.warmup, "batch": BATCH, "length": LENGTH, "matmul_gflops": gflops,
+        "device": DEVICE, "device_name": torch.cuda.get_device_name() if GPU else "CPU",
         "teacher_parameters": n_teacher, "student_parameters": n_student,
         "floor_s_live": floor_live, "floor_s_cached": floor_cached, "runs": runs,
         "wall_min": (time.perf_counter() - t0) / 60,
@@ -401,7 +452,13 @@ def markdown(r: dict) -> str:
     base_name = "TRL" if "trl" in med else "potstill"
     lines = [
         f"SmolLM2-135M-Instruct → 10-layer derived student, batch {r['batch']} × {r['length']} "
-        f"tokens, forward KL, AdamW, clipping 1.0, {r['threads']} threads, fp32, torch "
+        f"tokens, forward KL, AdamW, clipping 1.0, "
+        + (
+            f"{r['device_name']}, bf16 mixed precision, peak memory = GPU memory allocated, "
+            if r.get("device", "cpu") != "cpu"
+            else f"{r['threads']} threads, fp32, "
+        )
+        + f"torch "
         f"{r['torch']}; {r['rounds']} alternating rounds of {r['steps']} steps after "
         f"{r['warmup']} warm-up, medians (spread of tokens/s). Matmul rate "
         f"{r['matmul_gflops']:.0f} GFLOP/s; FLOP floor of the step {r['floor_s_live']:.2f} s "
@@ -464,7 +521,9 @@ def plot(r: dict, path: Path) -> None:
     ax2.set_ylabel("peak memory, MB (lower is better)")
     for ax in (ax1, ax2):
         ax.tick_params(axis="x", rotation=20)
-    fig.suptitle("SmolLM2-135M → 10 layers, forward KL, batch 4 × 64, CPU")
+    where = r.get("device_name", "CPU")
+    fig.suptitle(f"SmolLM2-135M → 10 layers, forward KL, batch {r['batch']} × {r['length']}, "
+                 f"{where}")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

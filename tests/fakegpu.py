@@ -122,12 +122,41 @@ def _copy_from(src, dst, non_blocking=False):  # noqa: ANN001, ANN202
     return dst
 
 
+class _Backend:
+    """``torch.fakegpu``: one device, always there; its random numbers are the CPU's (its
+    kernels are the CPU's), so its own random state is empty (``fork_rng`` asks for it)."""
+
+    def is_available(self) -> bool:
+        return True
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def current_device(self) -> int:
+        return 0
+
+    def device_count(self) -> int:
+        return 1
+
+    def _is_in_bad_fork(self) -> bool:
+        return False
+
+    def manual_seed_all(self, seed: int) -> None:
+        pass
+
+    def get_rng_state(self, device: Any = None) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.uint8)
+
+    def set_rng_state(self, state: torch.Tensor, device: Any = None) -> None:
+        pass
+
+
 def _setup() -> None:
     from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
     if torch._C._get_privateuse1_backend_name() == NAME:
         return
-    _setup_privateuseone_for_python_backend(NAME)
+    _setup_privateuseone_for_python_backend(NAME, backend_module=_Backend())
     lib = torch.library.Library("aten", "IMPL")  # noqa: TID251
     lib.impl("empty.memory_format", _empty, "PrivateUse1")
     lib.impl("empty_strided", _empty_strided, "PrivateUse1")

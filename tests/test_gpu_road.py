@@ -3,23 +3,32 @@
 teacher cache reads, evaluation, generation, on-policy sampling and exports all placed there;
 any CPU tensor meeting a GPU one raises) give the same figures as the same recipe with
 ``device: cpu``, and a teacher can be put on the CPU apart from a GPU student. Unknown
-devices, and devices this machine lacks, are refused before anything loads, naming the field."""
+devices, and devices this machine lacks, are refused before anything loads, naming the field.
+
+On a machine with a GPU, ``POTSTILL_ROAD_DEVICE=cuda`` runs the same tests on it
+(``benchmarks/gpu_check.py`` does): the figures then agree with the CPU's only to rounding
+(other kernels), so they are compared loosely and generations are not compared."""
 
 from __future__ import annotations
 
 import copy
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from conftest import needs_fashion_mnist, needs_minilm
-from fakegpu import NAME
+from fakegpu import NAME as FAKE
 
 from potstill.recipe import RecipeError, validate_recipe
 from potstill.runs import run
+
+NAME = os.environ.get("POTSTILL_ROAD_DEVICE") or FAKE
+EXACT = NAME == FAKE  # the fake GPU computes with the CPU's kernels: the very same figures
+TOLERANCE = {"rel": 1e-5, "abs": 1e-6} if EXACT else {"rel": 5e-2, "abs": 5e-2}
 
 # one optimizer implementation on both devices (the CPU's default is the fused AdamW kernel,
 # another device's the multi-tensor one), so the figures agree bit for bit
@@ -50,7 +59,7 @@ def _close(a: Any, b: Any, where: str = "results") -> None:
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _close(x, y, f"{where}[{i}]")
     elif isinstance(a, float) and not math.isnan(a):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-6), where
+        assert a == pytest.approx(b, **TOLERANCE), where
     else:
         assert a == b or (a != a and b != b), where
 
@@ -210,7 +219,8 @@ def test_a_causal_lm_distils_on_the_gpu(tiny_lm, tmp_path, teacher):
     recipe["teacher"]["cache"] = teacher == "cached"
     cpu, gpu, folder = _both(recipe, tmp_path)
     _same(cpu, gpu)
-    assert gpu["generations"] == cpu["generations"]  # generated where the models are
+    if EXACT:
+        assert gpu["generations"] == cpu["generations"]  # generated where the models are
     assert json.loads((folder / "fkl" / "done.json").read_text())["steps"] == 2
 
 

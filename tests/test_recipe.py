@@ -196,7 +196,9 @@ ADDED = {"kind", "dtype", "columns", "label_smoothing", "student", "teacher", "l
          "source", "style", "windows", "mode", "pairs",
          # issue 18: Hugging Face and torchvision image classifiers on the classic road
          "model", "config", "torchvision", "processor", "trust_remote_code",
-         "finetune"}  # fmt: skip
+         "finetune",
+         # issue 19: where a run computes and in what precision
+         "device", "device_map", "tf32", "compile"}  # fmt: skip
 # fields dropped: an embedding teacher's keep / layers, accepted before and never used (a
 # teacher is not derived); they were unset (None) in every built-in recipe
 REMOVED = {("teacher", "keep"), ("teacher", "layers")}
