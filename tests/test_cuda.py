@@ -96,3 +96,27 @@ def test_a_sharded_teacher_teaches_through_accelerate(tok, tmp_path):
     results = run(LMRecipe.model_validate(recipe), tmp_path / "run")
     assert results["rows"]["fkl"]["steps"] == 2 and results["rows"]["fkl"]["device"] == "cuda:0"
     assert os.path.exists(tmp_path / "run" / "fkl" / "export" / "model.safetensors")
+
+
+@pytest.mark.skipif(not TWO_GPUS, reason="needs two GPUs")
+def test_a_recipe_on_two_gpus_under_torchrun_equals_one_gpu(tmp_path):
+    """The gloo equivalence test of tests/test_distributed.py on NCCL: each process takes
+    ``cuda:LOCAL_RANK``; two of them with half the batch each end where one GPU does."""
+    import json
+
+    import yaml
+    from test_distributed import DIGITS, max_difference, torchrun
+
+    from potstill.recipe.classic import ClassicRecipe
+    from potstill.runs import run
+
+    on_gpu = {**DIGITS, "device": "cuda", "train": {**DIGITS["train"], "tf32": False}}
+    run(ClassicRecipe.model_validate(on_gpu), tmp_path / "one")
+    recipe = tmp_path / "two.yaml"
+    two_train = {**on_gpu["train"], "batch_size": 32, "grad_accum": 2}
+    recipe.write_text(yaml.safe_dump({**on_gpu, "device": "auto", "train": two_train}))
+    torchrun("-m", "potstill.cli", "distill", str(recipe), "--out", str(tmp_path / "two"))
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["processes"] == 2 and two["device"] == "cuda:0"
+    for f in sorted((tmp_path / "one").rglob("final/*.safetensors")):
+        assert max_difference(f, tmp_path / "two" / f.relative_to(tmp_path / "one")) < 1e-4, f

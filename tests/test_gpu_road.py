@@ -236,3 +236,35 @@ def test_devices_are_refused_before_anything_loads(tmp_path):
             run(validate_recipe({**DIGITS, "teacher": {**DIGITS["teacher"], "device": "cuda:1"}}),
                 tmp_path / "b")  # fmt: skip
         assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_command_line_places_the_run(tmp_path):
+    """``--device`` and ``--teacher-device`` set the recipe's fields (a chain's base too); a
+    run resumes on another device (``device`` is not part of the resume check)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from potstill.cli import app
+
+    path = tmp_path / "digits.yaml"
+    path.write_text(yaml.safe_dump(DIGITS))
+    out = tmp_path / "run"
+    args = ["distill", str(path), "--out", str(out)]
+    done = CliRunner().invoke(app, [*args, "--device", NAME, "--teacher-device", "cpu"])
+    assert done.exit_code == 0, done.output
+    results = json.loads((out / "results.json").read_text())
+    assert (results["device"], results["teacher_device"]) == (f"{NAME}:0", "cpu")
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["device"] == NAME and saved["teacher"]["device"] == "cpu"
+    again = CliRunner().invoke(app, [*args, "--device", "cpu", "--resume"])
+    assert again.exit_code == 0, again.output  # finished parts reused, on the CPU
+    assert json.loads((out / "results.json").read_text())["device"] == "cpu"
+    wrong = CliRunner().invoke(app, [*args, "--device", "tpu", "--overwrite"])
+    assert wrong.exit_code != 0 and "device: Value error, unknown device 'tpu'" in wrong.output
+    chain = tmp_path / "chain.yaml"
+    chain.write_text(yaml.safe_dump({"kind": "chain", "generations": 1, "base": DIGITS}))
+    done = CliRunner().invoke(app, ["distill", str(chain), "--out", str(tmp_path / "c"),
+                                    "--device", NAME])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    saved = yaml.safe_load((tmp_path / "c" / "recipe.yaml").read_text())
+    assert saved["base"]["device"] == NAME

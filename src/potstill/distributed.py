@@ -40,6 +40,9 @@ def setup() -> tuple[int, int]:
     backend = os.environ.get("POTSTILL_DIST_BACKEND")
     if backend is None:
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        # one GPU per process on a node: NCCL's collectives and "cuda" mean cuda:LOCAL_RANK
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     dist.init_process_group(backend=backend, timeout=TIMEOUT)
     # tear the group down before the interpreter exits: gloo's threads still running at exit
     # abort the process ("terminate called without an active exception")
