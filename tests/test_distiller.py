@@ -481,12 +481,13 @@ def _checkpointed(digits, run_dir, **kw):
     )
 
 
-def test_checkpoint_folder_keeps_only_the_newest_step(digits, tmp_path):
+def test_checkpoint_folder_keeps_the_newest_steps(digits, tmp_path):
     result = _checkpointed(digits, tmp_path).fit()
     root = tmp_path / "checkpoints"
     last = json.loads((root / "last.json").read_text())
     assert last == {"dir": "step-00000010", "step": 10}
-    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000010"]
+    # the newest two (train.checkpoints_kept): the one before is the fallback
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000009", "step-00000010"]
     assert not list(root.rglob(".*.tmp"))  # no temporary files left behind
     folder = root / "step-00000010"
     meta = json.loads((folder / "meta.json").read_text())
@@ -529,21 +530,23 @@ def test_unknown_best_metric_is_named(digits, tmp_path):
 
 
 def test_damaged_checkpoint_is_refused_naming_the_file(digits, tmp_path):
-    _checkpointed(digits, tmp_path, max_steps=6).fit()
+    """With only the newest kept there is nothing to fall back to (tests/test_faults.py: the
+    fallback)."""
+    _checkpointed(digits, tmp_path, max_steps=6, checkpoints_kept=1).fit()
     path = tmp_path / "checkpoints" / "step-00000006" / "student.safetensors"
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0x01  # one bit of one weight
     path.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError) as info:
-        _checkpointed(digits, tmp_path, max_steps=6).fit(resume=True)
+        _checkpointed(digits, tmp_path, max_steps=6, checkpoints_kept=1).fit(resume=True)
     assert str(path) in str(info.value)
 
 
 def test_checkpoint_without_meta_is_refused(digits, tmp_path):
-    _checkpointed(digits, tmp_path, max_steps=3).fit()
+    _checkpointed(digits, tmp_path, max_steps=3, checkpoints_kept=1).fit()
     (tmp_path / "checkpoints" / "step-00000003" / "meta.json").unlink()
     with pytest.raises(CheckpointError, match="meta.json"):
-        _checkpointed(digits, tmp_path, max_steps=3).fit(resume=True)
+        _checkpointed(digits, tmp_path, max_steps=3, checkpoints_kept=1).fit(resume=True)
 
 
 def test_resume_without_run_dir_or_checkpoint(digits, tmp_path):

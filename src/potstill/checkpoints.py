@@ -28,11 +28,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged or belongs to another run."""
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint's files are incomplete or differ from their checksums."""
+
+
 def write_checkpoint(
-    run_dir: Path, step: int, student: nn.Module, objective: nn.Module, state: dict[str, Any]
-) -> Path:
-    """Write checkpoint ``step`` under ``run_dir/checkpoints`` and make it the last one; the
-    earlier ones are removed once it is in force. Returns its folder."""
+    run_dir: Path, step: int, student: nn.Module, objective: nn.Module, state: dict[str, Any],
+    *, kept: int = 2,
+) -> Path:  # fmt: skip
+    """Write checkpoint ``step`` under ``run_dir/checkpoints`` and make it the last one; once
+    it is in force only the newest ``kept`` remain (the others are fallbacks for a damaged
+    newest one). Returns its folder."""
     root = run_dir / "checkpoints"
     folder = root / f"step-{step:08d}"
     if folder.exists():
@@ -45,18 +51,35 @@ def write_checkpoint(
     meta = {"step": step, "files": {f: sha256_file(folder / f) for f in files}}
     atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
     atomic_write_text(root / "last.json", json.dumps({"dir": folder.name, "step": step}))
-    for old in root.glob("step-*"):
-        if old != folder:
-            shutil.rmtree(old, ignore_errors=True)
+    for old in checkpoint_folders(run_dir)[kept:]:
+        shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The folder of the checkpoint in force in ``run_dir``, or None when there is none."""
-    pointer = run_dir / "checkpoints" / "last.json"
-    if not pointer.exists():
-        return None
-    return pointer.parent / json.loads(pointer.read_text())["dir"]
+def newest_intact(
+    run_dir: Path, total_steps: int
+) -> tuple[Path, dict[str, Any], list[tuple[Path, str]]] | None:
+    """The newest checkpoint of ``run_dir`` whose files match their checksums, its trainer
+    state, and the newer ones found damaged (folder, why); None when there is no checkpoint.
+    Raises :class:`DamagedCheckpoint` naming every one when none is intact."""
+    damaged: list[tuple[Path, str]] = []
+    for folder in checkpoint_folders(run_dir):
+        try:
+            return folder, read_checkpoint(folder, total_steps), damaged
+        except DamagedCheckpoint as e:
+            damaged.append((folder, str(e)))
+    if damaged:
+        raise DamagedCheckpoint(
+            "no intact checkpoint to resume from: "
+            + "; ".join(why for _, why in damaged)
+            + ". Start again with --overwrite (or restore the files)"
+        )
+    return None
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """The checkpoint folders of ``run_dir``, newest first."""
+    return sorted((run_dir / "checkpoints").glob("step-*"), reverse=True)
 
 
 def read_checkpoint(folder: Path, total_steps: int) -> dict[str, Any]:
@@ -64,11 +87,14 @@ def read_checkpoint(folder: Path, total_steps: int) -> dict[str, Any]:
     ``meta.json`` and that it was written by a run of ``total_steps`` steps."""
     meta_path = folder / "meta.json"
     if not meta_path.exists():
-        raise CheckpointError(f"{meta_path} is missing: the checkpoint is incomplete")
-    meta = json.loads(meta_path.read_text())
+        raise DamagedCheckpoint(f"{meta_path} is missing: the checkpoint is incomplete")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as e:
+        raise DamagedCheckpoint(f"{meta_path} is damaged ({e})") from e
     for fname, digest in meta["files"].items():
         if not (folder / fname).exists() or sha256_file(folder / fname) != digest:
-            raise CheckpointError(
+            raise DamagedCheckpoint(
                 f"checkpoint file {folder / fname} is missing or damaged "
                 "(checksum differs from meta.json)"
             )

@@ -53,6 +53,12 @@ class TrainConfig(_Strict):
     checkpoint_every: int | None = Field(
         None, gt=0, description="steps between checkpoints; default at each evaluation"
     )
+    checkpoints_kept: int = Field(
+        2,
+        ge=1,
+        description="the newest checkpoints kept: a damaged newest one falls back to "
+        "the next intact one on resume (1: the newest alone)",
+    )
     log_every: int = Field(20, gt=0)
     seed: int = 0
     shuffle: bool = True

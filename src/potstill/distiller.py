@@ -24,10 +24,9 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoints import (
     full_optimizer_state,
-    last_checkpoint,
     load_optimizer_state,
     load_weights,
-    read_checkpoint,
+    newest_intact,
     truncate_metrics,
     write_checkpoint,
 )
@@ -597,7 +596,8 @@ class Distiller:
             "examples_seen": self.examples_seen,
             "processes": self.world,
         }
-        folder = write_checkpoint(self.run_dir, self.step, student, self.objective, state)
+        folder = write_checkpoint(self.run_dir, self.step, student, self.objective, state,
+                                  kept=self.cfg.checkpoints_kept)  # fmt: skip
         distributed.barrier()
         return folder
 
@@ -615,12 +615,22 @@ class Distiller:
 
     def _load_last_checkpoint(self) -> None:
         assert self.run_dir is not None
-        folder = last_checkpoint(self.run_dir)
-        if folder is None:
+        found = newest_intact(self.run_dir, self.total_steps)
+        if found is None:
             log.info("no checkpoint in %s: starting from scratch", self.run_dir)
             self._start_fresh()
             return
-        state = read_checkpoint(folder, self.total_steps)
+        folder, state, damaged = found
+        if damaged:
+            for _, why in damaged:
+                log.warning("%s: falling back to %s", why, folder.name)
+            distributed.barrier()  # every process has chosen before the damaged ones move
+            if self.main:  # kept for a look, out of the way of the checkpoints kept
+                for bad, _ in damaged:
+                    aside, n = bad.with_name(f"damaged-{bad.name}"), 1
+                    while aside.exists():
+                        aside, n = bad.with_name(f"damaged-{bad.name}-{n}"), n + 1
+                    bad.rename(aside)
         self._plain_step = -1  # FSDP: the weights change without a step
         load_weights(folder, self.student, self.objective, fsdp=self.fsdp)
         load_optimizer_state(self.optimizer, state["optimizer"], fsdp=self.fsdp)
