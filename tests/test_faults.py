@@ -3,6 +3,7 @@ user's umask gives (a shared cache or run folder is readable by the others), ...
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -141,3 +142,157 @@ def test_no_intact_checkpoint_names_every_damaged_one(digits, tmp_path):
                        "step-00000003.*--overwrite"):  # fmt: skip
         _fit(digits, tmp_path / "cut", resume=True)
     assert (root / "step-00000004").is_dir()  # nothing moved or lost when the run stops
+
+
+# --- verified reuse ------------------------------------------------------------------------
+
+
+def test_a_seal_names_each_kind_of_damage(tmp_path):
+    from potstill.sealed import SUMS_FILE, DamagedFolder, damage, seal, verify
+
+    folder = tmp_path / "m"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 8)
+    (folder / "config.json").write_text("{}")
+    (folder / "sub" / "pool.json").write_text("{}")
+    seal(folder)
+    (folder / "README.md").write_text("a card written later")  # not sealed: reports rewrite it
+    lines = (folder / SUMS_FILE).read_text().splitlines()
+    assert [ln.split("  ")[1] for ln in lines] == ["config.json", "model.safetensors",
+                                                  "sub/pool.json"]  # fmt: skip
+    assert damage(folder) == []
+    verify(folder)
+    _flip_a_byte(folder / "model.safetensors")
+    (folder / "sub" / "pool.json").unlink()
+    (folder / "extra.safetensors").write_bytes(b"x")
+    problems = damage(folder)
+    assert len(problems) == 3
+    assert "model.safetensors differs from its checksum" in problems[0]
+    assert "sub/pool.json is missing" in problems[1]
+    assert "extra.safetensors is not in SHA256SUMS" in problems[2]
+    with pytest.raises(DamagedFolder, match="model folder .*model.safetensors differs.*sha256sum"):
+        verify(folder)
+    (folder / SUMS_FILE).write_text("garbage\n")
+    assert "is not a checksum line" in damage(folder)[0]
+
+
+def test_the_seal_is_the_one_sha256sum_checks(tmp_path):
+    """``sha256sum -c SHA256SUMS`` (coreutils) accepts an intact seal and fails a damaged one."""
+    import shutil
+    import subprocess
+
+    from potstill.sealed import SUMS_FILE, seal
+
+    if shutil.which("sha256sum") is None:
+        pytest.skip("no sha256sum here")
+    (tmp_path / "a.bin").write_bytes(b"abc" * 1000)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "c.json").write_text("{}")
+    seal(tmp_path)
+    check = ["sha256sum", "-c", "--quiet", SUMS_FILE]
+    assert subprocess.run(check, cwd=tmp_path).returncode == 0
+    _flip_a_byte(tmp_path / "a.bin")
+    assert subprocess.run(check, cwd=tmp_path, capture_output=True).returncode != 0
+
+
+def test_a_damaged_hf_export_is_refused_by_the_loader(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from potstill.hf import export_pretrained, load_model
+    from potstill.sealed import DamagedFolder
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    out = export_pretrained(LlamaForCausalLM(cfg), tmp_path / "export")
+    assert (out / "SHA256SUMS").exists()
+    load_model(out, "causal-lm")  # intact: loads
+    _flip_a_byte(out / "model.safetensors")
+    with pytest.raises(DamagedFolder, match=r"export/model.safetensors differs"):
+        load_model(out, "causal-lm")
+
+
+def _classic(tmp_path, name="run", **changes):
+    from test_gpu_road import DIGITS
+
+    from potstill.recipe import validate_recipe
+    from potstill.runs import run
+
+    def go(resume=False):
+        data = {**DIGITS, "device": "cpu", **changes}
+        return run(validate_recipe(data), tmp_path / name, resume=resume)
+
+    return go
+
+
+def _figures(results):
+    return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k
+             and "latency" not in k and "throughput" not in k}
+            for s in results["settings"] for r in s["runs"].values()]  # fmt: skip
+
+
+def test_a_damaged_finished_teacher_is_rebuilt_not_reused_and_the_cache_kept(tmp_path, caplog):
+    """The issue's case: one flipped byte in ``teacher/final/model.safetensors``. On --resume the
+    teacher is rebuilt from its last checkpoint (to the same bytes), the teacher cache made
+    from the intact teacher is still the truth (not rebuilt), and the results are the same."""
+    from potstill.io import sha256_file
+
+    go = _classic(tmp_path)
+    first = go()
+    folder = tmp_path / "run"
+    weights = folder / "teacher" / "final" / "model.safetensors"
+    digest = sha256_file(weights)
+    shards = {p: sha256_file(p) for p in (folder / "teacher" / "cache-train").rglob("*") if
+              p.is_file()}  # fmt: skip
+    assert shards
+    _flip_a_byte(weights)
+    with caplog.at_level("INFO", logger="potstill"):
+        again = go(resume=True)
+    assert "teacher: finished earlier, but" in caplog.text
+    assert "teacher/final/model.safetensors differs from its checksum" in caplog.text
+    assert sha256_file(weights) == digest
+    assert {p: sha256_file(p) for p in shards} == shards
+    assert "rebuilding the teacher cache" not in caplog.text.lower()
+    assert _figures(again) == _figures(first)
+
+
+def test_a_teacher_path_to_a_damaged_export_stops_with_the_fix(tmp_path):
+    """A shared part (another run's exported teacher) is not rebuilt: the run stops at once,
+    exit 2, naming the file and what to do."""
+    from typer.testing import CliRunner
+
+    from potstill.cli import app
+
+    _classic(tmp_path, "first")()
+    teacher = tmp_path / "first" / "teacher" / "final"
+    _flip_a_byte(teacher / "model.safetensors")
+    recipe = tmp_path / "second.yaml"
+    import yaml
+    from test_gpu_road import DIGITS
+
+    recipe.write_text(yaml.safe_dump({**DIGITS, "teacher": {"path": str(teacher)}}))
+    out = CliRunner().invoke(app, ["distill", str(recipe), "--out", str(tmp_path / "second")])
+    assert out.exit_code == 2, out.output
+    assert "model.safetensors differs from its checksum" in out.output
+    assert "Restore the folder" in out.output
+
+
+def test_a_damaged_answers_line_is_answered_again_or_refused(tmp_path, caplog):
+    from potstill.llm.answers import _existing, read_answers, record_check
+
+    recs = [{"id": str(i), "answer": f"answer {i}"} for i in range(4)]
+    for r in recs:
+        r["check"] = record_check(r)
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert read_answers(path) == recs
+    text = path.read_text().replace("answer 2", "answer X")
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"answers.jsonl:3: its checksum differs"):
+        read_answers(path)
+    with caplog.at_level("WARNING", logger="potstill"):
+        kept = _existing(path, repair=True)
+    assert kept == recs[:2]
+    assert read_answers(path) == recs[:2]
+    assert (tmp_path / "answers.jsonl.damaged").read_text() == text  # nothing lost
+    assert "kept the 2 records before it" in caplog.text

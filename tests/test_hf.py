@@ -437,7 +437,7 @@ def test_export_tiny_random_bert_roundtrip(tmp_path):
     model = _tiny_bert()
     out = hf.export_pretrained(model, tmp_path / "bert")
     names = {p.name for p in out.iterdir()}
-    assert names == {"config.json", "model.safetensors"}
+    assert names == {"config.json", "model.safetensors", "SHA256SUMS"}
     saved = load_file(out / "model.safetensors")
     assert set(saved) == set(model.state_dict())
 

@@ -59,6 +59,11 @@ class TrainConfig(_Strict):
         description="the newest checkpoints kept: a damaged newest one falls back to "
         "the next intact one on resume (1: the newest alone)",
     )
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a step whose loss or gradients are NaN or infinite: stop the run naming "
+        "the step, term and examples, or skip its update (counted in the results)",
+    )
     log_every: int = Field(20, gt=0)
     seed: int = 0
     shuffle: bool = True

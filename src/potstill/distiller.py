@@ -31,7 +31,9 @@ from .checkpoints import (
     write_checkpoint,
 )
 from .config import TrainConfig
+from .data.rows import DataError
 from .data.tensors import epoch_order, make_batch
+from .guards import StepGuard, batch_problem, check_data
 from .io import atomic_save_module, atomic_write_text
 from .logs import MetricsLog
 from .losses.chunked import single_backward
@@ -66,6 +68,8 @@ class FitResult:
     """The most GPU memory allocated while training (GiB; None off a GPU)."""
     device: str = "cpu"
     """Where the student trained."""
+    skipped_steps: int = 0
+    """Steps whose update was dropped for a non-finite loss (``train.nonfinite: skip``)."""
 
     @property
     def final_eval(self) -> dict[str, Any] | None:
@@ -202,6 +206,8 @@ class Distiller:
         self.n = len(train_data)  # type: ignore[arg-type]
         if self.n == 0:
             raise ValueError("train_data is empty")
+        # data in tensors is checked for NaN and inf at once; other data batch by batch
+        self._data_checked = check_data(train_data)
         self.batches_per_epoch, self.total_steps, self.eval_every, self.checkpoint_every = (
             plan_steps(self.n, self.cfg)
         )
@@ -238,6 +244,12 @@ class Distiller:
         params += [p for p in self.objective.parameters() if p.requires_grad]
         self.params = params
         self.optimizer = make_optimizer(params, self.cfg)
+        self._named = [(f"student.{n}", p) for n, p in self.student.named_parameters()]
+        self._named += [(f"objective.{n}", p) for n, p in self.objective.named_parameters()]
+        self.guard = StepGuard(
+            [t.name for t in self.objective.active_terms], self.cfg.nonfinite,
+            check_grads=self.cfg.precision != "fp16",
+        )  # fmt: skip
         self.scheduler = make_scheduler(self.optimizer, self.cfg, self.total_steps)
         self.step = 0
         self.best: dict[str, Any] | None = None
@@ -361,6 +373,7 @@ class Distiller:
             self.run_dir,
             peak_memory_gb(self.placement.device),
             str(self.placement.device),
+            self.guard.skipped,
         )
 
     def _micro_batch(self, micro: int) -> tuple[dict[str, Any], torch.Tensor, int]:
@@ -376,7 +389,10 @@ class Distiller:
         index = self._order[start * cfg.batch_size : (start + 1) * cfg.batch_size]
         share = index[distributed.shard_of(len(index))] if self.world > 1 else index
         empty = len(share) == 0
-        batch = self.placement.batch(make_batch(self.train_data, index[:1] if empty else share))
+        made = make_batch(self.train_data, index[:1] if empty else share)
+        if not self._data_checked and (problem := batch_problem(made)) is not None:
+            raise DataError(f"the training data: {problem}; drop or repair those rows")
+        batch = self.placement.batch(made)
         if self.batch_transform is not None:
             batch = self.batch_transform(batch, micro)
         if not self._weigh:
@@ -435,6 +451,7 @@ class Distiller:
         interval_t = t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         names = [t.name for t in self.objective.active_terms]
+        step_sums: dict[str, torch.Tensor] = {}  # the step's figures, logged once it is kept
         while self.step < self.total_steps:
             # the whole step's micro-batches first: its item counts normalise every term
             prepared = [self._micro_batch(micro + j) for j in range(cfg.grad_accum)]
@@ -457,11 +474,11 @@ class Distiller:
                     # DDP and FSDP average gradients over processes: scale back up by their number
                     scales = None if share is None else share * self.world
                     loss, values = self._objective(view, signal, batch, scales)
+                    self.guard.micro(loss, values, signal, batch.get("index"))
                     # the logits of both models are not needed by the backward pass (the
                     # graph keeps what it needs): let them go before it allocates gradients
                     del view, signal
                     self.scaler.scale(loss).backward()
-                sums = self._sums
                 step_values = (
                     dict(values)
                     if share is None
@@ -469,17 +486,26 @@ class Distiller:
                 )
                 step_values["loss"] = loss.detach() / self.world
                 for k, v in step_values.items():
-                    sums[k] = sums[k] + v if k in sums else v
+                    step_sums[k] = step_sums[k] + v if k in step_sums else v
                 self.examples_seen += size
                 interval_examples += size
             micro += cfg.grad_accum
-            self._n_sums += 1
-            if cfg.clip_grad_norm is not None:
+            update = self.guard.verdict(
+                self.step + 1, self.total_steps, self._named,
+                distributed.all_reduce_sum if self.world > 1 else None,
+            )  # fmt: skip
+            if update:  # a skipped step leaves its non-finite figures out of the log
+                for k, v in step_sums.items():
+                    self._sums[k] = self._sums[k] + v if k in self._sums else v
+                self._n_sums += 1
+            step_sums = {}
+            if cfg.clip_grad_norm is not None and update:
                 self.scaler.unscale_(self.optimizer)  # clip the true gradients (fp16)
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm)
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-            self.scaler.step(self.optimizer)  # the optimizer's step (fp16: skipped on inf/nan)
-            self.scaler.update()
+            if update:
+                self.scaler.step(self.optimizer)  # the optimizer's step (fp16: none on inf/nan)
+                self.scaler.update()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -594,6 +620,7 @@ class Distiller:
             "log_count": self._n_sums,
             "train_time_s": self.train_time_s,
             "examples_seen": self.examples_seen,
+            "skipped_steps": self.guard.skipped,
             "processes": self.world,
         }
         folder = write_checkpoint(self.run_dir, self.step, student, self.objective, state,
@@ -648,6 +675,7 @@ class Distiller:
         self._n_sums = int(state["log_count"])
         self.train_time_s = float(state["train_time_s"])
         self.examples_seen = int(state["examples_seen"])
+        self.guard.skipped = int(state.get("skipped_steps", 0))
         if self.main:  # rank 0 keeps the log
             self.history += truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         log.info("resumed %s at step %d of %d", self.name, self.step, self.total_steps)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from .placement import cpu_state
+from .sealed import seal, verify
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -71,6 +72,8 @@ def load_model(
                 "'float16' or 'auto'"
             )
         dtype = getattr(torch, dtype)
+    if Path(name_or_path).is_dir():  # a folder potstill wrote is verified before it is used
+        verify(name_or_path)
     try:
         model = cls.from_pretrained(
             str(name_or_path),
@@ -180,11 +183,14 @@ def export_pretrained(
     tokenizer: PreTrainedTokenizerBase | None = None,
     card: str | None = None,
     sentence_transformers_from: str | os.PathLike | None = None,
+    sealed: bool = True,
 ) -> Path:
     """Save a plain Hugging Face folder: ``save_pretrained`` (safetensors), the tokenizer, a model
     card (README.md), and — given the folder of a sentence-transformers model whose modules to
     reuse — its pooling files, with the embedding size updated, so ``SentenceTransformer(out)``
-    loads it. Nothing of potstill's (projectors, hooks, wrappers) goes in."""
+    loads it. Nothing of potstill's (projectors, hooks, wrappers) goes in. With ``sealed`` (the
+    default) the folder gets its ``SHA256SUMS`` (:func:`potstill.sealed.seal`), which potstill's
+    loaders verify."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, state_dict=cpu_state(model))  # a GPU's weights via the CPU
@@ -194,6 +200,8 @@ def export_pretrained(
         (out / "README.md").write_text(card)
     if sentence_transformers_from is not None:
         copy_sentence_transformers_files(sentence_transformers_from, out, model.config.hidden_size)
+    if sealed:
+        seal(out)
     return out
 
 

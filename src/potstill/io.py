@@ -96,10 +96,15 @@ def atomic_create_text(path: str | os.PathLike, text: str) -> bool:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a file atomically."""
 
     def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
 
     return _atomic(path, write)
 

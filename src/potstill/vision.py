@@ -23,6 +23,7 @@ from .data.labels import check_teacher_labels, head_config
 from .data.rows import DataError
 from .models import SPEC_FILE, save_model_folder
 from .placement import cpu_state
+from .sealed import verify
 
 log = logging.getLogger("potstill")
 
@@ -218,6 +219,7 @@ def load_classifier(folder: str | os.PathLike) -> nn.Module:
     from .models import WEIGHTS_FILE, load_model_folder
 
     folder = Path(folder)
+    verify(folder, "classifier folder")
     if (folder / "config.json").exists() and not (folder / SPEC_FILE).exists():
         from transformers import AutoModelForImageClassification
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from .._version import __version__
 from ..data.tensors import make_batch
+from ..guards import check_teacher_rows
 from ..io import atomic_create_text, atomic_save_safetensors, atomic_write_text, sha256_file
 from ..placement import CPU
 from ..taps import TapsLike
@@ -268,6 +269,8 @@ def _shard_tensors(
         mask = batch["attention_mask"] if unit == "token" else None
         logit_rows = _rows_of(signal.logits, mask)
         feature_rows = {name: _rows_of(t, mask) for name, t in signal.features.items()}
+        for rows in (logit_rows, *feature_rows.values()):  # NaN is never cached
+            check_teacher_rows(rows, batch["index"], "filling the teacher cache")
         for e, rows in enumerate(logit_rows):
             counts.append(rows.shape[0])
             if k is None:

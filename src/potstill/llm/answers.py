@@ -4,6 +4,7 @@ an interrupted run continues where it stopped and gives the same answers as an u
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..data.prompts import Prompt
 from ..evaluate import eval_mode
+from ..io import atomic_write_bytes
 from ..placement import model_device
 from ..teachers import model_fingerprint
 from .data import prompt_ids
@@ -126,8 +128,35 @@ class GenerationStats:
         return self.new_tokens / max(self.seconds, 1e-9)
 
 
-def _existing(out: Path) -> list[dict[str, Any]]:
-    """Records already in ``out``; a torn last line (a run killed mid-write) is cut off."""
+CHECK_KEY = "check"
+"""Each record's own checksum: the SHA-256 (first 16 hex digits) of the record without it."""
+
+
+def record_check(record: dict[str, Any]) -> str:
+    """The checksum :func:`generate_answers` stores in a record's ``check``."""
+    body = {k: v for k, v in record.items() if k != CHECK_KEY}
+    text = json.dumps(body, ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _damaged_line(line: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """The record of one line and what is wrong with it (None when it is whole)."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except ValueError as e:
+        return None, f"not JSON ({e})"
+    if not isinstance(record, dict):
+        return None, "not a JSON object"
+    if CHECK_KEY in record and record[CHECK_KEY] != record_check(record):
+        return None, "its checksum differs (the line was changed after it was written)"
+    return record, None
+
+
+def _existing(out: Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """Records already in ``out``; a torn last line (a run killed mid-write) is cut off. A
+    damaged line (not JSON, or not matching its ``check``) is an error naming it; with
+    ``repair`` (the generator, which can answer again) the file is moved aside to
+    ``<name>.damaged`` and the records before the damaged line are kept, to be continued."""
     if not out.exists():
         return []
     raw = out.read_bytes()
@@ -137,11 +166,24 @@ def _existing(out: Path) -> list[dict[str, Any]]:
         with open(out, "r+b") as f:
             f.truncate(len(good))
     records = []
-    for n, line in enumerate(good.decode("utf-8").splitlines(), 1):
-        try:
-            records.append(json.loads(line))
-        except ValueError as e:
-            raise ValueError(f"{out}:{n}: not JSON ({e}); not a potstill answers file?") from None
+    lines = good.splitlines(keepends=True)
+    for n, line in enumerate(lines, 1):
+        record, why = _damaged_line(line)
+        if why is None:
+            records.append(record)
+            continue
+        where = f"{out}:{n}: {why}"
+        if not repair:
+            raise ValueError(f"{where}; not a potstill answers file, or a damaged one (answer "
+                             "the prompts again with `potstill answer`)")  # fmt: skip
+        aside = out.with_name(out.name + ".damaged")
+        os.replace(out, aside)
+        atomic_write_bytes(out, b"".join(lines[: n - 1]))
+        log.warning(
+            "%s; kept the %d records before it, moved the file aside to %s, answering the "
+            "rest again", where, n - 1, aside,
+        )  # fmt: skip
+        return records
     return records
 
 
@@ -173,7 +215,7 @@ def generate_answers(
     ``id``, ``prompt`` (or ``messages``), ``answer``, ``answer_index`` (0 … n−1), ``tokens``,
     ``answer_ids`` (the generated token ids, with the end token when the model stopped),
     ``finish`` (``stop`` at EOS, ``length`` at the token limit), ``settings``, ``teacher`` (name
-    and weight fingerprint).
+    and weight fingerprint), ``check`` (the record's checksum: a changed line is detected).
 
     Prompts are answered in fixed batches of ``settings.batch_size`` in input order, left-padded;
     each batch is appended (and synced) as a whole. Rerunning with the same arguments skips
@@ -185,7 +227,7 @@ def generate_answers(
     out = Path(out)
     teacher = {"name": teacher_name, "weights_sha256": model_fingerprint(model)}
     expected = {"settings": settings.sampling(), "teacher": teacher}
-    existing = _existing(out)
+    existing = _existing(out, repair=True)
     if existing:
         _check_same_run(out, existing[0], expected)
     done: dict[str, int] = {}
@@ -242,6 +284,7 @@ def generate_answers(
                         finish="stop" if stop is not None else "length",
                         **expected,
                     )
+                    record[CHECK_KEY] = record_check(record)
                     lines.append(json.dumps(record, ensure_ascii=False) + "\n")
             with open(out, "a", encoding="utf-8") as f:
                 f.write("".join(lines))
@@ -257,7 +300,8 @@ def generate_answers(
 
 
 def read_answers(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of an answers file written by :func:`generate_answers`."""
+    """The records of an answers file written by :func:`generate_answers` (or by hand: records
+    without ``check`` are taken as they are); ValueError naming the line of a damaged one."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"answers file {path} does not exist")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import platform
 import shutil
@@ -24,6 +25,9 @@ from .._version import __version__
 from ..io import atomic_write_text
 from ..placement import Placement, describe_device, resolve_device
 from ..recipe.common import RecipeError
+from ..sealed import damage, is_sealed
+
+log = logging.getLogger("potstill")
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -31,6 +35,8 @@ RECIPE_FILE = "recipe.yaml"
 RESULTS_FILE = "results.json"
 DONE_FILE = "done.json"
 LOCK_FILE = ".potstill.lock"
+SEALED_KEY = "sealed"
+"""The key of ``done.json`` that lists the part's sealed subfolders."""
 
 HEADER_KEYS = (
     "kind", "name", "seed", "potstill_version", "torch_version", "transformers_version",
@@ -167,16 +173,43 @@ class RunFolder:
 
     def finished(self, part: str | os.PathLike) -> dict[str, Any] | None:
         """What the finished part in subfolder ``part`` recorded, when the run resumes and the
-        part finished before (its ``done.json`` exists); else None."""
+        part finished before (its ``done.json`` exists) and its sealed folders (its exports)
+        are intact; else None. A part whose export or marker is damaged is rebuilt: a warning
+        names the damaged files, the marker and the damaged folders go (rank 0), and the part
+        trains again from its newest intact checkpoint, to the same weights."""
         done = self.path / part / DONE_FILE
-        if self.resume and done.exists():
-            return json.loads(done.read_text())
+        if not (self.resume and done.exists()):
+            return None
+        try:
+            info = json.loads(done.read_text())
+            sealed = info.pop(SEALED_KEY, [])
+            problems = {sub: damage(self.path / part / sub) for sub in sealed}
+        except (ValueError, AttributeError) as e:
+            problems = {".": [f"{done} is damaged ({e})"]}
+        problems = {sub: p for sub, p in problems.items() if p}
+        if not problems:
+            return info
+        log.warning(
+            "%s: finished earlier, but %s: rebuilding it",
+            part, "; ".join(p for ps in problems.values() for p in ps),
+        )  # fmt: skip
+        distributed.barrier()  # every process has read the marker before it goes
+        if distributed.is_main():
+            done.unlink()
+            for sub in problems:
+                if sub != ".":
+                    shutil.rmtree(self.path / part / sub, ignore_errors=True)
+        distributed.barrier()
         return None
 
     def mark_finished(self, part: str | os.PathLike, info: dict[str, Any]) -> None:
-        """Record that the part in subfolder ``part`` is finished, with ``info`` (rank 0)."""
+        """Record that the part in subfolder ``part`` is finished, with ``info`` and the
+        sealed folders it exported (their ``SHA256SUMS`` are verified on reuse) (rank 0)."""
         if distributed.is_main():
-            atomic_write_text(self.path / part / DONE_FILE, json.dumps(info, indent=1))
+            folder = self.path / part
+            sealed = sorted(p.name for p in folder.iterdir() if p.is_dir() and is_sealed(p))
+            text = json.dumps({**info, SEALED_KEY: sealed}, indent=1)
+            atomic_write_text(folder / DONE_FILE, text)
 
     @property
     def rerun_command(self) -> str:
@@ -270,6 +303,7 @@ def fit_info(result: Any, examples: int) -> dict[str, Any]:
         "val_final": result.final_eval,
         "val_best": result.best,
         "examples": examples,
+        **({"skipped_steps": n} if (n := getattr(result, "skipped_steps", 0)) else {}),
         **trained_on(result),
     }
 

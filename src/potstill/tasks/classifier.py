@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from ..evaluate import model_card_figures, predict_logits
 from ..models import ArchSpec, save_model_folder
+from ..sealed import seal
 from ..teachers import default_forward
 from ..vision import ImageClassifier, TorchvisionSpec
 from . import Task
@@ -50,13 +51,15 @@ def export(
 ) -> Path:
     """The model's folder: a Hugging Face image classifier's ``save_pretrained`` folder with
     its image processor, or weights in safetensors beside the architecture spec (built-in or
-    torchvision); :func:`potstill.vision.load_classifier` reloads any of them."""
+    torchvision); :func:`potstill.vision.load_classifier` reloads any of them, after checking
+    the folder's ``SHA256SUMS``."""
     if isinstance(model, ImageClassifier):
         model.save(folder)
     elif isinstance(spec, TorchvisionSpec):
         spec.save(model, folder)
     else:
         save_model_folder(model, folder, spec)
+    seal(folder)
     return folder
 
 

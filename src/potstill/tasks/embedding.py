@@ -22,6 +22,7 @@ from ..evaluate import file_size, forward_seconds
 from ..hf import export_pretrained
 from ..models import count_parameters
 from ..placement import model_device, on_device
+from ..sealed import seal
 from . import Task
 
 if TYPE_CHECKING:
@@ -299,10 +300,12 @@ def export(
     folder the student came from, its pooling modules (``SentenceTransformer(folder)`` loads
     it), set to ``pooling`` (the one the student was trained with) when given."""
     out = export_pretrained(
-        model, folder, tokenizer=tokenizer, sentence_transformers_from=sentence_transformers_from
-    )
+        model, folder, tokenizer=tokenizer, sentence_transformers_from=sentence_transformers_from,
+        sealed=False,
+    )  # fmt: skip
     if sentence_transformers_from is not None and pooling is not None:
         write_pooling(out, pooling)
+    seal(out)
     return out
 
 
