@@ -157,7 +157,7 @@ def test_classic_recipe_on_two_processes_equals_one(tmp_path):
             assert s2["runs"][kind]["accuracy"] == pytest.approx(s1["runs"][kind]["accuracy"])
     # the teacher's logit cache was filled as two parts (its one shard fell to rank 0's)
     parts = sorted(
-        p.name for p in (tmp_path / "two" / "teacher" / "cache-train" / "parts").iterdir()
+        p.name for p in (tmp_path / "two" / "teacher" / "cache-train" / "parts").glob("*.json")
     )
     assert parts == ["part-00000-of-00002.json"]
 
@@ -205,7 +205,7 @@ def test_causal_lm_recipe_on_two_processes_equals_one(
         b = tmp_path / "two" / variant / "export" / "model.safetensors"
         assert max_difference(a, b) < 1e-5, variant
     cache = tmp_path / "two" / "teacher-cache" / "parts"
-    assert sorted(p.name for p in cache.iterdir()) == [
+    assert sorted(p.name for p in cache.glob("*.json")) == [
         "part-00000-of-00002.json",
         "part-00001-of-00002.json",
     ]
@@ -232,7 +232,7 @@ def test_cache_command_under_torchrun_fills_one_cache_in_parts(llama_dir, tmp_pa
                    "--shard", "1/2")  # fmt: skip
     assert two.stdout.count("shards written") == 1  # rank 0 speaks
     assert "2 of 4 shards written" in two.stdout
-    parts = sorted(p.name for p in (tmp_path / "two" / "parts").iterdir())
+    parts = sorted(p.name for p in (tmp_path / "two" / "parts").glob("*.json"))
     assert parts == ["part-00002-of-00004.json", "part-00003-of-00004.json"]
     # the same tensors as one process's shards 2 and 3 (headers name their own cache)
     for j in (2, 3):
@@ -240,3 +240,24 @@ def test_cache_command_under_torchrun_fills_one_cache_in_parts(llama_dir, tmp_pa
         a, b = load_file(str(tmp_path / "one" / name)), load_file(str(tmp_path / "two" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "two" / "shards" / "shard-000000.safetensors").exists()
+
+
+def test_a_run_folder_in_use_refuses_every_rank_at_once(tmp_path):
+    """Under torchrun the ranks of one run share rank 0's lock; refused, each rank says why
+    and exits 2 (none waits in a barrier for a run that cannot start)."""
+    from test_locks import hold, release
+
+    from potstill.runs.folder import LOCK_FILE
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(DIGITS))
+    p = hold(tmp_path / "run" / LOCK_FILE)
+    try:
+        out = torchrun("-m", "potstill.cli", "distill", str(recipe), "--out",
+                       str(tmp_path / "run"), check=False)  # fmt: skip
+    finally:
+        release(p)
+    assert out.returncode != 0
+    assert out.stderr.count(f"is in use by a potstill run (pid {p.pid} on ") == 2, out.stderr
+    assert "exitcode  : 2" in out.stderr
+    assert sorted(x.name for x in (tmp_path / "run").iterdir()) == [LOCK_FILE]

@@ -106,6 +106,7 @@ def distill(
     from .recipe import load_recipe
     from .report import console_text
     from .runs import run
+    from .runs.folder import note_run_log
 
     speaks = _setup(threads)
     overrides = list(set_ or [])
@@ -121,7 +122,9 @@ def distill(
         run_dir = out or Path("runs") / r.name
         results = run(r, run_dir, resume=resume, overwrite=overwrite)
     if speaks:
-        typer.echo(console_text(run_dir, results))
+        summary = console_text(run_dir, results)
+        typer.echo(summary)
+        note_run_log(run_dir, summary)
 
 
 @app.command()

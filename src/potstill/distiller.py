@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from . import distributed
 from .checkpoints import (
@@ -40,6 +39,7 @@ from .losses.chunked import single_backward
 from .losses.objective import Objective
 from .optim import make_optimizer, make_scheduler
 from .placement import CPU, Placement, peak_memory_gb, reset_peak_memory
+from .progress import Progress, duration
 from .signal import Signal, StudentView
 from .taps import Taps, TapsLike, tapped_forward
 from .teachers import TeacherSource, default_forward
@@ -339,15 +339,10 @@ class Distiller:
             self._start_fresh()
         writer = MetricsLog(self.run_dir if self.main else None, tensorboard=self.cfg.tensorboard)
         cfg = self.cfg
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc=self.name,
-            unit="step",
-            disable=(None if cfg.progress is None else not cfg.progress) or not self.main,
-            leave=False,
-            dynamic_ncols=True,
-        )
+        bar = Progress(
+            self.total_steps, self.name, "step", enabled=cfg.progress, initial=self.step,
+            show=self.main,
+        )  # fmt: skip
         taps = Taps(self.student, self.student_taps) if self.student_taps else None
         reset_peak_memory(self.placement.device)
         try:
@@ -509,7 +504,6 @@ class Distiller:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            bar.update(1)
             last = self.step >= self.total_steps
             row: dict[str, float] = {}
             if self.step % cfg.log_every == 0 or last:
@@ -517,11 +511,12 @@ class Distiller:
                 row = self._interval_row(micro, lr, rate)
                 self._log(row, writer)
                 bar.set_postfix(
-                    {k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "epoch", "lr")},
-                    refresh=False,
-                )
+                    {k: f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
+                     for k, v in row.items() if k not in ("step", "epoch", "lr")}
+                )  # fmt: skip
                 self._sums, self._n_sums = {}, 0
                 interval_examples, interval_t = 0, time.perf_counter()
+            bar.update(1)  # after the step's figures, so its line carries them
             for cb in self.callbacks:
                 cb(self.step, row)
             if self.step % self.eval_every == 0 or last:
@@ -558,9 +553,15 @@ class Distiller:
         if not self.main:  # rank 0 evaluates and keeps the best model
             return
         model.eval()
+        t0 = time.perf_counter()
         with torch.no_grad():
             metrics = dict(self.evaluate(model))
         self.student.train()
+        figures = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+        )
+        log.info("%s: evaluation at step %d/%d (%s): %s", self.name, self.step,
+                 self.total_steps, duration(time.perf_counter() - t0), figures)  # fmt: skip
         row = {"step": self.step, **metrics}
         self.evals.append(row)
         self._log({"eval": row}, writer)

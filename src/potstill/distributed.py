@@ -13,11 +13,13 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger("potstill")
+T = TypeVar("T")
 
 TIMEOUT = datetime.timedelta(hours=2)  # rank 0 evaluates and writes reports while others wait
 
@@ -85,6 +87,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's ``obj`` on every process (``obj`` itself in a single process); picklable."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @contextmanager

@@ -12,10 +12,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from .data.tensors import iterate_batches
 from .placement import model_device, on_device
+from .progress import Progress
 from .signal import Signal
 from .taps import Taps, TapsLike, tapped_forward
 
@@ -139,7 +139,7 @@ class PrecomputedTeacher:
         logits: list[torch.Tensor] = []
         feats: dict[str, list[torch.Tensor]] = {}
         n = len(dataset)  # type: ignore[arg-type]
-        bar = tqdm(total=n, desc="teacher signals", unit="ex", leave=False, disable=None)
+        bar = Progress(n, "teacher signals", "ex")
         device = model_device(model)
         try:
             with torch.no_grad():

@@ -14,10 +14,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from ..data.tensors import TensorDictDataset, token_width
 from ..io import sha256_file
+from ..progress import Progress
 from ..signal import Signal, TopK
 from ..teachers import Batch, model_fingerprint
 from .codec import Encoding, decode_topk, decompress_rows, id_dtype
@@ -103,11 +103,11 @@ class CachedTeacher:
 
     def _check_files(self, verify: bool, progress: bool | None) -> None:
         items = sorted(self.records.items())
-        bar = tqdm(
-            items, desc="verifying teacher cache", unit="shard", leave=False,
-            disable=(None if progress is None else not progress) if verify else True,
-        )  # fmt: skip
-        for j, record in bar:
+        bar = Progress(
+            len(items), "verifying teacher cache", "shard", enabled=progress, show=verify
+        )
+        for j, record in items:
+            bar.update(1)
             file = self.path / record["file"]
             if not file.exists():
                 raise CacheError(
@@ -121,6 +121,7 @@ class CachedTeacher:
                     f"teacher cache {self.path}: shard {j} ({record['file']}) is damaged (its "
                     "checksum differs from the record); rerun `potstill cache` to rewrite it"
                 )
+        bar.close()
 
     # -- pickling for DataLoader workers: open files stay behind
     def __getstate__(self) -> dict[str, Any]:

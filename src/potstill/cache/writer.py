@@ -12,6 +12,7 @@ import shutil
 import socket
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from .. import distributed
 from .._version import __version__
 from ..data.tensors import make_batch
 from ..guards import check_teacher_rows
 from ..io import atomic_create_text, atomic_save_safetensors, atomic_write_text, sha256_file
+from ..locks import Lock
 from ..placement import CPU
+from ..progress import Progress
 from ..taps import TapsLike
 from ..teachers import ForwardFn, LiveTeacher, default_forward, freeze
 from .codec import Encoding, compress_rows, id_dtype, topk_rows
@@ -154,7 +156,8 @@ def write_cache(
     if n == 0:
         raise ValueError("the dataset is empty: nothing to cache")
     live = LiveTeacher(teacher, forward=forward, taps=taps)
-    try:
+    with ExitStack() as stack:
+        stack.callback(live.close)
         probe = CPU.signal(live.signal(make_batch(dataset, torch.arange(min(2, n)))))
         assert probe.logits is not None
         vocab = probe.logits.shape[-1]
@@ -170,6 +173,12 @@ def write_cache(
         )
         mine = [j for j in range(manifest["num_shards"]) if j % n_parts == i_part]
         record_file = part_file(path, part)
+        lock = Lock(
+            record_file.with_suffix(".lock"), f"teacher cache {path}, part {i_part}/{n_parts}",
+            "wait for it to finish, or give this process another --shard",
+            by="another cache writer", error=CacheError,
+        )  # fmt: skip
+        stack.callback(lock.release)
         record = (
             read_json(record_file, "teacher cache part record")
             if record_file.exists()
@@ -184,10 +193,7 @@ def write_cache(
         todo = [j for j in mine if j not in done]
         size = manifest["shard_size"]
         total = sum(min(size, n - j * size) for j in todo)
-        bar = tqdm(
-            total=total, desc=f"teacher cache {i_part}/{n_parts}", unit="ex",
-            disable=None if progress is None else not progress, dynamic_ncols=True,
-        )  # fmt: skip
+        bar = Progress(total, f"teacher cache {i_part}/{n_parts}", "ex", enabled=progress)
         t0, tokens = time.perf_counter(), 0
         for j in todo:
             lo, hi = j * size, min(n, (j + 1) * size)
@@ -208,10 +214,8 @@ def write_cache(
             }
             record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             atomic_write_text(record_file, json.dumps(record, indent=1))
-            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):,.0f}")
+            bar.set_postfix({"tok/s": f"{tokens / (time.perf_counter() - t0):,.0f}"})
         bar.close()
-    finally:
-        live.close()
     status = cache_status(path)
     if status.complete:
         log.info(
@@ -246,7 +250,7 @@ def _shard_tensors(
     vocab: int,
     encoding: Encoding,
     batch_size: int,
-    bar: Any,
+    bar: Progress,
 ) -> dict[str, torch.Tensor]:
     """The tensors of one shard: rows of ``examples`` in order, ``offsets`` (rows per example,
     cumulated), and for compressed top-k rows one ``blob`` with ``blob_offsets`` (one deflated

@@ -16,12 +16,12 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data.prompts import Prompt
 from ..evaluate import eval_mode
 from ..io import atomic_write_bytes
 from ..placement import model_device
+from ..progress import Progress
 from ..teachers import model_fingerprint
 from .data import prompt_ids
 
@@ -244,10 +244,9 @@ def generate_answers(
     if skipped:
         log.info("%s: %d prompts already answered, skipping them", out, skipped)
     out.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(
-        total=sum(len(batch) for _, batch in todo), desc="generating", unit="prompt",
-        disable=None if progress is None else not progress, dynamic_ncols=True,
-    )  # fmt: skip
+    bar = Progress(
+        sum(len(batch) for _, batch in todo), "teacher answers", "prompt", enabled=progress
+    )
     stats = GenerationStats(0, 0, 0, 0.0, skipped)
     try:
         for b, batch in todo:
@@ -293,7 +292,7 @@ def generate_answers(
             stats.prompts += len(batch)
             stats.answers += len(lines)
             bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{stats.tokens_per_s:.1f}")
+            bar.set_postfix({"tok/s": f"{stats.tokens_per_s:.1f}"})
     finally:
         bar.close()
     return stats

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from ..data.tensors import iterate_batches, make_batch
 from ..evaluate import eval_mode, median_seconds, synced
@@ -21,6 +20,7 @@ from ..losses.divergences import divergence
 from ..losses.forms import shared_vocabulary
 from ..losses.tokens import batch_token_mask, next_token_mask, next_token_nll
 from ..placement import model_device, on_device
+from ..progress import Progress
 from .data import right_pad
 from .forward import causal_lm_forward
 
@@ -51,11 +51,10 @@ def lm_figures(
         teacher.eval()
     n = len(data)
     batches = iterate_batches(data, torch.arange(n), batch_size)
+    bar = Progress(math.ceil(n / batch_size), "evaluating", "batch", enabled=progress)
     try:
-        for batch in tqdm(
-            batches, total=math.ceil(n / batch_size), desc="evaluating", leave=False,
-            disable=None if progress is None else not progress,
-        ):  # fmt: skip
+        for batch in batches:
+            bar.update(1)
             mask = batch_token_mask(batch)
             k = int(mask.sum())
             count += k
@@ -76,6 +75,7 @@ def lm_figures(
                 sums[name]["agree"] += float(same[m_mask].sum())
                 sums[name]["kl"] += float(divergence(s, t, "fkl", mask=m_mask)) * k
     finally:
+        bar.close()
         for name, m in models.items():
             m.train(states[name])
     out: dict[str, dict[str, float]] = {}

@@ -5,7 +5,6 @@ running in it, ``recipe.yaml``, markers of finished parts, and ``results.json`` 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -20,9 +19,10 @@ import torch
 import yaml
 from pydantic import BaseModel
 
-from .. import distributed
+from .. import distributed, progress
 from .._version import __version__
 from ..io import atomic_write_text
+from ..locks import Lock
 from ..placement import Placement, describe_device, resolve_device
 from ..recipe.common import RecipeError
 from ..sealed import damage, is_sealed
@@ -35,6 +35,7 @@ RECIPE_FILE = "recipe.yaml"
 RESULTS_FILE = "results.json"
 DONE_FILE = "done.json"
 LOCK_FILE = ".potstill.lock"
+LOG_FILE = "run.log"
 SEALED_KEY = "sealed"
 """The key of ``done.json`` that lists the part's sealed subfolders."""
 
@@ -68,11 +69,13 @@ class RunFolder:
         self.recipe = recipe
         self.resume = resume
         self.t_start = time.perf_counter()
-        self._lock: Any = None
+        self._lock: Lock | None = None
         # where the run computes, resolved before anything loads: a device the machine lacks
         # is an error naming the field at once
         self.placement, self.teacher_device = run_devices(recipe)
+        self._log: logging.Handler | None = None
         self._check(overwrite)
+        self._open_log()
 
     # -- the guard ------------------------------------------------------------------------------
 
@@ -115,31 +118,57 @@ class RunFolder:
         distributed.barrier()  # and before rank 0 writes a new recipe.yaml into it
 
     def _take_lock(self) -> None:
+        """Rank 0 locks the folder for the whole run; under torchrun the other ranks share its
+        lock and, refused, raise the same error (none waits in a barrier for a run that
+        cannot start)."""
+        refused = None
+        if distributed.is_main():
+            try:
+                self._lock = Lock(
+                    self.path / LOCK_FILE, str(self.path),
+                    "wait for it to finish or choose another --out folder",
+                    by="a potstill run", error=RecipeError,
+                )  # fmt: skip
+            except RecipeError as e:
+                refused = str(e)
+        refused = distributed.broadcast_object(refused)
+        if refused is not None:
+            raise RecipeError(refused)
+
+    def _open_log(self) -> None:
+        """Rank 0 copies what potstill logs (and each progress line) to ``run.log``, appended
+        on ``--resume``."""
         if not distributed.is_main():
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path / LOCK_FILE, "a+")  # noqa: SIM115  (held until close())
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise RecipeError(
-                f"{self.path} is in use by a potstill run ({holder}); wait for it to finish or "
-                "choose another --out folder"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {platform.node()}\n")
-        handle.flush()
-        self._lock = handle
+        handler = logging.FileHandler(self.path / LOG_FILE, mode="a", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handler.setLevel(logging.INFO)
+        handler.handle(
+            self._record(
+                f"potstill {__version__}: {'resuming' if self.resume else 'starting'} {self.path}"
+            )
+        )
+        logging.getLogger("potstill").addHandler(handler)
+        progress.add_sink(handler)
+        self._log = handler
 
-    def close(self) -> None:
-        """Release the folder's lock."""
+    @staticmethod
+    def _record(text: str, level: int = logging.INFO) -> logging.LogRecord:
+        return log.makeRecord(log.name, level, __file__, 0, "%s", (text,), None)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Release the folder's lock and close ``run.log`` (naming ``error``, when the run
+        stopped on one)."""
+        if self._log is not None:
+            if error is not None:
+                what = "interrupted" if isinstance(error, KeyboardInterrupt) else "stopped"
+                self._log.handle(self._record(f"{what}: {error!r}"[:2000], logging.ERROR))
+            logging.getLogger("potstill").removeHandler(self._log)
+            progress.remove_sink(self._log)
+            self._log.close()
+            self._log = None
         if self._lock is not None:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
+            self._lock.release()
             self._lock = None
 
     def __enter__(self) -> RunFolder:
@@ -149,7 +178,7 @@ class RunFolder:
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:  # fmt: skip
-        self.close()
+        self.close(exc)
 
     # -- placement ------------------------------------------------------------------------------
 
@@ -313,3 +342,14 @@ def trained_on(result: Any) -> dict[str, Any]:
     memory it allocated)."""
     peak = getattr(result, "peak_memory_gb", None)
     return {"device": result.device, **({} if peak is None else {"peak_memory_gb": peak})}
+
+
+def note_run_log(run_dir: str | os.PathLike, text: str) -> None:
+    """Append ``text`` to a run's ``run.log`` (what the command line prints after the run);
+    nothing where the folder has no log or on ranks other than 0."""
+    file = Path(run_dir) / LOG_FILE
+    if not distributed.is_main() or not file.exists():
+        return
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    with open(file, "a", encoding="utf-8") as f:
+        f.writelines(f"{stamp} {line}\n" for line in text.splitlines())
