@@ -143,3 +143,18 @@ def test_a_cli_run_off_a_terminal_prints_plain_lines_and_keeps_them_in_run_log(t
     assert again.returncode == 0, again.stderr[-3000:]
     log2 = Path(tmp_path / "run" / "run.log").read_text()
     assert log2.startswith(log) and f"resuming {tmp_path / 'run'}" in log2
+
+
+def test_run_log_names_the_error_a_run_stopped_on(tmp_path):
+    from potstill.recipe import load_recipe
+    from potstill.runs.folder import RunFolder
+
+    with pytest.raises(ValueError, match="boom"):
+        with RunFolder(tmp_path / "run", load_recipe("default")):
+            logging.getLogger("potstill").warning("a warning on the way")
+            raise ValueError("boom")
+    lines = (tmp_path / "run" / "run.log").read_text().splitlines()
+    assert lines[1].endswith(" a warning on the way")
+    assert lines[-1].endswith(" stopped: ValueError('boom')")
+    logging.getLogger("potstill").warning("after the run")  # the file is closed and detached
+    assert "after the run" not in (tmp_path / "run" / "run.log").read_text()
