@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from . import distributed
+from . import distributed, faults
 from .checkpoints import (
     full_optimizer_state,
     load_optimizer_state,
@@ -527,6 +527,7 @@ class Distiller:
                 self.train_time_s += time.perf_counter() - t0
                 self.save_checkpoint()
                 t0 = time.perf_counter()
+            faults.point(f"train:{self.name}")
         self.train_time_s += time.perf_counter() - t0
 
     def _interval_row(self, micro: int, lr: float, examples_per_s: float) -> dict[str, float]:

@@ -3,6 +3,7 @@ crash never leaves a half-written checkpoint or cache that reads as valid."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import save_file, save_model
 from torch import nn
 
+from . import faults
 from .placement import cpu_state
 
 
@@ -40,6 +42,20 @@ def _temporary(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(e: OSError, path: Path) -> OSError:
+    """The error of a write that found the disk (or the quota) full, naming the file, its
+    folder and what to do; nothing written before is touched."""
+    return OSError(
+        e.errno,
+        f"{os.strerror(e.errno or errno.ENOSPC)} writing {path.name} in {path.parent}: free "
+        "space there (or point the run elsewhere) and run again with --resume; the files "
+        "written before are intact",
+    )
+
+
 def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,10 +66,13 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         os.chmod(tmp, 0o666 & ~_umask())  # writers that recreate the file (safetensors) too
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        faults.point(faults.write_point(path.name))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in FULL:
+            raise disk_full(e, path) from e
         raise
     return path
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import faults
 from .io import atomic_write_text, sha256_file
 
 SUMS_FILE = "SHA256SUMS"
@@ -31,6 +32,7 @@ def seal(folder: str | os.PathLike) -> Path:
     """Write ``folder/SHA256SUMS`` for every file under ``folder`` (but the model card);
     returns its path."""
     folder = Path(folder)
+    faults.point("export")  # the model's files are written, not yet sealed
     lines = [f"{sha256_file(folder / rel)}  {rel}\n" for rel in _files(folder)]
     return atomic_write_text(folder / SUMS_FILE, "".join(lines))
 

@@ -67,13 +67,29 @@ class CacheError(ValueError):
 # ---- what a cache means ------------------------------------------------------------------------
 
 
-def config_fingerprint(model: nn.Module) -> str | None:
-    """SHA-256 of a Hugging Face model's config (JSON, sorted keys), None for plain modules."""
+CONFIG_NOT_MEANING = ("transformers_version", "_name_or_path", "_commit_hash", "architectures")
+"""Config keys that say where a model came from or how it was saved, not what it computes
+(``save_pretrained`` rewrites ``architectures``; a folder's path is ``_name_or_path``): a
+teacher reloaded from its export, or copied elsewhere, keeps its caches."""
+
+
+def config_fingerprint(model: nn.Module, *, legacy: bool = False) -> str | None:
+    """SHA-256 of a Hugging Face model's config (JSON, sorted keys) without
+    :data:`CONFIG_NOT_MEANING`, None for plain modules. ``legacy``: as the caches written before
+    the fault issue computed it (only ``transformers_version`` left out)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return None
-    d = {k: v for k, v in config.to_dict().items() if k not in ("transformers_version",)}
+    left_out = ("transformers_version",) if legacy else CONFIG_NOT_MEANING
+    d = {k: v for k, v in config.to_dict().items() if k not in left_out}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def expected_config(found: Mapping[str, Any], model: nn.Module) -> str | None:
+    """The ``teacher_config`` a cache whose meaning is ``found`` must hold for ``model``: the
+    fingerprint, or the legacy one where the cache was written with it."""
+    legacy = config_fingerprint(model, legacy=True)
+    return legacy if found.get("teacher_config") == legacy else config_fingerprint(model)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str | None:

@@ -25,8 +25,8 @@ from .format import (
     CacheError,
     Unit,
     compare_meaning,
-    config_fingerprint,
     data_fingerprint,
+    expected_config,
     read_manifest,
     shard_records,
     tokenizer_fingerprint,
@@ -73,7 +73,7 @@ class CachedTeacher:
         expected = dict(expect or {})
         if teacher is not None:
             expected["teacher_weights"] = model_fingerprint(teacher)
-            expected["teacher_config"] = config_fingerprint(teacher)
+            expected["teacher_config"] = expected_config(self.meaning, teacher)
         if tokenizer is not None:
             expected["tokenizer"] = tokenizer_fingerprint(tokenizer)
         if dataset is not None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .. import distributed
+from .. import distributed, faults
 from .._version import __version__
 from ..data.tensors import make_batch
 from ..guards import check_teacher_rows
@@ -40,6 +40,7 @@ from .format import (
     cache_meaning,
     cache_status,
     compare_meaning,
+    expected_config,
     part_file,
     read_json,
     read_manifest,
@@ -167,6 +168,8 @@ def write_cache(
             teacher, dataset, unit=unit, k=k, vocab_size=vocab, encoding=encoding,
             tokenizer=tokenizer, features=sorted(probe.features),
         )  # fmt: skip
+        if (path / "manifest.json").exists():  # continued: as its config fingerprint was made
+            meaning["teacher_config"] = expected_config(read_manifest(path)["meaning"], teacher)
         length = meaning["max_length"] or 1
         manifest = _open_manifest(
             path, meaning, shard_size, _row_bytes(k, vocab, encoding), length, teacher_name
@@ -204,6 +207,7 @@ def write_cache(
             file = path / shard_name(j)
             meta = {"cache_id": manifest["cache_id"], "shard": str(j), "examples": f"{lo}:{hi}"}
             atomic_save_safetensors(tensors, file, metadata=meta)
+            faults.point("cache")
             record["shards"][str(j)] = {
                 "file": shard_name(j),
                 "examples": [lo, hi],

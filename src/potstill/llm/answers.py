@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .. import faults
 from ..data.prompts import Prompt
 from ..evaluate import eval_mode
 from ..io import atomic_write_bytes
@@ -289,6 +290,7 @@ def generate_answers(
                 f.write("".join(lines))
                 f.flush()
                 os.fsync(f.fileno())
+            faults.point("answers")
             stats.prompts += len(batch)
             stats.answers += len(lines)
             bar.update(len(batch))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import faults
 from . import causal_lm, chain, classic, embed, text_classification
 
 
@@ -54,6 +55,7 @@ def write_report(run_dir: str | Path, results: dict[str, Any] | None = None) -> 
     given); returns the paths of report.md and report.html."""
     run_dir = Path(run_dir)
     results = read_results(run_dir) if results is None else results
+    faults.point("report")
     return page_for(results).write(run_dir, results)
 
 

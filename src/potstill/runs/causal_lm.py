@@ -145,10 +145,10 @@ def _train_variants(
     for name, variant in recipe.variants.items():
         part = folder_name(name)
         info = run.finished(part)
+        export = run.path / part / "export"
         if info is not None:
-            log.info("%s: finished before, reloading %s", name, run.path / part / "export")
+            log.info("%s: finished before, reloading %s", name, export)
             trained[name] = info
-            export = run.path / part / "export"
             students[name] = run.place_student(load_model(export, "causal-lm", dtype=init.dtype))
             continue
         objective = build_objective(variant.terms, tokens=True, chunk_size=recipe.chunk_size)
@@ -166,7 +166,6 @@ def _train_variants(
             config=recipe.train, run_dir=run.path / part, student_forward=forward, name=name,
             batch_transform=sampler, placement=run.placement,
         ).fit(resume=run.resume)  # fmt: skip
-        students[name] = fit.student
         trained[name] = {
             "steps": fit.steps,
             "train_time_s": fit.train_time_s,
@@ -182,6 +181,8 @@ def _train_variants(
             if not recipe.keep_checkpoints:
                 shutil.rmtree(run.path / part / "checkpoints", ignore_errors=True)
         distributed.barrier()
+        # the student as exported, as a resumed run reloads it (see runs.classic)
+        students[name] = run.place_student(load_model(export, "causal-lm", dtype=init.dtype))
     return students, trained
 
 

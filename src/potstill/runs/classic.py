@@ -68,21 +68,22 @@ def train_classifier(
     folder = run.path / part
     info = run.finished(part)
     if info is not None:
-        loaded = run.place_student(load_classifier(folder / "final"))
         log.info("%s: finished earlier, reusing %s", part, folder / "final")
-        return SubRun(loaded, folder, info)
-    result = Distiller(
-        model, objective, train, teacher=teacher, config=config, run_dir=folder,
-        evaluate=classification_eval(val), best_metric="accuracy", name=part,
-        student_forward=TASK.student_forward, student_taps=student_taps,
-        placement=run.placement,
-    ).fit(resume=run.resume)  # fmt: skip
-    info = fit_info(result, len(train))  # type: ignore[arg-type]
-    if distributed.is_main():  # every process holds the same trained model; rank 0 saves it
-        TASK.export(result.student, folder / "final", spec=spec)
-        run.mark_finished(part, info)
-    distributed.barrier()
-    return SubRun(result.student, folder, info)
+    else:
+        result = Distiller(
+            model, objective, train, teacher=teacher, config=config, run_dir=folder,
+            evaluate=classification_eval(val), best_metric="accuracy", name=part,
+            student_forward=TASK.student_forward, student_taps=student_taps,
+            placement=run.placement,
+        ).fit(resume=run.resume)  # fmt: skip
+        info = fit_info(result, len(train))  # type: ignore[arg-type]
+        if distributed.is_main():  # every process holds the same trained model; rank 0 saves it
+            TASK.export(result.student, folder / "final", spec=spec)
+            run.mark_finished(part, info)
+        distributed.barrier()
+    # the model as exported, as a resumed run reloads it: every later figure and part (a
+    # teacher's cache) comes from the same weights in the same memory, killed or not
+    return SubRun(run.place_student(load_classifier(folder / "final")), folder, info)
 
 
 def _teacher(recipe: ClassicRecipe, splits: Splits, run: RunFolder) -> tuple[nn.Module, dict]:

@@ -229,6 +229,8 @@ def _variant(shared: Shared, name: str, terms: list[TermSpec]) -> dict[str, Any]
             pooling=shared.student_pooling,
         )  # fmt: skip
         run.mark_finished(part, trained)
+        # the student as exported, as a resumed run reloads it (see runs.classic)
+        student = run.place_student(load_model(run.path / part / "export", dtype=init.dtype))
     row = {**TASK.metrics({name: student}, shared.val, **shared.figures)[name], **trained}
     card = model_card(
         title=f"{recipe.name}: {name}",

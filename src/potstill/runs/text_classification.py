@@ -163,18 +163,20 @@ def train_part(
     info = run.finished(part)
     if info is not None:
         log.info("%s: finished earlier, reusing %s", part, folder / "final")
-        return run.place_student(load_model(folder / "final", KIND)), info
-    model.train()
-    result = Distiller(
-        model, objective, data.splits["train"], teacher=teacher, config=config, run_dir=folder,
-        evaluate=classification_eval(data.splits["validation"], batch_size=64, forward=forward),
-        best_metric="accuracy", name=part, student_forward=forward, student_taps=taps,
-        placement=run.placement,
-    ).fit(resume=run.resume)  # fmt: skip
-    info = fit_info(result, len(data.splits["train"]))
-    TASK.export(result.student, folder / "final", tokenizer=tokenizer)
-    run.mark_finished(part, info)
-    return result.student.eval(), info
+    else:
+        model.train()
+        result = Distiller(
+            model, objective, data.splits["train"], teacher=teacher, config=config,
+            run_dir=folder, best_metric="accuracy", name=part, student_forward=forward,
+            evaluate=classification_eval(data.splits["validation"], batch_size=64,
+                                         forward=forward),
+            student_taps=taps, placement=run.placement,
+        ).fit(resume=run.resume)  # fmt: skip
+        info = fit_info(result, len(data.splits["train"]))
+        TASK.export(result.student, folder / "final", tokenizer=tokenizer)
+        run.mark_finished(part, info)
+    # the model as exported, as a resumed run reloads it (see runs.classic)
+    return run.place_student(load_model(folder / "final", KIND)), info
 
 
 def _teacher(
