@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -356,24 +357,26 @@ def killed_run(recipe: Path, out: Path, *, resume: bool, target: tuple[str, int]
 
 def kill_through_phases(recipe: Path, out: Path, ref: Reference, rng: random.Random,
                         phases: list[str] | None = None) -> list[Killed]:  # fmt: skip
-    """One run killed once in each phase of ``phases`` (default: all the reference's, in the
-    order the run reaches them), resumed after each kill: at each, a random point of the phase
-    and a random occurrence among those still ahead (the reference's count less those the
-    earlier invocations passed). Stops when an invocation finishes the run. Returns the kills
-    tried; the run is left to :func:`finish`."""
-    tried: list[Killed] = []
-    passed: Counter = Counter()
-    trace = out.parent / f"{out.name}.kill-trace"
+    """One run killed once in each phase of ``phases`` (default: all the reference's) and
+    resumed after each kill. Each kill is a random point of the reference's trace in that
+    phase, taken in the order the run reaches them; the invocations share one trace, so a
+    point's count goes on across them (:mod:`potstill.faults`), and a target the redone work
+    since the last checkpoint has already passed is left out. Returns the kills tried; the run
+    is left to :func:`finish`."""
+    picks = []
     for ph in phases or ref.phases():
-        names = [p for p in ref.order if phase(p) == ph]
-        name = rng.choice(names)
-        ahead = max(1, ref.points[name] - passed[name])
-        trace.unlink(missing_ok=True)
-        k = killed_run(recipe, out, resume=bool(tried), target=(name, rng.randint(1, ahead)),
-                       trace=trace)  # fmt: skip
+        at = rng.choice([i for i, p in enumerate(ref.trace) if phase(p) == ph])
+        name = ref.trace[at]
+        picks.append((at, name, ref.trace[:at].count(name) + 1))
+    trace = out.parent / f"{out.name}.kill-trace"
+    trace.unlink(missing_ok=True)
+    tried: list[Killed] = []
+    for _, name, n in sorted(picks):
+        passed = trace.read_text().split("\n")[:-1].count(name) if trace.exists() else 0
+        if passed >= n:
+            continue
+        k = killed_run(recipe, out, resume=bool(tried), target=(name, n), trace=trace)
         tried.append(k)
-        if trace.exists():
-            passed.update(trace.read_text().split("\n")[:-1])
         if not k.killed:
             break
     return tried
@@ -389,3 +392,89 @@ def finish(recipe: Path, out: Path) -> dict[str, Any]:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True))
+
+
+# --- damaged files ----------------------------------------------------------------------------
+
+DAMAGES = ("truncate", "flip", "delete")
+NOT_READ = ("run.log", ".potstill.lock")
+"""Files a resumed run never reads (a log it appends to, the lock): damage to them cannot
+reach a result."""
+
+
+def damage(file: Path, how: str) -> None:
+    """Damage ``file``: cut it to half its size, flip one byte in its middle, or delete it."""
+    if how == "delete":
+        file.unlink()
+        return
+    data = bytearray(file.read_bytes())
+    if how == "truncate":
+        file.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "flip":
+        if not data:
+            data = bytearray(b"\0")
+        data[len(data) // 2] ^= 0xFF
+        file.write_bytes(bytes(data))
+    else:
+        raise ValueError(f"unknown damage {how!r}: one of {DAMAGES}")
+
+
+def interrupted(recipe: Path, out: Path, ref: Reference) -> Path:
+    """A run of ``recipe`` killed in the training of its last model, after that model's first
+    checkpoint: every earlier part finished, one in progress (``out``)."""
+    last = [p for p in ref.order if p.startswith("train:")][-1]
+    k = killed_run(recipe, out, resume=False, target=(last, min(3, ref.points[last])))
+    assert k.killed, f"the run was not killed at {last}"
+    return out
+
+
+def damage_targets(state: Path) -> list[Path]:
+    """Every file of an interrupted run that a resume may read, by path."""
+    return sorted(
+        p.relative_to(state) for p in state.rglob("*")
+        if p.is_file() and p.name not in NOT_READ and not p.name.endswith(".tmp")
+    )  # fmt: skip
+
+
+@dataclass
+class Outcome:
+    """What a resume made of one damaged file: ``named`` (the output names the file, the run
+    rebuilt it and ended as the uninterrupted run, or stopped with exit 2 and the fix),
+    ``unused`` (not named, and the run's results are those of an uninterrupted run: the file
+    was not needed), or ``silent`` (not named, and something differs: a silent corruption)."""
+
+    file: str
+    how: str
+    verdict: str
+    code: int
+    detail: str = ""
+
+
+def _named(text: str, rel: Path) -> bool:
+    # a message names the file by its path, or (a shard, a checkpoint) by its folder and name
+    return (
+        str(rel) in text
+        or (rel.name in text and str(rel.parent) in text)
+        or (rel.parent.name in text and rel.parent.name.startswith("step-"))
+    )
+
+
+def damage_case(recipe: Path, state: Path, work: Path, rel: Path, how: str,
+                ref: Reference) -> Outcome:  # fmt: skip
+    """Copy the interrupted run ``state`` to ``work``, damage its file ``rel`` by ``how``,
+    resume it and judge the outcome (:class:`Outcome`)."""
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(state, work, symlinks=True)
+    damage(work / rel, how)
+    r = run(recipe, work, resume=True)
+    text = r.stdout + r.stderr
+    if r.returncode == 2:
+        ok = _named(text, rel) or rel.name in text
+        return Outcome(str(rel), how, "named" if ok else "silent", 2, text.strip()[-300:])
+    if r.returncode != 0:
+        return Outcome(str(rel), how, "silent", r.returncode, r.stderr[-600:])
+    same_result = differences(ref.fingerprint, fingerprint(work)) == []
+    if _named(text, rel) and same_result:
+        return Outcome(str(rel), how, "named", 0)
+    return Outcome(str(rel), how, "unused" if same_result else "silent", 0,
+                   ", ".join(differences(ref.fingerprint, fingerprint(work)))[:300])  # fmt: skip

@@ -649,3 +649,31 @@ def test_classifier_terms_read_a_top_k_example_cache(digits, teacher_model, tmp_
     assert 0 < bucketed <= dense + 1e-6
     with pytest.raises(ValueError, match="'kd' term needs the teacher's logits"):
         kd_term(1.0).fn(StudentView(student), None, batch)
+
+
+def test_a_teacher_saved_and_reloaded_elsewhere_keeps_its_cache(teacher, data, tok, tmp_path):
+    """What a resumed run does: the teacher reloaded from its export (another _name_or_path,
+    architectures rewritten by save_pretrained) is the same teacher; another config is not."""
+    from transformers import AutoModelForCausalLM
+
+    from potstill.cache import config_fingerprint
+
+    path = tmp_path / "c"
+    _write(teacher, data, path, k=8, tokenizer=tok)
+    teacher.save_pretrained(tmp_path / "a")
+    (tmp_path / "a").rename(tmp_path / "moved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moved").eval()
+    assert reloaded.config.to_dict()["_name_or_path"] != teacher.config.to_dict()["_name_or_path"]
+    CachedTeacher(path, teacher=reloaded, tokenizer=tok, dataset=data)  # accepted
+    _write(reloaded, data, path, k=8, tokenizer=tok)  # and continued
+    other = tiny_llama(len(tok), seed=1)
+    other.config.rope_theta = 1234.0  # a config that changes what it computes
+    assert config_fingerprint(other) != config_fingerprint(teacher)
+    # a cache written before, with the folder in its config fingerprint, still matches
+    legacy = config_fingerprint(teacher, legacy=True)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["meaning"]["teacher_config"] = legacy
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    CachedTeacher(path, teacher=teacher, dataset=data)
+    with pytest.raises(CacheError, match="teacher_config differs"):
+        CachedTeacher(path, teacher=reloaded)  # the legacy form named the old folder

@@ -60,7 +60,7 @@ def test_a_run_killed_in_every_phase_resumes_to_the_uninterrupted_result(kind, r
     out = root / f"killed-{kind}"
     tried = fk.kill_through_phases(recipes[kind], out, ref, rng)
     where = f"POTSTILL_FAULT_SEED={SEED}, kills {[k.target for k in tried]}"
-    assert sum(k.killed for k in tried) >= len(ref.phases()) - 1, where  # the last may finish
+    assert sum(k.killed for k in tried) >= len(ref.phases()) - 2, where  # all but redone ones
     got = fk.finish(recipes[kind], out)
     assert fk.differences(ref.fingerprint, got) == [], where
     assert not list(out.rglob(".*.tmp")), where  # a write cut short leaves nothing behind

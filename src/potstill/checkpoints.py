@@ -58,23 +58,17 @@ def write_checkpoint(
 
 def newest_intact(
     run_dir: Path, total_steps: int
-) -> tuple[Path, dict[str, Any], list[tuple[Path, str]]] | None:
+) -> tuple[Path | None, dict[str, Any] | None, list[tuple[Path, str]]] | None:
     """The newest checkpoint of ``run_dir`` whose files match their checksums, its trainer
-    state, and the newer ones found damaged (folder, why); None when there is no checkpoint.
-    Raises :class:`DamagedCheckpoint` naming every one when none is intact."""
+    state, and the newer ones found damaged or incomplete (folder, why); None when there is no
+    checkpoint; ``(None, None, damaged)`` when none is intact."""
     damaged: list[tuple[Path, str]] = []
     for folder in checkpoint_folders(run_dir):
         try:
             return folder, read_checkpoint(folder, total_steps), damaged
         except DamagedCheckpoint as e:
             damaged.append((folder, str(e)))
-    if damaged:
-        raise DamagedCheckpoint(
-            "no intact checkpoint to resume from: "
-            + "; ".join(why for _, why in damaged)
-            + ". Start again with --overwrite (or restore the files)"
-        )
-    return None
+    return (None, None, damaged) if damaged else None
 
 
 def checkpoint_folders(run_dir: Path) -> list[Path]:

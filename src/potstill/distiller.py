@@ -34,7 +34,7 @@ from .data.rows import DataError
 from .data.tensors import epoch_order, make_batch
 from .guards import StepGuard, batch_problem, check_data
 from .io import atomic_save_module, atomic_write_text
-from .logs import MetricsLog
+from .logs import MetricsLog, metrics_text, read_metrics_lines
 from .losses.chunked import single_backward
 from .losses.objective import Objective
 from .optim import make_optimizer, make_scheduler
@@ -530,6 +530,16 @@ class Distiller:
             faults.point(f"train:{self.name}")
         self.train_time_s += time.perf_counter() - t0
 
+    def _rewrite_metrics(self) -> None:
+        """``metrics.jsonl`` as it stood at the checkpoint (rows logged after it go; damaged
+        lines, named in a warning, are written again)."""
+        assert self.run_dir is not None
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            for problem in read_metrics_lines(path)[1]:
+                log.warning("%s: written again from the checkpoint", problem)
+        atomic_write_text(path, metrics_text(self.history, self.evals))
+
     def _interval_row(self, micro: int, lr: float, examples_per_s: float) -> dict[str, float]:
         """The logged row of the interval since the last one: each term's and the loss's mean
         over its steps, summed across processes."""
@@ -618,6 +628,7 @@ class Distiller:
             "python_rng": random.getstate(),
             "best": json.dumps(self.best),
             "evals": json.dumps(self.evals),
+            "history": json.dumps(self.history),  # metrics.jsonl is rebuilt from it on resume
             "log_sums": {k: v.detach().cpu().clone() for k, v in self._sums.items()},
             "log_count": self._n_sums,
             "train_time_s": self.train_time_s,
@@ -651,8 +662,11 @@ class Distiller:
             return
         folder, state, damaged = found
         if damaged:
+            # none intact (a kill during the first checkpoint, or damage): this model trains
+            # again from its start, to the same weights; the rest of the run is kept
+            to = folder.name if folder is not None else "the start of this model's training"
             for _, why in damaged:
-                log.warning("%s: falling back to %s", why, folder.name)
+                log.warning("%s: falling back to %s", why, to)
             distributed.barrier()  # every process has chosen before the damaged ones move
             if self.main:  # kept for a look, out of the way of the checkpoints kept
                 for bad, _ in damaged:
@@ -660,6 +674,9 @@ class Distiller:
                     while aside.exists():
                         aside, n = bad.with_name(f"damaged-{bad.name}-{n}"), n + 1
                     bad.rename(aside)
+        if folder is None or state is None:
+            self._start_fresh()
+            return
         self._plain_step = -1  # FSDP: the weights change without a step
         load_weights(folder, self.student, self.objective, fsdp=self.fsdp)
         load_optimizer_state(self.optimizer, state["optimizer"], fsdp=self.fsdp)
@@ -678,6 +695,10 @@ class Distiller:
         self.train_time_s = float(state["train_time_s"])
         self.examples_seen = int(state["examples_seen"])
         self.guard.skipped = int(state.get("skipped_steps", 0))
-        if self.main:  # rank 0 keeps the log
+        if "history" in state:  # the log as it was at the checkpoint, whatever became of it
+            self.history = json.loads(state["history"])
+            if self.main:
+                self._rewrite_metrics()
+        elif self.main:  # a checkpoint written before: the log cut back to its step
             self.history += truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         log.info("resumed %s at step %d of %d", self.name, self.step, self.total_steps)

@@ -6,7 +6,8 @@ look-up.
 
 - ``POTSTILL_FAULT_TRACE=FILE``: append each point reached to ``FILE``, one name a line.
 - ``POTSTILL_FAULT_KILL=NAME@N``: SIGKILL this process at the ``N``-th time (from 1) point
-  ``NAME`` is reached.
+  ``NAME`` is reached. With a trace, the count goes on from the times ``FILE`` already
+  records, so one target can be aimed across a run killed and resumed several times.
 - ``POTSTILL_FAULT_ENOSPC=NAME@N``: the ``N``-th atomic write at point ``NAME`` (``write:…``)
   fails with ``ENOSPC``, as on a full disk.
 
@@ -50,8 +51,13 @@ def point(name: str) -> None:
     (see the module doc)."""
     if not (ENV_TRACE in os.environ or ENV_KILL in os.environ or ENV_ENOSPC in os.environ):
         return
-    n = _counts[name] = _counts.get(name, 0) + 1
     trace = os.environ.get(ENV_TRACE)
+    if not _counts and trace and os.path.exists(trace):  # earlier invocations' points
+        with open(trace, encoding="utf-8") as f:
+            for line in f.read().splitlines():
+                _counts[line] = _counts.get(line, 0) + 1
+        _counts[""] = 0  # (read once)
+    n = _counts[name] = _counts.get(name, 0) + 1
     if trace:
         with open(trace, "a", encoding="utf-8") as f:
             f.write(name + "\n")

@@ -128,6 +128,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return _atomic(path, write)
 
 
+CHECK_KEY = "check"
+"""The key of a JSON-lines record's own checksum (teacher answers, metrics rows)."""
+
+
+def record_check(record: dict) -> str:
+    """A record's checksum: the SHA-256 (first 16 hex digits) of its JSON (sorted keys)
+    without :data:`CHECK_KEY`; a changed byte in a line of a JSON-lines file shows."""
+    import json
+
+    body = {k: v for k, v in record.items() if k != CHECK_KEY}
+    text = json.dumps(body, ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes, as hex."""
     h = hashlib.sha256()

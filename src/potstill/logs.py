@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .io import CHECK_KEY, record_check
+
 
 class MetricsLog:
     """Appends rows to ``run_dir/metrics.jsonl`` and TensorBoard (``run_dir/tensorboard``, with
@@ -29,7 +31,7 @@ class MetricsLog:
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(metrics_line(row))
         if self.writer is not None:
             data = row.get("eval", row)
             prefix = "eval/" if "eval" in row else "train/"
@@ -41,3 +43,37 @@ class MetricsLog:
         """Flush and close TensorBoard's writer."""
         if self.writer is not None:
             self.writer.close()
+
+
+def metrics_line(row: dict[str, Any]) -> str:
+    """One line of ``metrics.jsonl``: the row and its ``check`` (see ``io.record_check``)."""
+    return json.dumps({**row, CHECK_KEY: record_check(row)}) + "\n"
+
+
+def metrics_text(history: list[dict[str, Any]], evals: list[dict[str, Any]]) -> str:
+    """``metrics.jsonl`` as a run that logged ``history`` (training rows) and ``evals``
+    (evaluation rows) wrote it: by step, a step's training row before its evaluation."""
+    rows = [(r["step"], 0, r) for r in history] + [(e["step"], 1, {"eval": e}) for e in evals]
+    return "".join(metrics_line(r) for _, _, r in sorted(rows, key=lambda x: x[:2]))
+
+
+def read_metrics_lines(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of a ``metrics.jsonl`` (``check`` removed) and what is wrong with its damaged
+    lines, each named ``path:line`` (a line that does not parse or whose ``check`` differs;
+    rows written before checks existed are taken as they are)."""
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            problems.append(f"{path}:{n} is damaged ({e})")
+            continue
+        check = row.pop(CHECK_KEY, None)
+        if check is not None and check != record_check(row):
+            problems.append(f"{path}:{n} is damaged (its check differs)")
+            continue
+        rows.append(row)
+    return rows, problems

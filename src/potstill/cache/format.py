@@ -67,10 +67,14 @@ class CacheError(ValueError):
 # ---- what a cache means ------------------------------------------------------------------------
 
 
-CONFIG_NOT_MEANING = ("transformers_version", "_name_or_path", "_commit_hash", "architectures")
+CONFIG_NOT_MEANING = (
+    "transformers_version", "_name_or_path", "_commit_hash", "architectures", "dtype",
+    "torch_dtype",
+)  # fmt: skip
 """Config keys that say where a model came from or how it was saved, not what it computes
-(``save_pretrained`` rewrites ``architectures``; a folder's path is ``_name_or_path``): a
-teacher reloaded from its export, or copied elsewhere, keeps its caches."""
+(``save_pretrained`` fills in ``architectures`` and ``dtype``; a folder's path is
+``_name_or_path``; the weights' dtype is in the weights' fingerprint): a teacher reloaded from
+its export, or copied elsewhere, keeps its caches."""
 
 
 def config_fingerprint(model: nn.Module, *, legacy: bool = False) -> str | None:

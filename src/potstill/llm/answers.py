@@ -4,7 +4,6 @@ an interrupted run continues where it stopped and gives the same answers as an u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from torch import nn
 from .. import faults
 from ..data.prompts import Prompt
 from ..evaluate import eval_mode
-from ..io import atomic_write_bytes
+from ..io import CHECK_KEY, atomic_write_bytes, record_check
 from ..placement import model_device
 from ..progress import Progress
 from ..teachers import model_fingerprint
@@ -127,17 +126,6 @@ class GenerationStats:
     def tokens_per_s(self) -> float:
         """New tokens per second of generation."""
         return self.new_tokens / max(self.seconds, 1e-9)
-
-
-CHECK_KEY = "check"
-"""Each record's own checksum: the SHA-256 (first 16 hex digits) of the record without it."""
-
-
-def record_check(record: dict[str, Any]) -> str:
-    """The checksum :func:`generate_answers` stores in a record's ``check``."""
-    body = {k: v for k, v in record.items() if k != CHECK_KEY}
-    text = json.dumps(body, ensure_ascii=False, sort_keys=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _damaged_line(line: bytes) -> tuple[dict[str, Any] | None, str | None]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,9 @@ import markdown as markdown_lib
 import matplotlib
 
 from ..io import atomic_write_text
+from ..logs import read_metrics_lines
+
+log = logging.getLogger("potstill")
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -95,7 +98,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Training rows (not evaluation rows) of a metrics.jsonl file."""
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, problems = read_metrics_lines(path)
+    for problem in problems:
+        log.warning("%s: left out of the report's plots", problem)
     return [r for r in rows if "eval" not in r]
 
 

@@ -5,6 +5,7 @@ running in it, ``recipe.yaml``, markers of finished parts, and ``results.json`` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +37,8 @@ RESULTS_FILE = "results.json"
 DONE_FILE = "done.json"
 LOCK_FILE = ".potstill.lock"
 LOG_FILE = "run.log"
+SUM_PREFIX = "# sha256 of the lines below: "
+"""The first line of a run folder's ``recipe.yaml`` (a YAML comment): its checksum."""
 SEALED_KEY = "sealed"
 """The key of ``done.json`` that lists the part's sealed subfolders."""
 
@@ -90,7 +93,7 @@ class RunFolder:
                     f"{self.path} already holds a run; pass --resume to continue it "
                     "(finished parts are reused) or --overwrite to start again"
                 )
-            before = type(self.recipe).model_validate(yaml.safe_load(saved.read_text()))
+            before = type(self.recipe).model_validate(read_saved_recipe(saved))
             diff = sorted(
                 f
                 for f in _diff_fields(before.model_dump(), self.recipe.model_dump())
@@ -198,7 +201,7 @@ class RunFolder:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
-        atomic_write_text(self.path / RECIPE_FILE, text)
+        atomic_write_text(self.path / RECIPE_FILE, f"{SUM_PREFIX}{_digest(text)}\n{text}")
 
     def finished(self, part: str | os.PathLike) -> dict[str, Any] | None:
         """What the finished part in subfolder ``part`` recorded, when the run resumes and the
@@ -353,3 +356,24 @@ def note_run_log(run_dir: str | os.PathLike, text: str) -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     with open(file, "a", encoding="utf-8") as f:
         f.writelines(f"{stamp} {line}\n" for line in text.splitlines())
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_saved_recipe(file: Path) -> dict[str, Any]:
+    """A run folder's ``recipe.yaml``, checked against the checksum on its first line (files
+    written before it are read as they are); RecipeError naming the file when damaged."""
+    fix = "restore it, or start again with --overwrite (finished parts then train again)"
+    try:
+        text = file.read_bytes().decode("utf-8")
+        first, _, rest = text.partition("\n")
+        if first.startswith(SUM_PREFIX) and first[len(SUM_PREFIX) :] != _digest(rest):
+            raise ValueError("its checksum differs")
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a recipe")
+    except (ValueError, yaml.YAMLError) as e:
+        raise RecipeError(f"{file} is damaged ({e}); {fix}") from None
+    return data
