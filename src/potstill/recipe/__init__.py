@@ -69,9 +69,14 @@ def read_recipe_data(source: str | os.PathLike) -> tuple[dict[str, Any], str]:
             f"(built-in: {', '.join(builtin_recipes())})"
         )
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(f"{where}: not valid YAML: {e}") from e
+    if data is None:  # an empty file: never a silent run of every default
+        raise RecipeError(
+            f"{where} is empty; a recipe needs at least a name and what to distil (see "
+            "`potstill recipes` and docs/guide.md; `{{}}` runs the classic defaults)"
+        )
     if not isinstance(data, dict):
         raise RecipeError(
             f"{where}: the top level must be a mapping of fields, got {type(data).__name__}"
