@@ -68,11 +68,8 @@ def main() -> None:
         kind = a.kinds[n % len(a.kinds)]
         ref, run = refs[kind], a.work / f"kill-{n}"
         n += 1
-        tried = []
-        first = fk.killed_run(recipes[kind], run, resume=False,
-                              after_s=rng.uniform(1.0, ref.seconds))  # fmt: skip
-        tried.append(first)
-        tried += fk.kill_through_phases(recipes[kind], run, ref, rng, resume=first.killed)
+        tried = fk.kill_through_phases(recipes[kind], run, ref, rng,
+                                       outside_s=rng.uniform(1.0, 0.6 * ref.seconds))  # fmt: skip
         got = fk.finish(recipes[kind], run)
         diff = fk.differences(ref.fingerprint, got)
         kills["runs"] += 1

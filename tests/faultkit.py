@@ -343,8 +343,9 @@ def killed_run(recipe: Path, out: Path, *, resume: bool, target: tuple[str, int]
     else:
         assert after_s is not None
         spec = f"after {after_s:.2f}s"
-        p = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)  # fmt: skip
+        extra = {faults.ENV_TRACE: str(trace)} if trace else {}
+        p = subprocess.Popen(cmd, env=env(**extra), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
         try:
             p.wait(timeout=after_s)
         except subprocess.TimeoutExpired:
@@ -357,14 +358,15 @@ def killed_run(recipe: Path, out: Path, *, resume: bool, target: tuple[str, int]
 
 
 def kill_through_phases(recipe: Path, out: Path, ref: Reference, rng: random.Random,
-                        phases: list[str] | None = None, resume: bool = False,
+                        phases: list[str] | None = None, outside_s: float | None = None,
                         ) -> list[Killed]:  # fmt: skip
     """One run killed once in each phase of ``phases`` (default: all the reference's) and
     resumed after each kill. Each kill is a random point of the reference's trace in that
     phase, taken in the order the run reaches them; the invocations share one trace, so a
     point's count goes on across them (:mod:`potstill.faults`), and a target the redone work
-    since the last checkpoint has already passed is left out. Returns the kills tried; the run
-    is left to :func:`finish`."""
+    since the last checkpoint has already passed is left out. ``outside_s``: first a SIGKILL
+    from outside that many seconds in. Returns the kills tried; the run is left to
+    :func:`finish`."""
     picks = []
     for ph in phases or ref.phases():
         at = rng.choice([i for i, p in enumerate(ref.trace) if phase(p) == ph])
@@ -373,11 +375,15 @@ def kill_through_phases(recipe: Path, out: Path, ref: Reference, rng: random.Ran
     trace = out.parent / f"{out.name}.kill-trace"
     trace.unlink(missing_ok=True)
     tried: list[Killed] = []
+    if outside_s is not None:
+        tried.append(killed_run(recipe, out, resume=False, after_s=outside_s, trace=trace))
+        if not tried[-1].killed:
+            return tried
     for _, name, n in sorted(picks):
         passed = trace.read_text().split("\n")[:-1].count(name) if trace.exists() else 0
         if passed >= n:
             continue
-        k = killed_run(recipe, out, resume=resume or bool(tried), target=(name, n), trace=trace)
+        k = killed_run(recipe, out, resume=bool(tried), target=(name, n), trace=trace)
         tried.append(k)
         if not k.killed:
             break

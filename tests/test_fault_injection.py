@@ -110,3 +110,36 @@ def test_the_kill_settings_are_checked(monkeypatch):
 def teardown_module() -> None:
     for ref in _references.values():
         shutil.rmtree(ref.out, ignore_errors=True)
+
+
+# damaged files of a run interrupted in its last model, one of each kind a resume reads
+DAMAGED = [
+    ("classic", "main/baseline/checkpoints/step-00000002/student.safetensors", "flip"),
+    ("classic", "main/baseline/checkpoints/step-00000002/meta.json", "delete"),
+    ("classic", "teacher/final/model.safetensors", "truncate"),
+    ("classic", "teacher/cache-train/shards/shard-000000.safetensors", "flip"),
+    ("classic", "main/distilled/done.json", "flip"),
+    ("classic", "main/baseline/metrics.jsonl", "flip"),
+    ("classic", "recipe.yaml", "flip"),
+    ("causal-lm", "answers/train.jsonl", "flip"),
+]
+
+
+@pytest.mark.parametrize(("kind", "file", "how"), DAMAGED)
+def test_a_damaged_file_is_named_and_rebuilt_or_refused(kind, file, how, recipes, root):
+    ref = reference(kind, recipes, root)
+    state = root / f"interrupted-{kind}"
+    if not state.exists():
+        fk.interrupted(recipes[kind], state, ref)
+    assert (state / file).exists(), sorted(map(str, fk.damage_targets(state)))
+    o = fk.damage_case(recipes[kind], state, root / "damaged", Path(file), how, ref)
+    assert o.verdict == "named", o
+
+
+def test_bad_inputs_are_one_clear_error_with_exit_2_and_lose_nothing(recipes, root):
+    from badinputs import bad_input_cases
+
+    refs = {"classic": reference("classic", recipes, root)}
+    failed = [(c.name, why) for c in bad_input_cases(root / "bad", recipes, refs)
+              for ok, why in [c.check()] if not ok]  # fmt: skip
+    assert failed == []
