@@ -132,9 +132,14 @@ def test_recipe_file_with_bad_yaml(tmp_path):
         load_recipe(path)
 
 
-def test_empty_recipe_file_gives_the_defaults(tmp_path):
+def test_an_empty_recipe_file_is_refused_and_an_empty_mapping_gives_the_defaults(tmp_path):
+    """An empty file is a mistake far more often than a wish to run every default (a truncated
+    or unsaved file): refused, naming it; ``{}`` asks for the defaults."""
     path = tmp_path / "empty.yaml"
     path.write_text("")
+    with pytest.raises(RecipeError, match=r"empty\.yaml is empty; .*`\{\}` runs the classic"):
+        load_recipe(path)
+    path.write_text("{}\n")
     assert load_recipe(path) == ClassicRecipe()
 
 

@@ -75,7 +75,7 @@ def read_recipe_data(source: str | os.PathLike) -> tuple[dict[str, Any], str]:
     if data is None:  # an empty file: never a silent run of every default
         raise RecipeError(
             f"{where} is empty; a recipe needs at least a name and what to distil (see "
-            "`potstill recipes` and docs/guide.md; `{{}}` runs the classic defaults)"
+            "`potstill recipes` and docs/guide.md; `{}` runs the classic defaults)"
         )
     if not isinstance(data, dict):
         raise RecipeError(
