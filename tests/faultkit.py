@@ -92,9 +92,15 @@ def fingerprint(run: Path) -> dict[str, Any]:
         elif file.name.endswith(".jsonl") and "answers" in rel.parts:
             out[str(rel)] = _sha(file)
         elif file.name == "metrics.jsonl":
-            out[str(rel)] = [_stable(json.loads(x)) for x in file.read_text().splitlines()]
+            try:
+                out[str(rel)] = [_stable(json.loads(x)) for x in file.read_text().splitlines()]
+            except ValueError:  # a damaged log (left as it was): its bytes, which differ
+                out[str(rel)] = "damaged " + _sha(file)
         elif file.name == "results.json":
-            out[str(rel)] = _stable(json.loads(file.read_text()))
+            try:
+                out[str(rel)] = _stable(json.loads(file.read_text()))
+            except ValueError:
+                out[str(rel)] = "damaged " + _sha(file)
     return out
 
 

@@ -63,7 +63,8 @@ def test_a_run_killed_in_every_phase_resumes_to_the_uninterrupted_result(kind, r
     assert sum(k.killed for k in tried) >= len(ref.phases()) - 2, where  # all but redone ones
     got = fk.finish(recipes[kind], out)
     assert fk.differences(ref.fingerprint, got) == [], where
-    assert not list(out.rglob(".*.tmp")), where  # a write cut short leaves nothing behind
+    left = [p for p in out.rglob(".*.tmp") if "damaged-" not in str(p)]  # (kept for a look)
+    assert left == [], where  # a write cut short leaves nothing behind
 
 
 def test_a_kill_at_any_moment_from_outside_resumes_to_the_same_result(recipes, root):

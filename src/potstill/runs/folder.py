@@ -112,6 +112,8 @@ class RunFolder:
                     "and is not empty; refusing to delete it. Choose another --out folder."
                 )
         self._take_lock()
+        if self.resume and existed and distributed.is_main():
+            self._remove_cut_writes()
         if overwrite and existed:
             distributed.barrier()  # every process has checked the folder before it goes
             if distributed.is_main():
@@ -119,6 +121,17 @@ class RunFolder:
                     if p.name != LOCK_FILE:
                         shutil.rmtree(p) if p.is_dir() else p.unlink()
         distributed.barrier()  # and before rank 0 writes a new recipe.yaml into it
+
+    def _remove_cut_writes(self) -> None:
+        """Remove the temporary files of writes a killed run cut short (``.NAME.*.tmp``: never
+        renamed into place, so never read); the folder is locked, so none is being written.
+        Checkpoints kept aside as damaged keep theirs."""
+        cut = [p for p in self.path.rglob(".*.tmp")
+               if not any(part.startswith("damaged-") for part in p.parts)]  # fmt: skip
+        for p in cut:
+            p.unlink(missing_ok=True)
+        if cut:
+            log.info("%s: removed %d file(s) a killed run left half-written", self.path, len(cut))
 
     def _take_lock(self) -> None:
         """Rank 0 locks the folder for the whole run; under torchrun the other ranks share its
