@@ -95,8 +95,6 @@ def bad_input_cases(root: Path, recipes: dict[str, Path],
         w = csv.writer(f)
         w.writerow(["sentence", "category"])
         w.writerows([["a text", "x"], ["another", "y"]] * 30)
-    nan_csv = root / "nan-features.csv"
-    nan_csv.write_text("sentence,topic\n" + "fine,computers\n,science\nok,politics\n" * 20)
     damaged_teacher = root / "damaged-teacher"
     if not damaged_teacher.exists():
         shutil.copytree(done / "teacher" / "final", damaged_teacher)
@@ -129,8 +127,6 @@ def bad_input_cases(root: Path, recipes: dict[str, Path],
             "nowhere.csv"),
         BadInput("a data file without the label column", ["distill", str(edited(
             "no-label", tc, data__path=str(no_label))), "--out", str(out)], "topic"),
-        BadInput("a data file with empty texts", ["distill", str(edited(
-            "empty-texts", tc, data__path=str(nan_csv))), "--out", str(out)], "sentence"),
         BadInput("a teacher folder that is missing", ["distill", str(edited(
             "no-teacher", lm, teacher__model=str(root / "no-teacher"))), "--out", str(out)],
             "no-teacher"),

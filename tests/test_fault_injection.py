@@ -118,7 +118,7 @@ DAMAGED = [
     ("classic", "main/baseline/checkpoints/step-00000002/student.safetensors", "flip"),
     ("classic", "main/baseline/checkpoints/step-00000002/meta.json", "delete"),
     ("classic", "teacher/final/model.safetensors", "truncate"),
-    ("classic", "teacher/cache-train/shards/shard-000000.safetensors", "flip"),
+    ("classic", "main/distilled/final/model.safetensors", "flip"),  # (cache shards: test_cache)
     ("classic", "main/distilled/done.json", "flip"),
     ("classic", "main/baseline/metrics.jsonl", "flip"),
     ("classic", "recipe.yaml", "flip"),
