@@ -20,6 +20,11 @@ log = logging.getLogger("potstill")
 SHOWN = 10
 """How many row or example numbers a message lists."""
 
+TEACHER_FIX = (
+    "Check the teacher on these inputs (a float16 teacher that overflows: load it in bfloat16 "
+    "or float32)"
+)
+
 
 class NonFiniteError(ValueError):
     """A step's loss or gradients, or a teacher's outputs, are NaN or infinite."""
@@ -120,12 +125,6 @@ def signal_rows_bad(signal: Signal | None) -> torch.Tensor | None:
     return torch.stack(flags).any(dim=0)
 
 
-def signal_bad(signal: Signal | None) -> torch.Tensor | None:
-    """Whether a teacher's signal holds NaN or +inf values (a 0-d bool tensor), or None."""
-    rows = signal_rows_bad(signal)
-    return None if rows is None else rows.any()
-
-
 def grads_bad(params: Iterable[torch.nn.Parameter]) -> torch.Tensor | None:
     """Whether this process's gradients hold a NaN or inf (0-d bool), or None without any."""
     grads = []
@@ -155,12 +154,14 @@ def bad_parameters(named: Iterable[tuple[str, torch.nn.Parameter]]) -> list[str]
 def check_teacher_rows(rows: Sequence[torch.Tensor], index: torch.Tensor, who: str) -> None:
     """NonFiniteError naming the examples (by dataset ``index``) whose teacher outputs
     ``rows`` hold NaN or +inf: such outputs are never cached or taught."""
-    bad = [int(index[e]) for e, r in enumerate(rows) if bool(_bad(r))]
+    if not rows:
+        return
+    flags = torch.stack([_bad(r) for r in rows]).tolist()  # one device sync for the batch
+    bad = [int(index[e]) for e, f in enumerate(flags) if f]
     if bad:
         raise NonFiniteError(
             f"{who}: the teacher's outputs are NaN or infinite for {listed(bad, 'examples')}; "
-            "refusing to use them. Check the teacher on these inputs (a float16 teacher that "
-            "overflows: load it in bfloat16 or float32)"
+            f"refusing to use them. {TEACHER_FIX}"
         )
 
 
@@ -174,7 +175,6 @@ __all__ = [
     "check_teacher_rows",
     "grads_bad",
     "listed",
-    "signal_bad",
     "signal_rows_bad",
 ]
 
@@ -259,8 +259,7 @@ class StepGuard:
                 where += f", training {listed(torch.as_tensor(ids), 'examples')}"
             if row[-1]:
                 return (f"the teacher's outputs are NaN or infinite ({where}); refusing to "
-                        "teach from them. Check the teacher on these inputs (a float16 teacher "
-                        "that overflows: load it in bfloat16 or float32)")  # fmt: skip
+                        f"teach from them. {TEACHER_FIX}")  # fmt: skip
             terms = [n for n, bad in zip(self.names, row[1:-1], strict=True) if bad]
             what = f"term {', '.join(map(repr, terms))}" if terms else "the loss"
             return f"the loss is not finite: {what} ({where})"
