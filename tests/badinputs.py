@@ -95,6 +95,8 @@ def bad_input_cases(root: Path, recipes: dict[str, Path],
         w = csv.writer(f)
         w.writerow(["sentence", "category"])
         w.writerows([["a text", "x"], ["another", "y"]] * 30)
+    empty_texts = root / "empty-texts.csv"
+    empty_texts.write_text("sentence,topic\n" + "fine,computers\n,science\nok,politics\n" * 20)
     damaged_teacher = root / "damaged-teacher"
     if not damaged_teacher.exists():
         shutil.copytree(done / "teacher" / "final", damaged_teacher)
@@ -127,6 +129,9 @@ def bad_input_cases(root: Path, recipes: dict[str, Path],
             "nowhere.csv"),
         BadInput("a data file without the label column", ["distill", str(edited(
             "no-label", tc, data__path=str(no_label))), "--out", str(out)], "topic"),
+        BadInput("a data file with empty texts", ["distill", str(edited(
+            "empty-texts", tc, data__path=str(empty_texts))), "--out", str(out)],
+            "'sentence' of the train split has no text in rows 1, 4, 7"),
         BadInput("a teacher folder that is missing", ["distill", str(edited(
             "no-teacher", lm, teacher__model=str(root / "no-teacher"))), "--out", str(out)],
             "no-teacher"),

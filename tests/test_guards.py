@@ -189,3 +189,25 @@ def test_a_teacher_giving_nan_is_never_cached(digits, tmp_path):
                        rf"{', '.join(map(str, bad))}\b.*refusing"):  # fmt: skip
         build_logit_cache(NanTeacher(threshold), digits.train, tmp_path / "cache")
     assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_blank_texts_are_named_by_their_row_in_the_tables_order():
+    """check_texts reads a table's rows in its own order (a shuffled or selected table too),
+    and skips columns that are not text."""
+    from datasets import Dataset as HFDataset
+
+    from potstill.guards import check_texts
+
+    texts = ["a", "", "b", None, "c", " \t", "d"]
+    table = HFDataset.from_dict({"text": texts, "n": list(range(7))})
+    with pytest.raises(DataError, match=r"column 'text' of the train split has no text in "
+                       r"rows 1, 3, 5 \(counted from 0\)"):  # fmt: skip
+        check_texts({"train": table}, ["n", "text"], "data")
+    order = [6, 5, 4, 3, 2, 1, 0]
+    with pytest.raises(DataError, match=r"of the test split has no text in rows 1, 3, 5 "):
+        check_texts({"test": table.select(order)}, ["text"], "data")
+    shuffled = table.shuffle(seed=3)
+    expected = [i for i, t in enumerate(shuffled["text"]) if not (t or "").strip()]
+    with pytest.raises(DataError, match=rf"rows {', '.join(map(str, expected))} \("):
+        check_texts({"train": shuffled}, ["text"], "data")
+    check_texts({"train": table.select([0, 2, 4, 6])}, ["text"], "data")  # nothing blank

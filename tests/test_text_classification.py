@@ -170,6 +170,31 @@ def test_teacher_with_other_classes_is_refused_before_training(finished, tmp_pat
         run(validate_recipe(data), tmp_path / "refused2")
 
 
+def test_rows_without_text_are_named_as_the_file_has_them_before_anything_is_loaded(tmp_path):
+    """Empty, blank and missing texts are refused with the file's row numbers (counted from 0,
+    before val/test rows are carved out of it), not trained on as empty strings."""
+    from potstill.runs import run
+
+    rows = write_csv(tmp_path / "full.csv", n=90)
+    rows[5]["sentence"], rows[41]["sentence"], rows[88]["sentence"] = "", "   ", ""
+    with open(tmp_path / "gaps.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["sentence", "topic"])
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "refused"
+    with pytest.raises(DataError, match=r"data: column 'sentence' of the train split has no "
+                       r"text in rows 5, 41, 88 \(counted from 0\); fill them in"):  # fmt: skip
+        run(validate_recipe(recipe_data(tmp_path / "gaps.csv")), out)
+    assert not (out / "teacher").exists()
+    pair = recipe_data(tmp_path / "full.csv")  # the pair column is checked too
+    pair["data"]["columns"]["text_pair"] = "topic"
+    with open(tmp_path / "full.csv", "a", newline="") as f:
+        csv.writer(f).writerow(["one more text", ""])
+    with pytest.raises(DataError, match=r"column 'topic' of the train split has no text in "
+                       r"rows 90 "):  # fmt: skip
+        run(validate_recipe(pair), tmp_path / "refused-pair")
+
+
 def word_level_classifier(folder: Path, texts: list[str], num_labels: int) -> Path:
     """A small BERT classifier with a word-level tokenizer of its own (another vocabulary than
     MiniLM's), saved as a Hugging Face folder."""
@@ -254,6 +279,11 @@ def test_the_api_takes_a_hugging_face_classifier_and_a_datasets_table(finished):
         pred = result.student.eval()(**enc).logits.argmax(-1)
     labels = torch.tensor([CLASSES.index(r["topic"]) for r in rows[:20]])
     assert result.metrics["accuracy"] == pytest.approx(float((pred == labels).float().mean()))
+    rows[7]["sentence"] = " "
+    with pytest.raises(DataError, match=r"column 'sentence' of the train split has no text in "
+                       r"rows 7 "):  # fmt: skip
+        potstill.distill(teacher, student, Dataset.from_list(rows), epochs=1, batch_size=8,
+                         columns={"text": "sentence", "label": "topic"}, progress=False)
 
 
 def test_dict_rows_keep_their_label():

@@ -68,6 +68,27 @@ def check_columns(columns: Mapping[str, Any], source: str) -> None:
                 )
 
 
+def check_texts(tables: Mapping[str, Any], columns: Sequence[str], source: str) -> None:
+    """DataError naming the split, the column and the row numbers (each split counted from 0)
+    of the first text column of ``tables`` (split name → ``datasets.Dataset``) with missing or
+    blank texts: a labelled example without its text would train on an empty string."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for split, table in tables.items():
+        for name in columns:
+            col = table.with_format("arrow")[name]  # in the split's row order
+            if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+                continue
+            blank = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), ""))
+            rows = pc.indices_nonzero(pc.fill_null(blank, True)).to_pylist()
+            if rows:
+                raise DataError(
+                    f"{source}: column {name!r} of the {split} split has no text in "
+                    f"{listed(rows)} (counted from 0); fill them in or remove those rows"
+                )
+
+
 def check_data(dataset: Dataset, who: str = "the training data") -> bool:
     """Check a dataset held in tensors (TensorDataset, TensorDictDataset) for NaN or infinite
     values at once (DataError naming the rows); False for other datasets, whose batches are

@@ -27,10 +27,11 @@ from ..data.labels import (
     encode_labels,
     head_config,
 )
-from ..data.tables import find_column, load_table_splits
+from ..data.tables import carve, find_column, load_table_splits
 from ..data.tokenized import TableDataset
 from ..distiller import Distiller
 from ..evaluate import classification_eval, predict_logits
+from ..guards import check_texts
 from ..hf import load_model, load_tokenizer
 from ..losses.objective import Objective
 from ..losses.terms import labels_only_objective
@@ -100,18 +101,23 @@ def _config(path: str, recipe: TextClassificationRecipe) -> Any:
 def prepare_data(recipe: TextClassificationRecipe, teacher_config: Any) -> Prepared:
     """The recipe's table split, labelled by class index, tokenized for teacher and student."""
     d = recipe.data
-    tables = load_table_splits(**d.source_options(), seed=recipe.seed, where="data")
-    if "validation" not in tables or "test" not in tables:
-        raise ValueError(
-            "data: a text-classification run needs validation and test splits; give them as "
-            "files or set data.val_size / data.test_size"
-        )
+    options = d.source_options()
+    sizes = {k: options.pop(k) for k in ("val_size", "test_size")}
+    tables = load_table_splits(**options, seed=recipe.seed, where="data")
     train = tables["train"]
     text = find_column(train, "text", d.columns.get("text"), TEXT_COLUMNS, "data")
     label = find_column(train, "label", d.columns.get("label"), LABEL_COLUMNS, "data")
     pair = d.columns.get("text_pair")
     if pair is not None:
         find_column(train, "text_pair", pair, (), "data")
+    check_texts(tables, [text, *([pair] if pair else [])], "data")  # rows as read, uncarved
+    tables = carve(tables, **sizes, seed=recipe.seed, where="data")
+    if "validation" not in tables or "test" not in tables:
+        raise ValueError(
+            "data: a text-classification run needs validation and test splits; give them as "
+            "files or set data.val_size / data.test_size"
+        )
+    train = tables["train"]
     finetune = recipe.teacher.finetune is not None
     names = classes_for(train, label, given=d.labels, config=None if finetune else teacher_config)
     if not finetune:

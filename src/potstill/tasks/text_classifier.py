@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from ..data.labels import classifier_tables
 from ..data.tokenized import TableDataset, tokenize_table
 from ..evaluate import accuracy, agreement, file_size, forward_seconds, predict_logits
+from ..guards import check_texts
 from ..hf import export_pretrained
 from ..models import count_parameters
 from ..teachers import Batch, ForwardFn
@@ -215,6 +216,8 @@ def api_splits(
     encoded, text, names = classifier_tables(
         tables, teacher.config, student.config, columns, "text", TEXT_COLUMNS
     )
+    pair = columns.get("text_pair")
+    check_texts(encoded, [text, *([pair] if pair else [])], "data")
     t_tok = model_tokenizer(teacher, tokenizer, "teacher")
     s_tok = model_tokenizer(student, student_tokenizer, "student") if (
         student_tokenizer is not None or _own_tokenizer(teacher, student)
@@ -222,7 +225,7 @@ def api_splits(
     if s_tok is not None and s_tok.get_vocab() == t_tok.get_vocab():
         s_tok = None  # the same vocabulary: one tokenization serves both
     return tokenized_splits(
-        encoded, t_tok, s_tok, text, text_pair=columns.get("text_pair"), max_length=max_length
+        encoded, t_tok, s_tok, text, text_pair=pair, max_length=max_length
     ), names
 
 
