@@ -264,6 +264,29 @@ def test_a_damaged_finished_teacher_is_rebuilt_not_reused_and_the_cache_kept(tmp
     assert _figures(again) == _figures(first)
 
 
+def test_a_damaged_best_copy_is_named_and_rebuilt_from_the_first_step(tmp_path, caplog):
+    """``best/`` (the weights at the best evaluation) is sealed and verified when its finished
+    part is reused; damaged, the part trains again from its first step (its checkpoints are
+    past the best evaluation) to the same bytes, best copy and export alike."""
+    from potstill.io import sha256_file
+
+    go = _classic(tmp_path)
+    first = go()
+    part = tmp_path / "run" / "teacher"
+    best = part / "best"
+    assert "best" in json.loads((part / "done.json").read_text())["sealed"]
+    files = {p: sha256_file(p) for p in [*best.iterdir(), part / "final" / "model.safetensors"]}
+    assert best / "SHA256SUMS" in files and best / "student.safetensors" in files
+    _flip_a_byte(best / "student.safetensors")
+    with caplog.at_level("INFO", logger="potstill"):
+        again = go(resume=True)
+    assert "teacher/best/student.safetensors differs from its checksum" in caplog.text
+    assert "rebuilding it from the first step" in caplog.text
+    assert "distilled: finished earlier, reusing" in caplog.text  # only the damaged part
+    assert {p: sha256_file(p) for p in files} == files
+    assert _figures(again) == _figures(first)
+
+
 def test_a_teacher_path_to_a_damaged_export_stops_with_the_fix(tmp_path):
     """A shared part (another run's exported teacher) is not rebuilt: the run stops at once,
     exit 2, naming the file and what to do."""

@@ -282,8 +282,10 @@ def test_the_api_takes_a_hugging_face_classifier_and_a_datasets_table(finished):
     rows[7]["sentence"] = " "
     with pytest.raises(DataError, match=r"column 'sentence' of the train split has no text in "
                        r"rows 7 "):  # fmt: skip
-        potstill.distill(teacher, student, Dataset.from_list(rows), epochs=1, batch_size=8,
-                         columns={"text": "sentence", "label": "topic"}, progress=False)
+        potstill.distill(
+            teacher, student, Dataset.from_list(rows), epochs=1, batch_size=8,
+            columns={"text": "sentence", "label": "topic"}, progress=False,
+        )  # fmt: skip
 
 
 def test_dict_rows_keep_their_label():

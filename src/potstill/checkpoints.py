@@ -23,6 +23,12 @@ from .io import (
     sha256_file,
 )
 
+CHECKPOINTS_DIR = "checkpoints"
+"""A training folder's checkpoints, under it."""
+BEST_DIR = "best"
+"""A training folder's sealed copy of the weights at the best evaluation (``student.safetensors``,
+``eval.json``); only a run from the start writes it again once the checkpoints are past it."""
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged or belongs to another run."""
@@ -39,7 +45,7 @@ def write_checkpoint(
     """Write checkpoint ``step`` under ``run_dir/checkpoints`` and make it the last one; once
     it is in force only the newest ``kept`` remain (the others are fallbacks for a damaged
     newest one). Returns its folder."""
-    root = run_dir / "checkpoints"
+    root = run_dir / CHECKPOINTS_DIR
     folder = root / f"step-{step:08d}"
     if folder.exists():
         shutil.rmtree(folder)

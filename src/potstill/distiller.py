@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from . import distributed, faults
 from .checkpoints import (
+    BEST_DIR,
     full_optimizer_state,
     load_optimizer_state,
     load_weights,
@@ -40,6 +41,7 @@ from .losses.objective import Objective
 from .optim import make_optimizer, make_scheduler
 from .placement import CPU, Placement, peak_memory_gb, reset_peak_memory
 from .progress import Progress, duration
+from .sealed import seal
 from .signal import Signal, StudentView
 from .taps import Taps, TapsLike, tapped_forward
 from .teachers import TeacherSource, default_forward
@@ -586,9 +588,11 @@ class Distiller:
             b = self.best[self.best_metric] if self.best else None
             if b is None or (v > b if self.best_mode == "max" else v < b):
                 self.best = row
-                if self.run_dir:
-                    atomic_save_module(model, self.run_dir / "best" / "student.safetensors")
-                    atomic_write_text(self.run_dir / "best" / "eval.json", json.dumps(row))
+                if self.run_dir:  # sealed: verified when a finished part is reused
+                    best = self.run_dir / BEST_DIR
+                    atomic_save_module(model, best / "student.safetensors")
+                    atomic_write_text(best / "eval.json", json.dumps(row))
+                    seal(best, point="best")
 
     def _log(self, row: dict[str, Any], writer: MetricsLog) -> None:
         if "eval" not in row:

@@ -28,11 +28,11 @@ def _files(folder: Path) -> list[str]:
     return out
 
 
-def seal(folder: str | os.PathLike) -> Path:
+def seal(folder: str | os.PathLike, point: str = "export") -> Path:
     """Write ``folder/SHA256SUMS`` for every file under ``folder`` (but the model card);
-    returns its path."""
+    returns its path. ``point`` names the fault point reached before (see :mod:`.faults`)."""
     folder = Path(folder)
-    faults.point("export")  # the model's files are written, not yet sealed
+    faults.point(point)  # the folder's files are written, not yet sealed
     lines = [f"{sha256_file(folder / rel)}  {rel}\n" for rel in _files(folder)]
     return atomic_write_text(folder / SUMS_FILE, "".join(lines))
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from .. import distributed, progress
 from .._version import __version__
+from ..checkpoints import BEST_DIR, CHECKPOINTS_DIR
 from ..io import atomic_write_text
 from ..locks import Lock
 from ..placement import Placement, describe_device, resolve_device
@@ -221,7 +222,8 @@ class RunFolder:
         part finished before (its ``done.json`` exists) and its sealed folders (its exports)
         are intact; else None. A part whose export or marker is damaged is rebuilt: a warning
         names the damaged files, the marker and the damaged folders go (rank 0), and the part
-        trains again from its newest intact checkpoint, to the same weights."""
+        trains again from its newest intact checkpoint, to the same weights (from its first
+        step when its ``best/`` copy is damaged, which only such a run writes again)."""
         done = self.path / part / DONE_FILE
         if not (self.resume and done.exists()):
             return None
@@ -234,14 +236,18 @@ class RunFolder:
         problems = {sub: p for sub, p in problems.items() if p}
         if not problems:
             return info
+        # the best evaluation's copy is written again only by a run from the first step
+        again = BEST_DIR in problems
         log.warning(
-            "%s: finished earlier, but %s: rebuilding it",
+            "%s: finished earlier, but %s: rebuilding it%s",
             part, "; ".join(p for ps in problems.values() for p in ps),
+            f" from the first step ({BEST_DIR}/ holds the weights of an evaluation its "
+            "checkpoints are past)" if again else "",
         )  # fmt: skip
         distributed.barrier()  # every process has read the marker before it goes
         if distributed.is_main():
             done.unlink()
-            for sub in problems:
+            for sub in [*problems, *([CHECKPOINTS_DIR] if again else [])]:
                 if sub != ".":
                     shutil.rmtree(self.path / part / sub, ignore_errors=True)
         distributed.barrier()
