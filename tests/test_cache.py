@@ -99,7 +99,14 @@ def test_full_k_float32_cache_gives_the_live_distribution(teacher, data, tok, tm
         a.backward()
         b.backward()
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(s1.grad, s2.grad, atol=1e-7, rtol=1e-4)
+        sure = torch.ones_like(student, dtype=torch.bool)
+        if kind == "tvd":  # its gradient has sign(q − p): where the two are equal within the
+            # cache's float32 roundoff (a few of 10M here) the sign is either; compare the rest
+            q, p = F.softmax(student, -1), F.softmax(want.logits, -1)
+            close = (q - p).abs() <= 1e-4 * torch.maximum(q, p)
+            assert close.float().mean() < 1e-3
+            sure = ~close
+        torch.testing.assert_close(s1.grad[sure], s2.grad[sure], atol=1e-7, rtol=1e-4)
 
 
 def test_topk_rows_are_the_teachers_top_k_and_tail(teacher, data, tok, tmp_path):
