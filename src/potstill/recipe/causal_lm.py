@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, GetJsonSchemaHandler, model_validator
 
 from ..config import TrainConfig
 from ..llm.user_data import STYLES
@@ -48,11 +48,16 @@ class LMCacheSpec(StrictModel):
     allow_incomplete: bool = False
 
 
+def _also_true_or_false(schema: dict[str, Any]) -> None:
+    """The JSON schema of a section that ``true`` / ``false`` also switch on / off."""
+    schema["anyOf"].append({"type": "boolean"})
+
+
 class LMTeacherSpec(HFModelSpec, PlacedTeacher):
     """The teacher; ``cache: true`` (or cache options) trains from its cached top-k instead of
     running it live every step."""
 
-    cache: LMCacheSpec | None = None
+    cache: LMCacheSpec | None = Field(None, json_schema_extra=_also_true_or_false)
 
     @model_validator(mode="before")
     @classmethod
@@ -153,6 +158,12 @@ class LMVariantSpec(StrictModel):
     terms: list[TokenTermSpec]
     on_policy: float = Field(0.0, ge=0, le=1)
     sampling: SamplingOptions = Field(default_factory=SamplingOptions)
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core: Any, handler: GetJsonSchemaHandler) -> Any:
+        # a variant may also be given as the plain list of its terms
+        schema = handler(core)
+        return {"anyOf": [schema, handler.resolve_ref_schema(schema)["properties"]["terms"]]}
 
 
 class LMRecipe(StrictModel):

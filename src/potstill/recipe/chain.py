@@ -46,13 +46,28 @@ class ChainRecipe(StrictModel):
 
     kind: Literal["chain"]
     name: str = "chain"
-    base: dict[str, Any]
-    stages: list[ChainStage] | None = None
-    assistants: int | None = Field(None, ge=1)
-    generations: int | None = Field(None, ge=1)
-    from_setting: str | None = None
-    direct: bool | dict[str, Any] = False
-    ensemble: bool = False
+    base: dict[str, Any] = Field(
+        description="the recipe every stage shares: a classic or causal-lm recipe (its own fields)"
+    )
+    stages: list[ChainStage] | None = Field(
+        None, description="explicit stages: each a name and the base fields it changes (set)"
+    )
+    assistants: int | None = Field(
+        None, ge=1, description="that many teacher assistants planned between teacher and student"
+    )
+    generations: int | None = Field(
+        None, ge=1, description="born-again: that many generations of the base student"
+    )
+    from_setting: str | None = Field(
+        None, description="the setting or variant whose student teaches the next stage (first)"
+    )
+    direct: bool | dict[str, Any] = Field(
+        False, description="also distil the last student straight from the base teacher (true, "
+        "or the fields that stage changes), for comparison",
+    )  # fmt: skip
+    ensemble: bool = Field(
+        False, description="classic generations: a last stage taught by their ensemble"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ChainRecipe:

@@ -1,0 +1,5 @@
+"""``python -m potstill.cli``: the ``potstill`` command."""
+
+from . import main
+
+main()
