@@ -50,8 +50,8 @@ def test_token_cache_written_before_reads_the_same_signal(name):
     cached = CachedTeacher(BEFORE / f"cache-{name}", teacher=_lm(), dataset=data)
     topk = cached.signal(data.batch(torch.arange(len(data)))).topk
     assert torch.equal(topk.ids, expected[f"{name}.ids"])
-    assert torch.equal(topk.logprobs, expected[f"{name}.logprobs"])
-    assert torch.equal(topk.tail_mass, expected[f"{name}.tail"])
+    same(topk.logprobs, expected[f"{name}.logprobs"], f"{name}.logprobs")  # decoded on this CPU
+    same(topk.tail_mass, expected[f"{name}.tail"], f"{name}.tail")
     # and the exact encoding still equals the teacher's own top-k at the real positions
     if name == "f32-none":
         live = torch.log_softmax(_lm()(data.tensors["input_ids"]).float(), -1)
@@ -100,10 +100,21 @@ def test_checkpoint_written_before_resumes_to_the_uninterrupted_result(tmp_path)
     assert [s for s in steps if s is not None] == [1, 2, 3, 4, 5, 6]
 
 
-def test_every_term_gives_bitwise_the_values_and_gradients_of_before():
+def same(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """``got`` equals ``want`` to 1e-5 of ``want``'s largest magnitude: bitwise on the CPU that
+    wrote the files; another CPU's vector kernels (exp, log, sums; AVX2 against AVX-512) round
+    the last bits of the terms a value is summed from (seen: 2e-6 of it), while a change of a
+    formula (a temperature, a weight, a mask) moves it by far more."""
+    scale = want.abs().max().item() if want.numel() else 0.0
+    worst = (got - want).abs().max().item() if want.numel() else 0.0
+    assert got.shape == want.shape, name
+    assert worst <= 1e-5 * max(scale, 1e-3), (name, worst, scale)
+
+
+def test_every_term_gives_the_values_and_gradients_of_before():
     """kd, ce and every divergence per row and per token, dense, chunked, top-k and fused with
-    the LM head: the same value and student gradient, to the bit, as the code before issue 17
-    gave on the same inputs (make_before_17.loss_values)."""
+    the LM head: the same value and student gradient, to the last bit or two (:func:`same`), as
+    the code before issue 17 gave on the same inputs (make_before_17.loss_values)."""
     from potstill.losses.terms import (
         ce_term,
         divergence_term,
@@ -138,8 +149,8 @@ def test_every_term_gives_bitwise_the_values_and_gradients_of_before():
             view = StudentView(logits=x)
         value = term.fn(view, signal, batch if x.dim() == 3 else {"label": labels})
         value.backward()
-        assert torch.equal(value.detach(), before[f"{name}.value"]), name
-        assert torch.equal(x.grad, before[f"{name}.grad"]), name
+        for what, got in (("value", value.detach()), ("grad", x.grad)):
+            same(got, before[f"{name}.{what}"], f"{name}.{what}")
         seen.append(name)
 
     check("kd", kd_term(2.0, 1.0), rows_s, Signal(logits=rows_t))
