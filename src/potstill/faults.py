@@ -14,8 +14,9 @@ look-up.
 Point names: ``train:<model>`` (after each optimizer step and its checkpoint), ``write:<file>``
 (a file written atomically, before it replaces the old one; digits in the file name read
 ``#``), ``cache`` (a teacher-cache shard written, before its record), ``answers`` (a batch of
-teacher answers appended), ``export`` (a model's files written, before their seal),
-``report`` (before a report is written)."""
+teacher answers appended), ``export`` (a model's files written, before their seal), ``best``
+(a best evaluation's copy written, before its seal), ``report`` (before a report is
+written)."""
 
 from __future__ import annotations
 
