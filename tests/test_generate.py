@@ -159,6 +159,46 @@ def test_cli_generate(model, tok, prompts_file, tmp_path):
     assert Prompt("x", prompt="hi").text() == "hi"
 
 
+def test_generates_answers_are_read_by_cache_as_they_are(model, tok, prompts_file, tmp_path):
+    """``potstill generate``'s file goes straight into ``potstill cache --data`` (its
+    ``answer`` and a one-turn ``messages`` read as prompt and response, each line's check
+    verified), and its examples are the prompts and answers generated."""
+    from typer.testing import CliRunner
+
+    from potstill.cache import cache_status
+    from potstill.cli import app
+    from potstill.llm.data import read_jsonl_examples
+
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    answers = tmp_path / "answers.jsonl"
+    gen = ["generate", "--prompts", str(prompts_file), "--out", str(answers), "--teacher",
+           str(folder), "--max-new-tokens", "4", "--temperature", "0"]  # fmt: skip
+    assert CliRunner().invoke(app, gen).exit_code == 0
+    records = read_answers(answers)
+    examples = read_jsonl_examples(answers)
+    assert [(e.prompt, e.response) for e in examples] == [
+        (r.get("prompt") or r["messages"][0]["content"], r["answer"]) for r in records
+    ]
+    assert examples[4].prompt == PROMPTS[4]  # the chat prompt's user turn
+    cache = ["cache", "--teacher", str(folder), "--data", str(answers), "--k", "4",
+             "--max-length", "64", "--out", str(tmp_path / "cache")]  # fmt: skip
+    result = CliRunner().invoke(app, cache)
+    assert result.exit_code == 0, result.output
+    assert cache_status(tmp_path / "cache").complete
+    lines = answers.read_text().splitlines()
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_text("\n".join([lines[0], lines[1].replace('"answer": "', '"answer": "x')]))
+    with pytest.raises(ValueError, match=r"damaged.jsonl:2: the line differs from its check"):
+        read_jsonl_examples(damaged)
+    chat = tmp_path / "chat.jsonl"
+    two = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    chat.write_text(json.dumps({"messages": two, "answer": "hello"}) + "\n")
+    with pytest.raises(ValueError, match=r"chat.jsonl:1: 'messages' here must be one user turn"):
+        read_jsonl_examples(chat)
+
+
 # --- evaluating answers to held-out prompts ---
 
 

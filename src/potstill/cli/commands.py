@@ -81,7 +81,11 @@ def cache(
         str | None, typer.Option(help="without a recipe: teacher model (hub name or folder)")
     ] = None,
     data: Annotated[
-        Path | None, typer.Option(help="without a recipe: JSONL of {prompt, response} or {text}")
+        Path | None,
+        typer.Option(
+            help="without a recipe: JSONL of {prompt, response}, {text}, or the "
+            "answers potstill generate wrote"
+        ),  # fmt: skip
     ] = None,
     k: Annotated[int, typer.Option(help="top-k tokens kept per position (no recipe)")] = 64,
     logprobs: Annotated[str, typer.Option(help="q8, float16 or float32")] = "q8",

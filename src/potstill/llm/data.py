@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from ..data.prompts import iter_jsonl
 from ..data.sources import load_rows
 from ..data.tensors import TensorDictDataset, make_batch
+from ..io import CHECK_KEY, record_check
 
 log = logging.getLogger("potstill")
 
@@ -161,18 +162,41 @@ def right_pad(
     return ids, mask
 
 
+def _one_turn(messages: Any, where: str) -> str:
+    """The user's message of a one-turn chat ``[{role: user, content}]``."""
+    if (
+        isinstance(messages, list) and len(messages) == 1 and isinstance(messages[0], dict)
+        and messages[0].get("role") == "user" and "content" in messages[0]
+    ):  # fmt: skip
+        return str(messages[0]["content"])
+    raise ValueError(
+        f"{where}: 'messages' here must be one user turn; a conversation with a system "
+        "message or several turns is read by a causal-lm recipe (data.source, style: chat)"
+    )
+
+
 def read_jsonl_examples(path: str | Path) -> list[LMExample]:
     """Examples from a JSON Lines file: one object per line with ``prompt`` and ``response``,
-    or ``text`` alone (an empty prompt). Errors name the file and line."""
+    or ``text`` alone (an empty prompt); the answers ``potstill generate`` writes (``prompt``
+    or a one-turn ``messages``, and ``answer``) too, each line's check verified. Errors name
+    the file and line."""
     examples = []
     for n, record in iter_jsonl(path):
-        if "text" in record and "response" not in record:
+        where = f"{path}:{n}"
+        key = "response" if "response" in record else "answer" if "answer" in record else None
+        if CHECK_KEY in record and record_check(record) != record[CHECK_KEY]:
+            raise ValueError(f"{where}: the line differs from its check (a damaged answer line)")
+        if "text" in record and key is None:
             examples.append(LMExample("", str(record["text"])))
-        elif "response" in record:
-            examples.append(LMExample(str(record.get("prompt", "")), str(record["response"])))
+        elif key is not None:
+            prompt = record.get("prompt")
+            if prompt is None and "messages" in record:
+                prompt = _one_turn(record["messages"], where)
+            examples.append(LMExample(str(prompt or ""), str(record[key])))
         else:
             raise ValueError(
-                f"{path}:{n}: needs 'prompt' and 'response' (or 'text'), has {sorted(record)}"
+                f"{where}: needs 'prompt' and 'response' (or 'answer', as potstill generate "
+                f"writes, or 'text'), has {sorted(record)}"
             )
     if not examples:
         raise ValueError(f"{path} holds no examples")
