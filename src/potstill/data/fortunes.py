@@ -3,11 +3,13 @@ entries separated by ``%`` lines), folded, de-duplicated, in a fixed order."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .rows import Rows
 
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
+FORTUNES_DIR = Path(os.environ.get("FORTUNES_DIR") or "/usr/share/games/fortunes")
+"""Where the fortune files are: ``$FORTUNES_DIR``, else where Debian's ``fortunes`` puts them."""
 
 
 def fortune_entries(
@@ -26,7 +28,8 @@ def fortune_entries(
     if not files:
         raise FileNotFoundError(
             f"no fortune files in {d}: install Debian's 'fortunes' package "
-            "(apt-get install fortunes) or pass the folder"
+            "(apt-get install fortunes fortunes-min), or give their folder with --data-dir "
+            "(data.folder) or the FORTUNES_DIR environment variable"
         )
     seen: set[str] = set()
     found = []

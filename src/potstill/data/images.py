@@ -13,8 +13,9 @@ from torch.utils.data import TensorDataset
 
 from .rows import DataError, Rows
 
-#: Where Debian's ``dataset-fashion-mnist`` package puts the files.
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: Where the four IDX files are: ``$FMNIST_DIR``, else where Debian's
+#: ``dataset-fashion-mnist`` package puts them.
+FASHION_MNIST_DIR = Path(os.environ.get("FMNIST_DIR") or "/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -25,7 +26,8 @@ def _read_idx(path: Path, header: int) -> np.ndarray:
     if not path.exists():
         raise DataError(
             f"{path} does not exist. Install Debian's 'dataset-fashion-mnist' package "
-            "(apt-get install dataset-fashion-mnist) or pass --data-dir with the four IDX files."
+            "(apt-get install dataset-fashion-mnist), or give the folder of the four IDX files "
+            "with --data-dir (data.data_dir) or the FMNIST_DIR environment variable."
         )
     try:
         with gzip.open(path, "rb") as f:
