@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from potstill import assets, hf
+from potstill.sbert import declared_pooling
 from potstill.students import derive
 from potstill.taps import Taps
 
@@ -336,8 +337,14 @@ def test_export_copies_module_folders_that_do_not_exist(minilm, tmp_path):
     if "2_Normalize" not in paths or (folder / "2_Normalize").exists():
         pytest.skip("this MiniLM copy has no missing module folder to test with")
     hf.export_pretrained(_tiny_bert(), tmp_path, sentence_transformers_from=folder)
-    assert json.loads((tmp_path / "modules.json").read_text()) == json.loads(
-        (folder / "modules.json").read_text()
+    kinds = [
+        m["type"].rsplit(".", 1)[-1] for m in json.loads((folder / "modules.json").read_text())
+    ]
+    got = json.loads((tmp_path / "modules.json").read_text())  # written by the library
+    assert (
+        [m["type"].rsplit(".", 1)[-1] for m in got]
+        == kinds
+        == ["Transformer", "Pooling", "Normalize"]
     )
     assert (tmp_path / "1_Pooling" / "config.json").is_file()
     assert not (folder / "2_Normalize").exists()  # the source is left alone
@@ -356,9 +363,10 @@ def test_minilm_export_folder_contents(minilm_export):
     assert config["num_hidden_layers"] == 3
     assert config["hidden_size"] == 384
     assert config["potstill_derived_from"] == {"layers": [0, 3, 5], "teacher_layers": 6}
-    pooling = json.loads((out / "1_Pooling" / "config.json").read_text())
-    assert pooling["word_embedding_dimension"] == student.config.hidden_size == 384
-    assert pooling["pooling_mode_mean_tokens"] is True
+    assert declared_pooling(out) == ("mean", True)  # MiniLM's, written by the library
+    from sentence_transformers import SentenceTransformer
+
+    assert SentenceTransformer(str(out), device="cpu").max_seq_length == 256  # MiniLM's too
     modules = json.loads((out / "modules.json").read_text())
     kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
     assert kinds == ["Transformer", "Pooling", "Normalize"]
@@ -420,11 +428,15 @@ def test_export_pooling_size_follows_a_narrower_student(minilm, tmp_path):
     folder, _, tok = minilm
     student = _tiny_bert(vocab_size=len(tok))
     hf.export_pretrained(student, tmp_path, tokenizer=tok, sentence_transformers_from=folder)
-    pooling = json.loads((tmp_path / "1_Pooling" / "config.json").read_text())
-    assert pooling["word_embedding_dimension"] == 32
     source_pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
     assert source_pooling["word_embedding_dimension"] == 384  # the source is left alone
     st = SentenceTransformer(str(tmp_path), device="cpu")
+    assert (
+        getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
+    )() == 32
+    # the source's maximum length (256), where the student's 64 positions allow it
+    assert SentenceTransformer(str(folder), device="cpu").max_seq_length == 256
+    assert st.max_seq_length == 64
     got = torch.from_numpy(st.encode(SENTENCES[:2]))
     batch = tok(SENTENCES[:2], padding=True, return_tensors="pt")
     with torch.no_grad():

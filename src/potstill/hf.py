@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -14,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from .placement import cpu_state
+from .sbert import save_sentence_transformer
 from .sealed import seal, verify
 
 if TYPE_CHECKING:
@@ -173,9 +172,6 @@ def shared_vocab_size(
     return shared
 
 
-ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
-
-
 def export_pretrained(
     model: PreTrainedModel,
     out_dir: str | os.PathLike,
@@ -183,51 +179,28 @@ def export_pretrained(
     tokenizer: PreTrainedTokenizerBase | None = None,
     card: str | None = None,
     sentence_transformers_from: str | os.PathLike | None = None,
+    pooling: tuple[str, bool] | None = None,
     sealed: bool = True,
 ) -> Path:
     """Save a plain Hugging Face folder: ``save_pretrained`` (safetensors), the tokenizer, a model
-    card (README.md), and — given the folder of a sentence-transformers model whose modules to
-    reuse — its pooling files, with the embedding size updated, so ``SentenceTransformer(out)``
-    loads it. Nothing of potstill's (projectors, hooks, wrappers) goes in. With ``sealed`` (the
-    default) the folder gets its ``SHA256SUMS`` (:func:`potstill.sealed.seal`), which potstill's
-    loaders verify."""
+    card (README.md), and — given the sentence-transformers folder the model came from — the
+    sentence-transformers modules saved by the library itself
+    (:func:`potstill.sbert.save_sentence_transformer`: ``pooling`` as ``(mode, normalize)``,
+    default the source's), so ``SentenceTransformer(out)`` loads it. Nothing of potstill's
+    (projectors, hooks, wrappers) goes in. With ``sealed`` (the default) the folder gets its
+    ``SHA256SUMS`` (:func:`potstill.sealed.seal`), which potstill's loaders verify."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, state_dict=cpu_state(model))  # a GPU's weights via the CPU
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    if sentence_transformers_from is not None:
+        save_sentence_transformer(out, sentence_transformers_from, pooling)
     if card is not None:
         (out / "README.md").write_text(card)
-    if sentence_transformers_from is not None:
-        copy_sentence_transformers_files(sentence_transformers_from, out, model.config.hidden_size)
     if sealed:
         seal(out)
     return out
-
-
-def copy_sentence_transformers_files(src: str | os.PathLike, out: Path, hidden_size: int) -> None:
-    """Copy a sentence-transformers model's module files (pooling, normalisation) from ``src``
-    into ``out``, setting the pooling layer's input size to ``hidden_size``."""
-    src = Path(src)
-    if not (src / "modules.json").exists():
-        raise FileNotFoundError(f"{src} has no modules.json: not a sentence-transformers folder")
-    for name in ST_FILES:
-        if (src / name).exists():
-            shutil.copy(src / name, out / name)
-    for module in json.loads((src / "modules.json").read_text()):
-        path = module.get("path", "")
-        if not path:
-            continue
-        if not (src / path).exists():  # modules without files (Normalize) have no folder
-            (out / path).mkdir(parents=True, exist_ok=True)
-            continue
-        shutil.copytree(src / path, out / path, dirs_exist_ok=True)
-        cfg = out / path / "config.json"
-        if cfg.exists():
-            data = json.loads(cfg.read_text())
-            if "word_embedding_dimension" in data:
-                data["word_embedding_dimension"] = hidden_size
-                cfg.write_text(json.dumps(data, indent=2))
 
 
 def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

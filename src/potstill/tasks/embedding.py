@@ -4,7 +4,6 @@ linear-map cosine)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,7 @@ from ..evaluate import file_size, forward_seconds
 from ..hf import export_pretrained
 from ..models import count_parameters
 from ..placement import model_device, on_device
-from ..sealed import seal
+from ..sbert import declared_pooling
 from . import Task
 
 if TYPE_CHECKING:
@@ -100,33 +99,8 @@ def read_pooling(folder: str | os.PathLike) -> Pooling:
     """The pooling a sentence-transformers folder declares (``modules.json``: its Pooling
     module's config and whether a Normalize module follows); mean without normalisation for a
     folder that declares none (a plain encoder)."""
-    folder = Path(folder)
-    modules_file = folder / "modules.json"
-    if not modules_file.exists():
-        return Pooling()
-    mode, normalize = "mean", False
-    for module in json.loads(modules_file.read_text()):
-        kind = str(module.get("type", ""))
-        if kind.endswith("Normalize"):
-            normalize = True
-        elif kind.endswith("Pooling"):
-            cfg_file = folder / module.get("path", "") / "config.json"
-            cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
-            flags = {
-                "cls": cfg.get("pooling_mode_cls_token"),
-                "max": cfg.get("pooling_mode_max_tokens"),
-                "mean_sqrt_len": cfg.get("pooling_mode_mean_sqrt_len_tokens"),
-                "lasttoken": cfg.get("pooling_mode_lasttoken"),
-                "mean": cfg.get("pooling_mode_mean_tokens"),
-            }
-            chosen = [m for m, on in flags.items() if on]
-            if len(chosen) > 1:
-                raise ValueError(
-                    f"{cfg_file}: pools by {', '.join(chosen)} at once (concatenated); potstill "
-                    "pools by one mode: set one in the recipe's pooling"
-                )
-            mode = chosen[0] if chosen else cfg.get("pooling_mode", "mean")
-    return Pooling(mode, normalize)
+    found = declared_pooling(folder)
+    return Pooling(*found) if found else Pooling()
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling = Pooling()) -> torch.Tensor:
@@ -297,42 +271,13 @@ def export(
     pooling: Pooling | None = None,
 ) -> Path:
     """A plain Hugging Face folder with the tokenizer and, given the sentence-transformers
-    folder the student came from, its pooling modules (``SentenceTransformer(folder)`` loads
-    it), set to ``pooling`` (the one the student was trained with) when given."""
-    out = export_pretrained(
+    folder the student came from, saved as a sentence-transformers model by the library
+    (``SentenceTransformer(folder)`` loads it) that pools by ``pooling`` (the one the student
+    was trained with; default the source's)."""
+    return export_pretrained(
         model, folder, tokenizer=tokenizer, sentence_transformers_from=sentence_transformers_from,
-        sealed=False,
+        pooling=(pooling.mode, pooling.normalize) if pooling is not None else None,
     )  # fmt: skip
-    if sentence_transformers_from is not None and pooling is not None:
-        write_pooling(out, pooling)
-    seal(out)
-    return out
-
-
-def write_pooling(folder: Path, pooling: Pooling) -> None:
-    """Set a sentence-transformers folder's Pooling module to ``pooling.mode`` and add or drop
-    its Normalize module, so that it embeds as the student was trained."""
-    modules = json.loads((folder / "modules.json").read_text())
-    for module in modules:
-        if str(module.get("type", "")).endswith("Pooling"):
-            cfg_file = folder / module.get("path", "") / "config.json"
-            cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
-            for mode in POOLING_MODES:
-                key = "pooling_mode_" + {
-                    "mean": "mean_tokens",
-                    "cls": "cls_token",
-                    "max": "max_tokens",
-                    "mean_sqrt_len": "mean_sqrt_len_tokens",
-                }.get(mode, mode)
-                cfg[key] = mode == pooling.mode  # fmt: skip
-            cfg_file.write_text(json.dumps(cfg, indent=2))
-    normalized = [m for m in modules if str(m.get("type", "")).endswith("Normalize")]
-    if pooling.normalize and not normalized:
-        modules.append({"idx": len(modules), "name": str(len(modules)), "path": "2_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})  # fmt: skip
-    elif not pooling.normalize:
-        modules = [m for m in modules if m not in normalized]
-    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
 
 
 STUDENT_FORWARD = encoder_forward("s_")
