@@ -6,6 +6,7 @@ import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # the suite reads only local files and packaged models: no hub requests (set before `datasets`
 # and `transformers` are imported, which read these once)
@@ -154,6 +155,30 @@ KEYS_BEFORE = {
     "chain": {"kind", "name", "base_kind", "setting", "stages", "rows", "wall_time_s"},
 }  # fmt: skip
 """The keys each kind's results.json had before the common header (issue 17): all kept."""
+
+
+def read_card(folder: Path, recipe: Any = None) -> tuple[str, Any]:
+    """A model card's body and its hub metadata, as ``huggingface_hub`` reads them; given the
+    run's ``recipe``, the card's recipe block must validate to it and its tags name potstill."""
+    import re
+
+    import yaml
+    from huggingface_hub import ModelCard
+
+    card = ModelCard((Path(folder) / "README.md").read_text())
+    assert "potstill" in card.data.tags and "knowledge-distillation" in card.data.tags
+    if recipe is not None:
+        from potstill.recipe import validate_recipe
+
+        block = re.search(r"## The distillation recipe\n\n```yaml\n(.*?)```", card.text, re.S)
+        assert block is not None
+        assert validate_recipe(yaml.safe_load(block.group(1))) == recipe
+    return card.text.lstrip(), card.data
+
+
+def card_metric(data: Any, name: str) -> float:
+    """The value of metric ``name`` in a card's ``model-index``."""
+    return next(r.metric_value for r in data.eval_results if r.metric_type == name)
 
 
 def assert_results_header(results: dict, kind: str) -> None:

@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MINILM, assert_report_rebuilds, assert_results_header
+from conftest import MINILM, assert_report_rebuilds, assert_results_header, card_metric, read_card
 from safetensors.torch import load_file
 from transformers import AutoModel, BertConfig, BertModel
 
@@ -668,7 +668,15 @@ def test_embed_run_export_reloads_as_the_trained_student(embed_run, minilm):
     _, _, tok = minilm
     export = run_dir / "embedding" / "export"
     assert (export / "model.safetensors").is_file()
-    assert (export / "README.md").read_text().startswith("# tiny-embed: embedding")
+    card, meta = read_card(export, recipe)
+    assert card.startswith("# tiny-embed: embedding")
+    assert (meta.pipeline_tag, meta.library_name) == (
+        "sentence-similarity",
+        "sentence-transformers",
+    )
+    assert meta.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    row = results["rows"]["embedding"]
+    assert card_metric(meta, "similarity_spearman") == pytest.approx(row["similarity_spearman"])
 
     # the export holds the trained weights: those of the last checkpoint, not the derived ones
     saved = load_file(export / "model.safetensors")

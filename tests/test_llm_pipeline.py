@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import card_metric, read_card
 
 from potstill.data.fortunes import FORTUNES_DIR
 from potstill.data.tensors import TensorDictDataset, make_batch
@@ -581,8 +582,9 @@ def test_pipeline_exports_the_evaluated_students(lm_run, tok, llama):
             assert torch.isfinite(causal_lm_forward(model, batch)).all()
         again = lm_figures({"m": model}, val, batch_size=4, progress=False)["m"]
         assert again["perplexity"] == pytest.approx(results["rows"][name]["perplexity"], rel=1e-5)
-        card = (export / "README.md").read_text()
-        assert "Held-out perplexity" in card
+        card, meta = read_card(export)
+        assert "Held-out perplexity" in card and meta.pipeline_tag == "text-generation"
+        assert card_metric(meta, "perplexity") == pytest.approx(results["rows"][name]["perplexity"])
         assert (export / "tokenizer.json").exists() or (export / "tokenizer_config.json").exists()
 
 

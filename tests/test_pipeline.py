@@ -17,9 +17,11 @@ import yaml
 from conftest import (
     assert_report_rebuilds,
     assert_results_header,
+    card_metric,
     make_mlp,
     needs_fashion_mnist,
     quiet_config,
+    read_card,
     state_equal,
 )
 
@@ -404,10 +406,9 @@ def test_cli_lists_builtin_recipes(tmp_path):
     proc = _cli("recipes", cwd=tmp_path)
     assert proc.returncode == 0
     shipped = resources.files("potstill") / "recipes"
-    assert proc.stdout.split() == sorted(
+    assert [line.split()[0] for line in proc.stdout.splitlines()] == sorted(
         f.name.removesuffix(".yaml") for f in shipped.iterdir() if f.name.endswith(".yaml")
-    )
-    assert "default" in proc.stdout.split()
+    )  # one line each, the name first (tests/test_cli.py checks the rest of the line)
 
 
 # ---- the one-call API ------------------------------------------------------------------------
@@ -531,8 +532,11 @@ def test_classic_results_header_report_and_model_cards(run):
     assert_report_rebuilds(run_dir)
     for setting in results["settings"]:
         for kind, row in setting["runs"].items():
-            card = (run_dir / setting["name"] / kind / "final" / "README.md").read_text()
+            card, meta = read_card(run_dir / setting["name"] / kind / "final", recipe)
             assert card.startswith(f"# {recipe.name}: {setting['name']}, {kind}")
+            assert meta.pipeline_tag == "image-classification" and meta.library_name is None
+            assert card_metric(meta, "accuracy") == pytest.approx(row["accuracy"])
+            assert meta.base_model is None  # a built-in MLP: no hub model behind it
             assert f"Test accuracy {100 * row['accuracy']:.2f}%" in card
             assert ("no teacher" in card) == (kind == "baseline")
             assert f"| steps | {row['steps']} |" in card

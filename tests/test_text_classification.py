@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import MINILM, assert_report_rebuilds, assert_results_header, needs_minilm
+from conftest import (
+    MINILM,
+    assert_report_rebuilds,
+    assert_results_header,
+    card_metric,
+    needs_minilm,
+    read_card,
+)
 
 from potstill.data.fortunes import fortune_entries
 from potstill.data.rows import DataError
@@ -109,6 +116,13 @@ def test_run_reports_teacher_distilled_and_baseline(finished):
     assert results["data"]["cut"]["train"]["teacher"] > 0  # fortunes longer than 32 tokens
     for row in rows.values():  # the recipe's own metric, on the same test split
         assert row["metrics_yours"]["error_rate"] == pytest.approx(1 - row["accuracy"])
+    for kind in ("distilled", "baseline"):  # each card's hub metadata, as the hub reads it
+        card, meta = read_card(root / "run" / kind / "final", recipe)
+        assert card.startswith(f"# tiny-topics: {kind}")
+        assert (meta.pipeline_tag, meta.library_name) == ("text-classification", "transformers")
+        assert meta.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+        assert card_metric(meta, "accuracy") == pytest.approx(rows[kind]["accuracy"])
+        assert card_metric(meta, "f1") == pytest.approx(rows[kind]["macro_f1"])
     report = (root / "run" / "report.md").read_text()
     assert "Your metrics on the test split" in report
     assert "| distilled | 1 |" in report and "same student trained without a teacher" in report

@@ -23,7 +23,7 @@ from ..llm.onpolicy import OnPolicySampler, SamplingSpec
 from ..recipe.causal_lm import LMRecipe
 from ..recipe.common import build_objective, folder_name
 from ..report import write_report
-from ..report.card import model_card, write_model_card
+from ..report.card import CardMeta, hub_datasets, model_card, write_model_card
 from ..tasks import get_task
 from ..tasks.causal_lm import answer_metrics
 from ..teachers import LiveTeacher, TeacherSource
@@ -210,5 +210,11 @@ def _write_cards(
             summary=f"Held-out perplexity {row['perplexity']:.2f} (teacher "
             f"{rows['teacher']['perplexity']:.2f}).",
             command=run.rerun_command,
-        )
+            meta=CardMeta(
+                task="text-generation", base_models=[recipe.teacher.model, recipe.student.model],
+                datasets=hub_datasets(d.source), data_name=f"held-out {data_name}",
+                metrics={"perplexity": row["perplexity"]},
+                recipe=recipe.model_dump(mode="json"),
+            ),
+        )  # fmt: skip
         write_model_card(run.path / info["export"], card)

@@ -30,7 +30,7 @@ from ..models import ArchSpec
 from ..placement import CPU, Placement
 from ..recipe.classic import ClassicRecipe, SettingSpec
 from ..report import write_report
-from ..report.card import model_card, write_model_card
+from ..report.card import CardMeta, hub_datasets, model_card, write_model_card
 from ..taps import TapsLike, tap_counts
 from ..tasks import get_task
 from ..teachers import Ensemble, LiveTeacher, TeacherSource
@@ -392,5 +392,13 @@ def _write_cards(
             figures={k: v for k, v in row.items() if k not in ("metrics", "val_best")},
             summary=summary,
             command=run.rerun_command,
-        )
+            meta=CardMeta(
+                task="image-classification",
+                library="transformers" if recipe.student.model or recipe.student.config else None,
+                base_models=[*([recipe.teacher.model] if distilled else []), recipe.student.model],
+                datasets=hub_datasets(recipe.data.source),
+                data_name=recipe.data.described, metrics={"accuracy": row["accuracy"]},
+                recipe=recipe.model_dump(mode="json"),
+            ),
+        )  # fmt: skip
         write_model_card(sub.folder / "final", card)

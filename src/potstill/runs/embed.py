@@ -25,7 +25,7 @@ from ..hf import check_aligned_positions, load_model, load_tokenizer
 from ..recipe.common import TermSpec, build_objective, folder_name
 from ..recipe.embed import EmbedRecipe
 from ..report import write_report
-from ..report.card import model_card, write_model_card
+from ..report.card import CardMeta, hub_datasets, model_card, write_model_card
 from ..students import derive
 from ..taps import tap_counts
 from ..tasks import get_task
@@ -242,6 +242,16 @@ def _variant(shared: Shared, name: str, terms: list[TermSpec]) -> dict[str, Any]
         objective=row["objective"],
         figures={k: v for k, v in row.items() if k not in ("objective", "metrics")},
         command=run.rerun_command,
-    )
+        meta=CardMeta(
+            task="sentence-similarity", library="sentence-transformers"
+            if (run.path / part / "export" / "modules.json").exists() else "transformers",
+            base_models=[recipe.teacher.model, recipe.student.model],
+            datasets=hub_datasets(recipe.data.source, recipe.pairs),
+            data_name="held-out texts, against the teacher's embeddings",
+            metrics={k: row[k] for k in ("neighbour_agreement@10", "similarity_spearman",
+                                         "pairs_spearman") if k in row},
+            recipe=recipe.model_dump(mode="json"),
+        ),
+    )  # fmt: skip
     write_model_card(run.path / part / "export", card)
     return row

@@ -37,7 +37,7 @@ from ..losses.objective import Objective
 from ..losses.terms import labels_only_objective
 from ..recipe.text_classification import TextClassificationRecipe
 from ..report import write_report
-from ..report.card import model_card, write_model_card
+from ..report.card import CardMeta, hub_datasets, model_card, write_model_card
 from ..students import derive
 from ..taps import tap_counts
 from ..tasks import get_task
@@ -325,5 +325,12 @@ def _write_cards(
             f"{100 * row['agreement']:.2f}%. Load it with "
             "`AutoModelForSequenceClassification.from_pretrained(folder)`.",
             command=run.rerun_command,
-        )
+            meta=CardMeta(
+                task="text-classification",
+                base_models=[recipe.teacher.model, recipe.student.model],
+                datasets=hub_datasets(recipe.data), data_name=recipe.data.described,
+                metrics={"accuracy": row["accuracy"], "f1": row["macro_f1"]},
+                recipe=recipe.model_dump(mode="json"),
+            ),
+        )  # fmt: skip
         write_model_card(run.path / kind / "final", card)
