@@ -557,3 +557,16 @@ def test_cli_convert_missing_file_exits_2(tmp_path):
     assert "error:" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_models_load_without_the_hubs_kernels(minilm):
+    """transformers 5.x fetches and runs kernel code from the hub by default; potstill's loader
+    keeps it off (safe by default; the fake-GPU tests fail on it otherwise)."""
+    from transformers import AutoModel, PreTrainedModel
+
+    if not hasattr(PreTrainedModel, "use_kernels"):
+        pytest.skip("this transformers has no hub kernels")
+    folder = minilm[0]
+    assert hf.load_model(folder).use_kernels is False
+    assert hf.no_hub_kernels() == {"use_kernels": False}
+    assert AutoModel.from_pretrained(folder).use_kernels is True  # what it would be otherwise

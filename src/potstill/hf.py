@@ -47,6 +47,16 @@ def _auto_class(task: ModelKind):
     return classes[task]
 
 
+def no_hub_kernels() -> dict[str, Any]:
+    """``from_pretrained`` options that keep the hub's kernels out: ``use_kernels=False`` where
+    transformers has them (5.x turns them on by default: kernel code fetched from the hub and
+    run on the first ``train()`` / ``eval()``; potstill runs no remote code unless asked, and
+    they fail on devices the kernels library does not know); nothing on older releases."""
+    from transformers import PreTrainedModel
+
+    return {"use_kernels": False} if hasattr(PreTrainedModel, "use_kernels") else {}
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     task: ModelKind = "encoder",
@@ -60,7 +70,8 @@ def load_model(
     """A model by hub name or local folder, through ``AutoModel*.from_pretrained``.
 
     ``dtype`` (``"float32"``, ``"bfloat16"``, a torch dtype, or ``"auto"``) and ``device`` are
-    passed on; remote code runs only with ``trust_remote_code=True``. Attention maps for
+    passed on; remote code runs only with ``trust_remote_code=True`` (and the hub's kernels
+    only with ``use_kernels=True``: :func:`no_hub_kernels`). Attention maps for
     attention terms need ``attn_implementation="eager"``.
     """
     cls = _auto_class(task)
@@ -79,7 +90,7 @@ def load_model(
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
-            **kwargs,
+            **{**no_hub_kernels(), **kwargs},
         )
     except OSError as e:
         raise FileNotFoundError(

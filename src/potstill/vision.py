@@ -21,6 +21,7 @@ from torch import nn
 from .data.image_tables import ImageTable
 from .data.labels import check_teacher_labels, head_config
 from .data.rows import DataError
+from .hf import no_hub_kernels
 from .models import SPEC_FILE, save_model_folder
 from .placement import cpu_state
 from .sealed import verify
@@ -170,7 +171,7 @@ def hf_image_classifier(
     assert model is not None
     extra = {**head_config(classes), "ignore_mismatched_sizes": True} if new_head else {}
     net = AutoModelForImageClassification.from_pretrained(
-        model, trust_remote_code=trust_remote_code, **extra
+        model, trust_remote_code=trust_remote_code, **no_hub_kernels(), **extra
     )
     if not new_head:
         check_teacher_labels(list(classes), net.config, who=who)
@@ -223,7 +224,7 @@ def load_classifier(folder: str | os.PathLike) -> nn.Module:
     if (folder / "config.json").exists() and not (folder / SPEC_FILE).exists():
         from transformers import AutoModelForImageClassification
 
-        net = AutoModelForImageClassification.from_pretrained(folder)
+        net = AutoModelForImageClassification.from_pretrained(folder, **no_hub_kernels())
         return ImageClassifier(net, load_image_processor(folder)).eval()
     meta_path = folder / SPEC_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
