@@ -155,6 +155,7 @@ def distill(
     run_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool | None = None,
+    report_to: str | list[str] = "auto",
     device: str = "auto",
     teacher_device: str | None = None,
     task: Literal["classifier", "text-classifier", "image-classifier", "causal-lm"] | None = None,
@@ -190,6 +191,10 @@ def distill(
     the models; a student with another vocabulary gets its own tokenization), cut at
     ``max_length`` tokens; string labels are mapped through the teacher's ``id2label``.
     ``metrics`` adds ``name: metric(logits, labels) -> float`` to every evaluation.
+
+    ``report_to`` (with a ``run_dir``): experiment trackers for every loss term, learning rate,
+    throughput and evaluation metric — ``auto`` (those installed and set up), ``all``,
+    ``none``, or a list of ``tensorboard``, ``wandb``, ``mlflow`` (:mod:`potstill.trackers`).
 
     Hugging Face causal LMs (``...ForCausalLM``, or ``task="causal-lm"``) take rows with a
     ``text`` column (a corpus: documents ended by EOS, concatenated, cut into windows of
@@ -231,6 +236,7 @@ def distill(
         schedule=ScheduleConfig(name=schedule, warmup_steps=warmup_steps),
         seed=seed,
         progress=progress,
+        report_to=report_to,
     )
     init = copy.deepcopy(student) if baseline else None  # the wrapped one for an image model
     source: TeacherSource = LiveTeacher(teacher, forward=plan.teacher_forward)

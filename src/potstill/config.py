@@ -68,7 +68,17 @@ class TrainConfig(_Strict):
     seed: int = 0
     shuffle: bool = True
     progress: bool | None = Field(None, description="progress bar; default: when on a terminal")
-    tensorboard: bool = True
+    tensorboard: bool = Field(
+        True, description="false: leave TensorBoard out of report_to's default (auto)"
+    )
+    report_to: Literal["auto", "all", "none"] | list[Literal["tensorboard", "wandb", "mlflow"]] = (
+        Field(
+            "auto",
+            description="experiment trackers for every loss term, lr, throughput and "
+            "evaluation metric: auto (those installed), all, none, or a list of tensorboard, "
+            "wandb, mlflow",
+        )
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
         description="bf16: mixed precision (autocast) for the forward passes and the loss; "

@@ -339,7 +339,11 @@ class Distiller:
             self._load_last_checkpoint()
         else:
             self._start_fresh()
-        writer = MetricsLog(self.run_dir if self.main else None, tensorboard=self.cfg.tensorboard)
+        writer = MetricsLog(
+            self.run_dir if self.main else None, report_to=self.cfg.report_to,
+            tensorboard=self.cfg.tensorboard, name=self.name,
+            config={"train": self.cfg.model_dump(mode="json")},
+        )  # fmt: skip
         cfg = self.cfg
         bar = Progress(
             self.total_steps, self.name, "step", enabled=cfg.progress, initial=self.step,

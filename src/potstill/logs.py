@@ -1,30 +1,49 @@
 """Where a training run's rows go: ``metrics.jsonl`` (one JSON row per logged step or evaluation)
-and, when the optional tensorboard package is installed, TensorBoard scalars."""
+and the experiment trackers of ``train.report_to`` (:mod:`potstill.trackers`: TensorBoard,
+Weights & Biases, MLflow)."""
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .io import CHECK_KEY, record_check
+from .trackers import Trackers, not_set_up, resolve_report_to, run_identity
+
+log = logging.getLogger("potstill")
 
 
 class MetricsLog:
-    """Appends rows to ``run_dir/metrics.jsonl`` and TensorBoard (``run_dir/tensorboard``, with
-    ``tensorboard``); a log without a ``run_dir`` (no folder, or a process other than rank 0)
-    writes nothing. An evaluation row is ``{"eval": {"step": …, metrics…}}``."""
+    """Appends rows to ``run_dir/metrics.jsonl`` and reports them to the trackers ``report_to``
+    names (:func:`potstill.trackers.resolve_report_to`; ``name`` the tracker run's name,
+    ``config`` its configuration); a log without a ``run_dir`` (no folder, or a process other
+    than rank 0) writes nothing. An evaluation row is ``{"eval": {"step": …, metrics…}}``."""
 
-    def __init__(self, run_dir: Path | None, *, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: Path | None,
+        *,
+        report_to: str | Sequence[str] | None = None,
+        tensorboard: bool = True,
+        name: str = "student",
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
         self.run_dir = run_dir
-        self.writer: Any = None
-        if run_dir is not None and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                pass
-            else:
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.trackers: Trackers | None = None
+        if run_dir is not None:
+            names = resolve_report_to(report_to, tensorboard=tensorboard)
+            auto = report_to in (None, "auto")
+            if names or auto:
+                log.info("%s: reporting to %s (train.report_to: %s)%s", name,
+                         ", ".join(["metrics.jsonl", *names]),
+                         "auto: the trackers installed and set up" if auto else report_to,
+                         not_set_up() if auto else "")  # fmt: skip
+            if names:
+                title, settings = run_identity(run_dir, name, config or {})
+                self.trackers = Trackers(run_dir, names, name=title, config=settings)
 
     def write(self, row: dict[str, Any]) -> None:
         """Append ``row``."""
@@ -32,17 +51,13 @@ class MetricsLog:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(metrics_line(row))
-        if self.writer is not None:
-            data = row.get("eval", row)
-            prefix = "eval/" if "eval" in row else "train/"
-            for k, v in data.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(prefix + k, v, data["step"])
+        if self.trackers is not None:
+            self.trackers.write(row)
 
     def close(self) -> None:
-        """Flush and close TensorBoard's writer."""
-        if self.writer is not None:
-            self.writer.close()
+        """Flush and close the trackers."""
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def metrics_line(row: dict[str, Any]) -> str:

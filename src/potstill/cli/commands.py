@@ -34,6 +34,13 @@ def distill(
     teacher_device: Annotated[
         str | None, typer.Option(help="the teacher's device, if not the run's (teacher.device)")
     ] = None,
+    report_to: Annotated[
+        str | None,
+        typer.Option(
+            help="trackers, comma-separated: tensorboard, wandb, mlflow; or auto, all, "
+            "none (train.report_to)"
+        ),  # fmt: skip
+    ] = None,
 ) -> None:
     """Run a recipe: teacher, baseline and distilled students, evaluation, report."""
     from ..recipe import load_recipe
@@ -52,6 +59,11 @@ def distill(
             overrides += [f"{prefix}device={device}"] if device else []
             overrides += [f"{prefix}teacher.device={teacher_device}"] if teacher_device else []
         r = load_recipe(recipe, overrides)
+        if report_to:
+            from ..recipe import set_report_to
+
+            value = report_to if report_to in ("auto", "all", "none") else report_to.split(",")
+            r = set_report_to(r, value)
         run_dir = out or Path("runs") / r.name
         results = run(r, run_dir, resume=resume, overwrite=overwrite)
     if speaks:

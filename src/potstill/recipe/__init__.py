@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
+from pydantic import BaseModel, Discriminator, Tag, TypeAdapter, ValidationError
 
 from .causal_lm import LMRecipe
 from .chain import ChainRecipe
@@ -145,6 +145,36 @@ def validate_recipe(data: dict[str, Any], where: str = "recipe") -> AnyRecipe:
         return _ADAPTER.validate_python(data)
     except ValidationError as e:
         raise RecipeError(format_validation_error(e, where)) from None
+
+
+def set_report_to(recipe: Any, value: str | list[str]) -> Any:
+    """``recipe`` with ``report_to`` set in each of its training settings (``train``, a
+    teacher's ``train`` / ``finetune``, a hint's, a chain base's); returns it."""
+    from ..config import TrainConfig
+
+    try:
+        TrainConfig(report_to=value)  # type: ignore[arg-type]
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, "--report-to")) from None
+
+    def walk(node: Any) -> None:
+        if isinstance(node, TrainConfig):
+            node.report_to = value  # type: ignore[assignment]
+        elif isinstance(node, BaseModel):
+            for name in type(node).model_fields:
+                walk(getattr(node, name))
+        elif isinstance(node, dict):
+            for key, sub in node.items():
+                if key in ("train", "finetune") and isinstance(sub, dict):
+                    sub["report_to"] = value
+                else:
+                    walk(sub)
+        elif isinstance(node, list):
+            for sub in node:
+                walk(sub)
+
+    walk(recipe)
+    return validate_recipe(recipe.model_dump(mode="json"))
 
 
 def load_recipe(source: str | os.PathLike, overrides: list[str] | None = None) -> AnyRecipe:

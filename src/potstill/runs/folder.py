@@ -51,8 +51,9 @@ HEADER_KEYS = (
 """The keys every run's results.json starts with, whatever its kind (a GPU run adds its
 ``device_name``, ``device_memory_gb`` and ``compute_capability`` after them)."""
 
-PLACEMENT_FIELDS = ("device", "device_map")
-"""Recipe fields that say where a run computes, not what: a run resumes on another device."""
+PLACEMENT_FIELDS = ("device", "device_map", "report_to", "tensorboard", "progress")
+"""Recipe fields that say where a run computes or reports, not what: a run resumes on another
+device, or reporting to other trackers."""
 
 
 class RunFolder:
