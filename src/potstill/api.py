@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .cache import cached_or_live
-from .config import OptimizerConfig, ScheduleConfig, TrainConfig, same_budget
+from .config import TRAINING_ARGUMENTS, TrainConfig, from_training_arguments, same_budget
 from .distiller import Distiller, FitResult
 from .evaluate import accuracy, agreement, predict_logits
 from .llm.forward import causal_lm_forward
@@ -132,6 +132,26 @@ def _task(
                  tok.student_forward)  # fmt: skip
 
 
+def with_training_arguments(
+    settings: dict[str, Any], given: Mapping[str, Any], who: str = "distill()"
+) -> dict[str, Any]:
+    """``settings`` (a training section) with ``TrainingArguments``' names given as keywords
+    (:data:`potstill.config.TRAINING_ARGUMENTS`) put over it; TypeError for any other name."""
+    unknown = [k for k in given if k not in TRAINING_ARGUMENTS]
+    if unknown:
+        raise TypeError(
+            f"{who} got an unexpected keyword argument {unknown[0]!r} (it takes its own names "
+            f"and TrainingArguments': {', '.join(TRAINING_ARGUMENTS)})"
+        )
+    out = copy.deepcopy(settings)
+    for key, value in from_training_arguments(dict(given), who).items():
+        if isinstance(value, dict):
+            out[key] = {**(out.get(key) or {}), **value}
+        else:
+            out[key] = value
+    return out
+
+
 def distill(
     teacher: nn.Module,
     student: nn.Module,
@@ -168,6 +188,7 @@ def distill(
     student_image_processor: Any = None,
     image_size: tuple[int, int] | None = None,
     image_mode: Literal["L", "RGB"] | None = None,
+    **training_arguments: Any,
 ) -> DistillResult:
     """Distill ``teacher`` into ``student`` with Hinton's loss; returns the trained student.
 
@@ -191,6 +212,11 @@ def distill(
     the models; a student with another vocabulary gets its own tokenization), cut at
     ``max_length`` tokens; string labels are mapped through the teacher's ``id2label``.
     ``metrics`` adds ``name: metric(logits, labels) -> float`` to every evaluation.
+
+    ``transformers.TrainingArguments``' names are taken too where they mean the same
+    (``num_train_epochs=2, per_device_train_batch_size=16, learning_rate=5e-5,
+    gradient_accumulation_steps=4, max_grad_norm=1.0, bf16=True``, …:
+    :data:`potstill.config.TRAINING_ARGUMENTS`), over the arguments above.
 
     ``report_to`` (with a ``run_dir``): experiment trackers for every loss term, learning rate,
     throughput and evaluation metric — ``auto`` (those installed and set up), ``all``,
@@ -227,17 +253,12 @@ def distill(
     teacher, student = plan.teacher or teacher, plan.student or student
     where = resolve_device(teacher_device, "teacher_device") if teacher_device else None
     teacher.to(where or placement.device)  # the student is placed by the Distiller
-    config = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        clip_grad_norm=clip_grad_norm,
-        optimizer=OptimizerConfig(name=optimizer, lr=lr, weight_decay=weight_decay),
-        schedule=ScheduleConfig(name=schedule, warmup_steps=warmup_steps),
-        seed=seed,
-        progress=progress,
-        report_to=report_to,
-    )
+    config = TrainConfig.model_validate(with_training_arguments({
+        "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum,
+        "clip_grad_norm": clip_grad_norm, "seed": seed, "progress": progress,
+        "report_to": report_to, "schedule": {"name": schedule, "warmup_steps": warmup_steps},
+        "optimizer": {"name": optimizer, "lr": lr, "weight_decay": weight_decay},
+    }, training_arguments))  # fmt: skip
     init = copy.deepcopy(student) if baseline else None  # the wrapped one for an image model
     source: TeacherSource = LiveTeacher(teacher, forward=plan.teacher_forward)
     # without a run_dir the cache lives in a temporary folder for the length of the call

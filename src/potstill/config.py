@@ -2,9 +2,65 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TRAINING_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "num_train_epochs": ("epochs",),
+    "per_device_train_batch_size": ("batch_size",),
+    "gradient_accumulation_steps": ("grad_accum",),
+    "learning_rate": ("optimizer", "lr"),
+    "weight_decay": ("optimizer", "weight_decay"),
+    "max_grad_norm": ("clip_grad_norm",),
+    "lr_scheduler_type": ("schedule", "name"),
+    "warmup_steps": ("schedule", "warmup_steps"),
+    "warmup_ratio": ("schedule", "warmup_ratio"),
+    "logging_steps": ("log_every",),
+    "eval_steps": ("eval_every",),
+    "save_steps": ("checkpoint_every",),
+    "save_total_limit": ("checkpoints_kept",),
+    "torch_compile": ("compile",),
+    "disable_tqdm": ("progress",),
+    "bf16": ("precision",),
+    "fp16": ("precision",),
+}
+"""``transformers.TrainingArguments``' names that a training section takes with the same
+meaning, and the field each sets (``max_steps``, ``seed`` and ``report_to`` are the same
+names already). ``bf16: true`` / ``fp16: true`` set ``precision``; ``disable_tqdm: true`` is
+``progress: false``; ``max_grad_norm: 0`` is no clipping; ``lr_scheduler_type`` takes
+constant, linear and cosine."""
+
+
+def from_training_arguments(data: Any, where: str = "train") -> Any:
+    """A training section with ``TrainingArguments``' names (:data:`TRAINING_ARGUMENTS`) put
+    as potstill's fields; ValueError when a name and the field it sets are both given."""
+    if not isinstance(data, dict) or not any(k in TRAINING_ARGUMENTS for k in data):
+        return data
+    out = {k: v for k, v in data.items() if k not in TRAINING_ARGUMENTS}
+    for name, value in data.items():
+        if name not in TRAINING_ARGUMENTS:
+            continue
+        *parents, field = TRAINING_ARGUMENTS[name]
+        if name in ("bf16", "fp16"):
+            if not value:
+                continue
+            value = name
+        elif name == "disable_tqdm":
+            value = not value
+        elif name == "max_grad_norm" and not value:
+            value = None
+        node = out
+        for p in parents:
+            node[p] = dict(node.get(p) or {})
+            node = node[p]
+        if field in node:
+            raise ValueError(
+                f"{where}: {name} (TrainingArguments' name) and {'.'.join((*parents, field))} "
+                "both given; keep one"
+            )
+        node[field] = value
+    return out
 
 
 class _Strict(BaseModel):
@@ -36,9 +92,29 @@ class ScheduleConfig(_Strict):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
 
 
+def _training_arguments_schema(schema: dict[str, Any]) -> None:
+    """TrainConfig's JSON schema also takes TrainingArguments' names (as editors should)."""
+    props = schema["properties"]
+    nested = {"learning_rate": {"type": "number", "exclusiveMinimum": 0},
+              "weight_decay": {"type": "number", "minimum": 0},
+              "lr_scheduler_type": {"enum": ["constant", "linear", "cosine"]},
+              "warmup_steps": {"type": "integer", "minimum": 0},
+              "warmup_ratio": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+              "bf16": {"type": "boolean"}, "fp16": {"type": "boolean"},
+              "disable_tqdm": {"type": "boolean"},
+              "max_grad_norm": {"anyOf": [{"type": "number", "minimum": 0},
+                                          {"type": "null"}]}}  # fmt: skip
+    for name, path in TRAINING_ARGUMENTS.items():
+        sub = nested.get(name) or dict(props[path[0]])
+        props[name] = {**sub, "description": f"TrainingArguments' name for {'.'.join(path)}"}
+
+
 class TrainConfig(_Strict):
     """How long and how to train: ``epochs``, or ``max_steps`` (optimizer steps), which wins
-    when both are given; one epoch when neither is."""
+    when both are given; one epoch when neither is. ``transformers.TrainingArguments``' names
+    are taken too (:data:`TRAINING_ARGUMENTS`)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_training_arguments_schema)
 
     epochs: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, gt=0)
@@ -101,6 +177,11 @@ class TrainConfig(_Strict):
         description="under torchrun: ddp (a student copy per process) or fsdp (the student's "
         "weights, gradients and optimizer state sharded across processes)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _training_arguments(cls, data: Any) -> Any:
+        return from_training_arguments(data)
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:

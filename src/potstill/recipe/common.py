@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from ..config import TrainConfig
+from ..config import TrainConfig, from_training_arguments
 from ..losses.feature_terms import FEATURE_TERM_KINDS
 from ..losses.features import explicit_layer_map, last_k_layer_map, uniform_layer_map
 from ..losses.objective import Objective, Term
@@ -310,7 +310,7 @@ def budget_default(
         node = node.get(p) if isinstance(node, dict) else None
     if not (isinstance(node, dict) and isinstance(node.get(key), dict)):
         return data
-    section = node[key]
+    section = from_training_arguments(node[key], ".".join(path))  # num_train_epochs is epochs
     if any(k in section for k in (unless or default)):
         return data
     out = dict(data)

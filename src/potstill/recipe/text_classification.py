@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..config import OptimizerConfig, TrainConfig
+from ..config import OptimizerConfig, TrainConfig, from_training_arguments
 from ..data.sources import load_callable
 from ..losses.objective import Objective
 from .common import (
@@ -43,7 +43,7 @@ def _train() -> TrainConfig:
 def _with_defaults(section: dict[str, Any]) -> dict[str, Any]:
     """A train section with this kind's defaults (3 epochs, batch 32, lr 5e-5) for the keys it
     does not set: TrainConfig's own (1 epoch, batch 128, lr 1e-3) are wrong for a transformer."""
-    out = dict(section)
+    out = dict(from_training_arguments(section))
     if "epochs" not in out and "max_steps" not in out:
         out["epochs"] = DEFAULT_EPOCHS
     out.setdefault("batch_size", DEFAULT_BATCH)
