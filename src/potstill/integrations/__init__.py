@@ -1,0 +1,2 @@
+"""potstill inside other libraries' training loops: :mod:`.transformers` (a ``Trainer`` that
+distills with potstill's objectives and teacher sources)."""
