@@ -134,3 +134,21 @@ def test_shell_completion_completes_commands():
     shown = subprocess.run([sys.executable, "-c", script, "--show-completion", "bash"],
                            capture_output=True, text=True)  # fmt: skip
     assert "complete -o default -F _potstill_completion potstill" in shown.stdout
+
+
+def test_a_missing_hugging_face_package_is_one_line_with_the_install_command(tmp_path):
+    """Without transformers (blocked in the process), ``potstill generate`` and a Hugging Face
+    recipe say which package and which extra, exit 2, no traceback."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    block = "import sys; sys.modules['transformers'] = None; from potstill.cli import main; main()"
+    for args in (["generate", "--prompts", str(prompts), "--out", str(tmp_path / "a.jsonl"),
+                  "--teacher", "HuggingFaceTB/SmolLM2-135M-Instruct"],
+                 ["distill", "fortunes-topics", "--out", str(tmp_path / "run")]):  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", block, *args], capture_output=True,
+                             text=True, cwd=tmp_path)  # fmt: skip
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+        assert out.stderr.strip().splitlines()[-1] == (
+            "error: this needs transformers, which is not installed: pip install 'potstill[hf]'"
+        )

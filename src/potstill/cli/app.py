@@ -47,8 +47,28 @@ def setup(threads: int | None) -> bool:
     return distributed.is_main()
 
 
+EXTRAS = {
+    "transformers": "hf", "datasets": "hf", "accelerate": "hf", "gguf": "hf",
+    "sentence_transformers": "hf", "rouge_score": "hf", "PIL": "hf",
+    "tensorboard": "trackers", "wandb": "trackers", "mlflow": "trackers",
+    "torchvision": "vision",
+}  # fmt: skip
+"""A package potstill needs only for some work → the extra that installs it."""
+
+
+def install_hint(e: ModuleNotFoundError) -> str:
+    """One line naming the missing package and the command that installs it."""
+    name = (e.name or "").split(".")[0]
+    extra = EXTRAS.get(name)
+    if extra:
+        return f"this needs {name}, which is not installed: pip install 'potstill[{extra}]'"
+    return f"this needs {name or e}, which is not installed: pip install {name}"
+
+
 def fail(e: Exception) -> None:
-    typer.echo(f"error: {e}", err=True)
+    """Print ``e`` as one line (a missing package as the command that installs it), exit 2."""
+    text = install_hint(e) if isinstance(e, ModuleNotFoundError) else str(e)
+    typer.echo(f"error: {text}", err=True)
     raise typer.Exit(2)
 
 
@@ -69,7 +89,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     traceback."""
     from ..checkpoints import CheckpointError
 
-    return (ValueError, OSError, CheckpointError)
+    return (ValueError, OSError, CheckpointError, ModuleNotFoundError)
 
 
 def data_dir_override(recipe: str, data_dir: str) -> str:

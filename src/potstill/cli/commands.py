@@ -287,7 +287,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> Non
 
     try:
         md, page = write_report(run_dir)
-    except (FileNotFoundError, ValueError) as e:
+    except user_errors() as e:
         fail(e)
         return
     typer.echo(f"report: {md}  and  {page}")
