@@ -834,3 +834,33 @@ def test_an_embed_recipe_reads_your_texts(tmp_path):
     from potstill.tasks.embedding import read_pooling
 
     assert read_pooling(tmp_path / "run" / "pkt" / "export").mode == "cls"
+
+
+def test_potstill_eval_compares_an_encoder_with_its_teacher_as_sentence_transformers_does(
+    embed_run, tmp_path
+):
+    """``potstill eval`` on an exported encoder and its teacher: neighbour agreement and
+    similarity correlation as computed from sentence-transformers' own embeddings; the teacher
+    against itself agrees fully."""
+    from sentence_transformers import SentenceTransformer
+    from typer.testing import CliRunner
+
+    from potstill.cli import app
+
+    _, run_dir, _ = embed_run
+    texts = [f"{w} number {i} is here" for i in range(20) for w in ("a cat", "some code")]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    export = run_dir / "embedding" / "export"
+    args = ["--data", str(tmp_path / "texts.txt"), "--teacher", str(MINILM)]
+    out = CliRunner().invoke(app, ["eval", str(export), *args])
+    assert out.exit_code == 0, out.output
+    figures = json.loads(out.stdout)
+    assert figures["kind"] == "encoder" and figures["texts"] == 40
+    s = torch.from_numpy(SentenceTransformer(str(export), device="cpu").encode(texts))
+    t = torch.from_numpy(SentenceTransformer(str(MINILM), device="cpu").encode(texts))
+    assert figures["neighbour_agreement@10"] == pytest.approx(neighbour_agreement(s, t, 10))
+    assert figures["similarity_spearman"] == pytest.approx(similarity_correlation(s, t), abs=1e-4)
+    same = json.loads(CliRunner().invoke(app, ["eval", str(MINILM), *args]).stdout)
+    assert same["neighbour_agreement@10"] == 1.0
+    alone = CliRunner().invoke(app, ["eval", str(export), "--data", str(tmp_path / "texts.txt")])
+    assert alone.exit_code == 2 and "give --teacher" in alone.output

@@ -868,3 +868,37 @@ def test_causal_lm_results_header_and_report(lm_run):
     assert_results_header(results, "causal-lm")
     assert results["transformers_version"] is not None
     assert_report_rebuilds(run_dir)
+
+
+def test_potstill_eval_scores_an_exported_lm_on_your_corpus(lm_run, llama_dir, tmp_path):
+    """``potstill eval`` on an exported causal LM and a corpus file: the teacher against itself
+    agrees on every token with no KL; a student's perplexity is exp of its mean next-token
+    NLL over the same positions, as lm_figures gives on the same token rows."""
+    from typer.testing import CliRunner
+
+    from potstill.cli import app
+    from potstill.hf import load_model
+    from potstill.tasks.causal_lm import api_datasets
+
+    run_dir, results, _ = lm_run
+    corpus = tmp_path / "corpus.jsonl"
+    lines = [{"text": f"Line {i}: the computer said hello to the world again."} for i in range(6)]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    export = run_dir / results["rows"]["fkl"]["export"]
+    base = ["--data", str(corpus), "--max-length", "16"]
+    same = CliRunner().invoke(app, ["eval", str(llama_dir), *base, "--teacher", str(llama_dir)])
+    assert same.exit_code == 0, same.output
+    figures = json.loads(same.stdout)
+    assert figures["kind"] == "causal-lm"
+    assert figures["top1_agreement"] == 1.0 and abs(figures["kl_to_teacher"]) < 1e-6
+    out = CliRunner().invoke(app, ["eval", str(export), *base])
+    assert out.exit_code == 0, out.output
+    got = json.loads(out.stdout)
+    model = load_model(export, "causal-lm")
+    from datasets import Dataset
+
+    rows = api_datasets(model, {"eval": Dataset.from_list(lines)}, max_length=16)["eval"]
+    want = lm_figures({"m": model}, rows, batch_size=16, progress=False)["m"]
+    assert got["tokens"] == want["tokens"] > 0
+    assert got["perplexity"] == pytest.approx(math.exp(got["nll"]))
+    assert got["nll"] == pytest.approx(want["nll"], rel=1e-6)

@@ -7,6 +7,7 @@ training; the Python API on a ``datasets.Dataset`` with no forward written."""
 from __future__ import annotations
 
 import csv
+import json
 import random
 from pathlib import Path
 
@@ -345,3 +346,37 @@ def test_a_new_head_starts_from_the_same_weights_in_every_run():
     ]
     other = _load(MINILM, spec, CLASSES, new_head=True, seed=1).classifier.weight
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], other)
+
+
+def test_potstill_eval_scores_an_export_on_your_table_as_by_hand(finished, tmp_path):
+    """``potstill eval`` on a text classifier potstill exported, a CSV of the user's and its
+    teacher: accuracy and agreement equal those computed with plain transformers."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from potstill.cli import app
+
+    root, _, _ = finished
+    rows = write_csv(tmp_path / "held-out.csv", n=40, seed=9)
+    student, teacher = root / "run" / "distilled" / "final", root / "run" / "teacher" / "final"
+    out = CliRunner().invoke(app, ["eval", str(student), "--data", str(tmp_path / "held-out.csv"),
+                                   "--teacher", str(teacher), "--columns",
+                                   "text=sentence,label=topic", "--max-length", "32"])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    figures = json.loads(out.stdout)
+    assert figures["kind"] == "text-classifier" and figures["examples"] == 40
+
+    def predict(folder):
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        enc = tok([r["sentence"] for r in rows], truncation=True, max_length=32, padding=True,
+                  return_tensors="pt")  # fmt: skip
+        with torch.no_grad():
+            return model(**enc).logits.argmax(-1)
+
+    s, t = predict(student), predict(teacher)
+    labels = torch.tensor([CLASSES.index(r["topic"]) for r in rows])
+    assert figures["accuracy"] == pytest.approx(float((s == labels).float().mean()))
+    assert figures["agreement"] == pytest.approx(float((s == t).float().mean()))
+    missing = CliRunner().invoke(app, ["eval", str(student)])
+    assert missing.exit_code == 2 and "give --data" in missing.output

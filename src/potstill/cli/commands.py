@@ -254,30 +254,44 @@ def generate(
 
 @app.command("eval")
 def eval_(
-    model: Annotated[Path, typer.Argument(help="a model folder written by potstill")],
-    data: Annotated[str, typer.Option(help="built-in dataset")] = "fashion-mnist",
-    data_dir: Annotated[str | None, typer.Option(help="folder with the dataset's files")] = None,
+    model: Annotated[Path, typer.Argument(help="a model folder potstill wrote (any kind)")],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="image classifiers: a built-in dataset (default fashion-mnist); "
+            "others: a table of your data (file, folder, glob, or hub:NAME)"
+        ),  # fmt: skip
+    ] = None,
     teacher: Annotated[Path | None, typer.Option(help="teacher folder, for agreement")] = None,
+    split: Annotated[
+        str | None, typer.Option(help="the table's split (default: test, else the only one)")
+    ] = None,
+    columns: Annotated[
+        str | None, typer.Option(help="field=column pairs, comma-separated: text=review,label=y")
+    ] = None,
+    max_length: Annotated[int, typer.Option(help="tokens per example")] = 128,
+    data_dir: Annotated[str | None, typer.Option(help="folder with the dataset's files")] = None,
     seed: Annotated[int, typer.Option(help="the run's seed (it fixes the validation split)")] = 0,
     val_size: Annotated[int, typer.Option(help="the run's data.val_size")] = 5000,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
-    """Evaluate a saved model on a dataset's test split; prints JSON."""
-    from ..data.splits import load_splits
-    from ..evaluate import model_card_figures, predict_logits
-    from ..models import load_model_folder
+    """Evaluate a saved model on data; prints JSON.
+
+    Image classifiers (potstill's or Hugging Face's) on a built-in dataset's test split; text
+    classifiers on your table (accuracy, macro-F1); causal LMs on a corpus or conversations
+    (perplexity); sentence encoders against --teacher (neighbour agreement). --teacher adds the
+    figures that compare with it.
+    """
+    from ..exports import evaluate_export
 
     setup(threads)
-    try:
-        splits = load_splits(data, data_dir=data_dir, val_size=val_size, seed=seed)
-        m, _ = load_model_folder(model)
-        t_logits = (
-            predict_logits(load_model_folder(teacher)[0], splits.test)[0] if teacher else None
-        )
-    except user_errors() as e:
-        fail(e)
-        return
-    typer.echo(json.dumps(model_card_figures(m, splits.test, teacher_logits=t_logits), indent=1))
+    with reported(interrupted="nothing was written"):
+        cols = dict(pair.split("=", 1) for pair in columns.split(",")) if columns else None
+        row = evaluate_export(
+            model, data=data, teacher=teacher, split=split, columns=cols,
+            max_length=max_length, data_dir=data_dir, seed=seed, val_size=val_size,
+        )  # fmt: skip
+    typer.echo(json.dumps(row, indent=1))
 
 
 @app.command()
