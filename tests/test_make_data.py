@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,13 @@ def step(tmp_path: Path, files: str, debian: str, user: str | None = None):
     env = {**os.environ, "FILES": files, "DEBIAN_FILES": debian, "PKG": "some-package",
            "WHAT": "the data (X_DIR=somewhere)"}  # fmt: skip
     cmd = ["sh", str(SCRIPT)]
-    if user:
-        cmd = ["su", user, "-s", "/bin/sh", "-c", f"sh {SCRIPT}"]
+    if user:  # a copy another account can read (the checkout and tmp_path may be private)
+        shared = Path(tempfile.mkdtemp(prefix="potstill-data-step-"))
+        os.chmod(shared, 0o755)
+        shutil.copy(SCRIPT, shared / SCRIPT.name)
+        os.chmod(shared / SCRIPT.name, 0o755)
+        cmd = ["su", user, "-s", "/bin/sh", "-c", f"sh {shared / SCRIPT.name}"]
+        tmp_path = shared
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
 
 
@@ -41,7 +47,6 @@ def test_a_folder_the_user_named_is_never_installed_into(tmp_path):
     reason="needs root, su and apt-get",
 )
 def test_without_root_it_prints_the_command_instead_of_asking_for_a_password(tmp_path):
-    os.chmod(tmp_path, 0o755)
     out = step(tmp_path, "/usr/share/none/f.gz", "/usr/share/none/f.gz", user="nobody")
     assert out.returncode == 1
     assert "sudo apt-get install -y some-package" in out.stderr
