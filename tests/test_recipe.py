@@ -205,7 +205,9 @@ ADDED = {"kind", "dtype", "columns", "label_smoothing", "student", "teacher", "l
          # issue 19: where a run computes and in what precision
          "device", "device_map", "tf32", "compile",
          # issue 20: fallback checkpoints
-         "checkpoints_kept", "nonfinite"}  # fmt: skip
+         "checkpoints_kept", "nonfinite",
+         # issue 21: experiment trackers
+         "report_to"}  # fmt: skip
 # fields dropped: an embedding teacher's keep / layers, accepted before and never used (a
 # teacher is not derived); they were unset (None) in every built-in recipe
 REMOVED = {("teacher", "keep"), ("teacher", "layers")}
