@@ -52,7 +52,7 @@ demo: $(STAMP) data-fmnist
 	$(VENV)/bin/potstill distill default --out runs/default --resume
 
 test: $(STAMP) data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
