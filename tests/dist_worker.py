@@ -9,6 +9,7 @@ stop after a step (an interruption) and resume, DDP or FSDP. Rank 0 saves the fi
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -25,6 +26,17 @@ from potstill.teachers import LiveTeacher
 
 class Stop(Exception):
     """Raised by the callback: the run is interrupted after a step."""
+
+
+def _sizes(model: torch.nn.Module) -> dict[str, list]:
+    """name → [is a DTensor, local numel, full numel] for each parameter of ``model``."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        name: [isinstance(p, DTensor), (p.to_local() if isinstance(p, DTensor) else p).numel(),
+               p.numel()]
+        for name, p in model.named_parameters()
+    }  # fmt: skip
 
 
 def run(out: Path, *, stop_after: int | None = None, resume: bool = False, fsdp: bool = False,
@@ -47,9 +59,17 @@ def run(out: Path, *, stop_after: int | None = None, resume: bool = False, fsdp:
         if stop_after is not None and step == stop_after:
             raise Stop(f"stopped after step {step}")
 
+    def placement(step: int, row: dict) -> None:
+        """After the first step: each parameter's local and full sizes, per model and rank
+        (an FSDP2 shard is a DTensor holding a part of the full tensor)."""
+        if step == 1:
+            (out / f"placement-rank{distributed.rank()}.json").write_text(json.dumps({
+                "student": _sizes(student), "teacher": _sizes(teacher)
+            }))  # fmt: skip
+
     fit = Distiller(
         student, hinton_objective(2.0, 0.7), train, config=cfg, run_dir=out,
-        teacher=LiveTeacher(teacher, shard=shard_teacher), callbacks=[stop],
+        teacher=LiveTeacher(teacher, shard=shard_teacher), callbacks=[stop, placement],
         evaluate=lambda m: {"loss_probe": float(m(splits.val.tensors[0]).std())},
     ).fit(resume=resume)  # fmt: skip
     if distributed.is_main():

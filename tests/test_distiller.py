@@ -353,7 +353,11 @@ def test_log_rows_average_the_steps_since_the_previous_row(digits, teacher_model
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_grad_accum_equals_one_big_batch(digits, teacher_model, shuffle):
     x, y = digits.train.tensors
-    data = TensorDataset(x[:1024], y[:1024])  # divisible by 2B = 64
+    # unequal labelled counts in the two halves of each step: in order, the first micro-batch
+    # of every 64 has 8 labels and the second 32, so a mean of the micro-batches' own means
+    # (not one mean over the step's 40 labels) would weigh them wrongly
+    y = torch.where(torch.arange(1024) % 64 < 24, IGNORE_INDEX, y[:1024])
+    data = TensorDataset(x[:1024], y)  # divisible by 2B = 64
     teacher = LiveTeacher(teacher_model)
 
     def run(batch_size, grad_accum):
@@ -554,6 +558,35 @@ def test_a_checkpoint_without_meta_is_incomplete_and_not_used(digits, tmp_path, 
     with caplog.at_level(logging.WARNING, "potstill"):
         _checkpointed(digits, tmp_path, max_steps=3, checkpoints_kept=1).fit(resume=True)
     assert "meta.json is missing: the checkpoint is incomplete" in caplog.text
+
+
+@pytest.mark.parametrize("file", ["trainer_state.pt", "meta.json"])
+def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_in_force(
+    digits, tmp_path, monkeypatch, file
+):
+    """The second checkpoint (step 6) fails while its files are written, as on a full disk:
+    the first (step 3) stays whole and named by last.json, nothing of step 6 is published, and
+    a resume continues from step 3 (not from the start) to the uninterrupted weights. Only one
+    checkpoint is kept, so a save that dropped the old one first would leave nothing."""
+    from potstill import faults
+    from potstill.checkpoints import read_checkpoint
+
+    whole = _checkpointed(digits, tmp_path / "whole", checkpoints_kept=1).fit()
+    monkeypatch.setattr(faults, "_counts", {})
+    monkeypatch.setenv(faults.ENV_ENOSPC, f"write:{file}@2")
+    with pytest.raises(OSError, match="No space left"):
+        _checkpointed(digits, tmp_path / "cut", checkpoints_kept=1).fit()
+    monkeypatch.delenv(faults.ENV_ENOSPC)
+    root = tmp_path / "cut" / "checkpoints"
+    assert json.loads((root / "last.json").read_text()) == {"dir": "step-00000003", "step": 3}
+    assert read_checkpoint(root / "step-00000003", 10)["step"] == 3  # whole: every checksum
+    assert not (root / "step-00000006" / "meta.json").exists()  # step 6 never became one
+    steps: list[int] = []
+    d = _checkpointed(digits, tmp_path / "cut", checkpoints_kept=1)
+    d.callbacks.append(lambda step, row: steps.append(step))
+    again = d.fit(resume=True)
+    assert steps == list(range(4, 11))  # from the checkpoint of step 3
+    assert state_equal(again.student, whole.student)
 
 
 def test_resume_without_run_dir_or_checkpoint(digits, tmp_path):

@@ -64,6 +64,10 @@ def test_ddp_with_half_the_batch_and_two_accumulation_steps_equals_one_process(r
         str(TESTS / "dist_worker.py"), str(tmp_path), "--batch-size", "32", "--grad-accum", "2"
     )
     assert max_difference(reference / "final.safetensors", tmp_path / "final.safetensors") < 1e-5
+    # under DDP each process holds whole weights: a copy of the student and of the teacher
+    for r in placements(tmp_path):
+        for model in ("student", "teacher"):
+            assert all(not d and local == full for d, local, full in r[model].values()), model
     # rank 0 alone wrote the log: the same rows, with the same figures, as one process's
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
@@ -76,10 +80,30 @@ def test_ddp_with_half_the_batch_and_two_accumulation_steps_equals_one_process(r
                 assert r[key] == pytest.approx(e[key], rel=1e-5), key
 
 
+def placements(run: Path) -> list[dict[str, dict[str, list]]]:
+    """Each rank's parameter sizes after the first step (tests/dist_worker.py writes them)."""
+    return [json.loads((run / f"placement-rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def assert_sharded(ranks: list[dict[str, dict[str, list]]], model: str) -> None:
+    """Every parameter of ``model`` is a DTensor of which each of the two processes holds a
+    part smaller than the whole, the parts adding up to the whole (FSDP2 shards dim 0)."""
+    names = ranks[0][model].keys()
+    assert names and all(r[model].keys() == names for r in ranks)
+    for name in names:
+        (d0, local0, full), (d1, local1, full1) = (r[model][name] for r in ranks)
+        assert d0 and d1 and full == full1, (model, name)
+        assert local0 + local1 == full and local0 < full and local1 < full, (model, name)
+
+
 def test_fsdp_student_and_sharded_teacher_equal_one_process(reference, tmp_path):
     # the student under FSDP, the teacher sharded too (LiveTeacher(shard=True))
     torchrun(str(TESTS / "dist_worker.py"), str(tmp_path), "--fsdp", "--shard-teacher")
     assert max_difference(reference / "final.safetensors", tmp_path / "final.safetensors") < 1e-5
+    # … and both really were sharded: each process held half of every weight
+    ranks = placements(tmp_path)
+    assert_sharded(ranks, "student")
+    assert_sharded(ranks, "teacher")
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ from potstill.llm.forward import causal_lm_forward
 from potstill.losses.divergences import divergence
 from potstill.losses.terms import next_token_ce_term, token_term
 from potstill.losses.tokens import batch_token_mask, next_token_nll
-from potstill.recipe.causal_lm import LMRecipe
+from potstill.recipe.causal_lm import RESERVED_ROWS, LMRecipe
 from potstill.runs import run as run_recipe
 from potstill.signal import Signal, StudentView
 
@@ -243,14 +243,15 @@ def test_text_format_masks_the_prompt_and_appends_eos(tok):
     assert ds.tensors["input_ids"][1, lengths[1] - 1] == tok.eos_token_id
 
 
-def test_text_format_prompt_ending_with_a_space_follows_the_advice(tok):
+def test_text_format_prompt_ending_with_a_space_keeps_the_boundary(tok):
+    """In text format prompt and response are tokenized apart, so a prompt's trailing space
+    stays the prompt's (no merge with the response's first word) and is no error."""
     ex = LMExample("A fortune about computers: ", "Never trust a computer.")
-    try:
-        ids, n = encode_example(tok, ex, "text")
-    except ValueError as e:
-        assert "space" not in str(e), f"the error suggests a fix that fails: {e}"
-    else:
-        assert tok.decode(ids[n:-1]).strip() == ex.response.strip()
+    ids, n = encode_example(tok, ex, "text")
+    head = tok(ex.prompt)["input_ids"]
+    assert n == len(head) and ids[:n] == head
+    assert ids[n:] == tok(ex.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(ids[:n]) == ex.prompt and tok.decode(ids[n:-1]) == ex.response
 
 
 def test_max_length_cuts_are_counted_and_a_full_prompt_raises(tok, caplog):
@@ -667,30 +668,28 @@ def test_builtin_smollm2_recipe_validates():
     assert r.train.seed == r.seed and r.train.max_steps == 60
 
 
-def test_variant_named_teacher_does_not_replace_the_teacher(llama_dir, small_fortunes, tmp_path):
-    try:
-        recipe = small_recipe(llama_dir, small_fortunes, variants={"teacher": [{"kind": "ce"}]})
-        results = run_recipe(recipe, tmp_path)
-    except ValueError as e:  # rejecting the name is a fine answer too
-        assert "teacher" in str(e)
-        return
-    rows = results["rows"]
-    assert len(rows) == 3
-    assert rows["teacher"]["layers"] == 2 and abs(rows["teacher"]["kl_to_teacher"]) < 1e-6
+@pytest.mark.parametrize("row", RESERVED_ROWS)
+def test_a_variant_named_as_a_report_row_is_refused(llama_dir, small_fortunes, row):
+    with pytest.raises(ValueError, match=f"variants: '{row}' names a row of the report; rename"):
+        small_recipe(llama_dir, small_fortunes, variants={row: [{"kind": "ce"}]})
+
+
+def test_variant_names_that_would_share_a_folder_are_refused(llama_dir, small_fortunes):
+    variants = {"forward KL": [{"kind": "fkl"}], "forward-kl": [{"kind": "rkl"}]}
+    with pytest.raises(ValueError, match="variants: 'forward KL' and 'forward-kl' would share "
+                                         "the folder 'forward-kl'; rename one"):  # fmt: skip
+        small_recipe(llama_dir, small_fortunes, variants=variants)
 
 
 def test_variant_names_get_distinct_folders(llama_dir, small_fortunes, tmp_path):
-    variants = {"forward KL": [{"kind": "fkl"}], "forward-kl": [{"kind": "rkl"}]}
-    try:
-        results = run_recipe(small_recipe(llama_dir, small_fortunes, variants=variants), tmp_path)
-    except ValueError as e:
-        assert "variants" in str(e)
-        return
+    variants = {"Forward KL": [{"kind": "fkl"}], "reverse KL (r)": [{"kind": "rkl"}]}
+    results = run_recipe(small_recipe(llama_dir, small_fortunes, variants=variants), tmp_path)
     rows = results["rows"]
-    assert rows["forward KL"]["export"] != rows["forward-kl"]["export"]
-    for name, kind in (("forward KL", "fkl"), ("forward-kl", "rkl")):
+    for name, folder, kind in (("Forward KL", "forward-kl", "fkl"),
+                               ("reverse KL (r)", "reverse-kl-r", "rkl")):  # fmt: skip
+        assert rows[name]["export"] == f"{folder}/export"
         metrics = (tmp_path / rows[name]["metrics"]).read_text()
-        assert f'"{kind}"' in metrics
+        assert f'"{kind}"' in metrics and rows[name]["metrics"].startswith(f"{folder}/")
 
 
 # --- 7. vocabularies ---
@@ -806,14 +805,34 @@ def test_fused_head_refuses_scaled_logits(tok):
 
 
 def test_fused_head_recipe(llama_dir, small_fortunes, tmp_path):
-    """fused_head: true runs a whole recipe; its student equals the unfused recipe's."""
-    runs = {}
+    """fused_head: true runs a whole recipe without the student's LM head ever running in
+    training (the divergence takes its weight in chunks); its student equals the unfused
+    recipe's."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    runs, head_calls = {}, {}
+    vocab = json.loads((llama_dir / "config.json").read_text())["vocab_size"]
     for fused in (False, True):
         recipe = small_recipe(
             llama_dir, small_fortunes, variants={"fkl": [{"kind": "fkl"}]}, fused_head=fused,
             train={"max_steps": 2, "optimizer": {"name": "sgd", "lr": 0.5}},
         )  # fmt: skip
-        runs[fused] = run_recipe(recipe, tmp_path / str(fused))
+        calls: list[int] = []
+
+        def count(module, args, output, calls=calls) -> None:
+            # a trainable LM head (the student's: the teacher's is frozen) run with gradients
+            weight = getattr(module, "weight", None)
+            if (isinstance(module, torch.nn.Linear) and module.out_features == vocab
+                    and weight.requires_grad and torch.is_grad_enabled()):  # fmt: skip
+                calls.append(1)
+
+        hook = register_module_forward_hook(count)
+        try:
+            runs[fused] = run_recipe(recipe, tmp_path / str(fused))
+        finally:
+            hook.remove()
+        head_calls[fused] = len(calls)
+    assert head_calls == {False: 2, True: 0}  # one per step unfused (1 micro-batch), none fused
     a, b = (runs[f]["rows"]["fkl"]["perplexity"] for f in (False, True))
     assert b == pytest.approx(a, rel=1e-5)
 

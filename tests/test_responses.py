@@ -105,6 +105,61 @@ def test_answers_to_held_out_prompts_are_scored(run):
     assert json.loads((run_dir / "results.json").read_text())["answers"]["prompts"]
 
 
+def test_answer_scores_equal_a_plain_transformers_computation(run, llama_dir, tok):
+    """Each model's held-out answer figures computed again without potstill: its greedy
+    answers with ``generate`` one prompt at a time (the teacher's are those in
+    answers/val.jsonl, which ``generate`` gives again), the teacher's mean log-probability per
+    answer token from its logits, ROUGE-L with rouge-score against the teacher's answers."""
+    import torch
+    from rouge_score import rouge_scorer
+    from transformers import AutoModelForCausalLM
+
+    run_dir, results = run
+    val = read_answers(run_dir / "answers" / "val.jsonl")
+    system = val[0]["settings"]["system"]
+    prompts = []
+    for r in val:
+        messages = [{"role": "system", "content": system}] if system else []
+        text = tok.apply_chat_template(messages + [{"role": "user", "content": r["prompt"]}],
+                                       tokenize=False, add_generation_prompt=True)  # fmt: skip
+        prompts.append(tok(text, add_special_tokens=False)["input_ids"])
+    teacher = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rows = results["answers"]["rows"]
+    folders = {name: run_dir / row["export"] for name, row in results["rows"].items()
+               if row.get("export")}  # fmt: skip
+    assert set(folders) == {"response", "token KD", "on-policy"}
+    for name in ("teacher", *folders):
+        model = teacher if name == "teacher" else AutoModelForCausalLM.from_pretrained(
+            folders[name]).eval()  # fmt: skip
+        answers = []
+        for ids, record in zip(prompts, val, strict=True):
+            x = torch.tensor([ids])
+            with torch.no_grad():
+                out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                     max_new_tokens=5, pad_token_id=tok.eos_token_id)  # fmt: skip
+            new = out[0, len(ids) :].tolist()
+            if tok.eos_token_id in new:
+                new = new[: new.index(tok.eos_token_id) + 1]
+            if name == "teacher":
+                assert new == record["answer_ids"]  # the references are its greedy answers
+            answers.append(new)
+        total, count = 0.0, 0
+        for ids, new in zip(prompts, answers, strict=True):
+            with torch.no_grad():
+                logp = teacher(torch.tensor([ids + new])).logits[0].float().log_softmax(-1)
+            for i, t in enumerate(new):
+                total += float(logp[len(ids) + i - 1, t])
+            count += len(new)
+        texts = [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
+        pairs = zip(texts, val, strict=True)
+        rouge = [scorer.score(r["answer"], t)["rougeL"].fmeasure for t, r in pairs]
+        got = rows[name]
+        assert got["answer_teacher_logp"] == pytest.approx(total / count, rel=1e-5), name
+        assert got["answer_rouge_l"] == pytest.approx(sum(rouge) / len(rouge), abs=1e-12), name
+        assert got["answer_tokens"] == pytest.approx(count / len(answers), abs=1e-12), name
+
+
 def test_resume_reuses_the_teachers_answers(run, llama_dir):
     run_dir, _ = run
     files = {p: p.stat().st_mtime_ns for p in (run_dir / "answers").iterdir()}
