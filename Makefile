@@ -17,6 +17,10 @@ TORCH_INDEX := $(if $(TORCH),--index-url https://download.pytorch.org/whl/$(TORC
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 FORTUNES_DIR ?= /usr/share/games/fortunes
 export FMNIST_DIR FORTUNES_DIR
+# Test processes (pytest-xdist; each test file stays in one process, its fixtures shared):
+# 2 suits 2 cores, where much of the suite waits on fresh processes (fault injection,
+# torchrun); TEST_WORKERS=0 runs it in one process
+TEST_WORKERS ?= 2
 
 .PHONY: demo test data data-fmnist data-fortunes lint bench bench-llm clean assets-embed embed-demo llm-demo
 
@@ -52,7 +56,7 @@ demo: $(STAMP) data-fmnist
 	$(VENV)/bin/potstill distill default --out runs/default --resume
 
 test: $(STAMP) data
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
