@@ -7,6 +7,8 @@ A teacher (live or cached) turns a batch into a :class:`Signal`, dense (logits) 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -77,6 +79,27 @@ class TopK:
             # against the student's exactly-empty tail gives a huge spurious KL term
             tail_mass = torch.zeros_like(tail_mass)
         return cls(ids=ids, logprobs=logprobs, tail_mass=tail_mass)
+
+
+def place_rows(items: Sequence[Mapping[str, Tensor]], mask: Tensor) -> dict[str, Tensor]:
+    """Per-example rows (one per real token: ``ids``, ``logprobs`` ``(n, k)``, ``tail`` and
+    features ``(n, ...)``) placed at the real positions of ``mask`` ``(B, T)``; padding
+    positions hold a uniform top-k (ids 0..k−1) or zeros, which token masks leave out. Each
+    example's row count must equal its number of real tokens."""
+    B, T = mask.shape
+    out: dict[str, Tensor] = {}
+    for name, first in items[0].items():
+        if name == "ids":
+            fill = torch.arange(first.shape[-1]).expand(B, T, -1).clone()
+        elif name == "logprobs":
+            fill = torch.full((B, T, first.shape[-1]), -math.log(first.shape[-1]))
+        else:
+            fill = torch.zeros((B, T, *first.shape[1:]), dtype=first.dtype)
+        out[name] = fill
+    for b, item in enumerate(items):
+        for name, t in item.items():
+            out[name][b][mask[b]] = t.to(out[name].dtype)
+    return out
 
 
 @dataclass

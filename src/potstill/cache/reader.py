@@ -4,7 +4,6 @@ memory-mapped shards, example by example (dense example caches in one gather).""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch.utils.data import Dataset
 from ..data.tensors import TensorDictDataset, token_width
 from ..io import sha256_file
 from ..progress import Progress
-from ..signal import Signal, TopK
+from ..signal import Signal, TopK, place_rows
 from ..teachers import Batch, model_fingerprint
 from .codec import Encoding, decode_topk, decompress_rows, id_dtype
 from .format import (
@@ -302,17 +301,7 @@ class CachedTeacher:
 def _place(
     items: Sequence[Mapping[str, torch.Tensor]], mask: torch.Tensor, path: Path
 ) -> dict[str, torch.Tensor]:
-    B, T = mask.shape
     counts = mask.sum(1).tolist()
-    out: dict[str, torch.Tensor] = {}
-    for name, first in items[0].items():
-        if name == "ids":
-            fill = torch.arange(first.shape[-1]).expand(B, T, -1).clone()
-        elif name == "logprobs":
-            fill = torch.full((B, T, first.shape[-1]), -math.log(first.shape[-1]))
-        else:
-            fill = torch.zeros((B, T, *first.shape[1:]), dtype=first.dtype)
-        out[name] = fill
     for b, item in enumerate(items):
         rows = next(iter(item.values())).shape[0]
         if rows != counts[b]:
@@ -320,9 +309,7 @@ def _place(
                 f"teacher cache {path}: batch row {b} has {counts[b]} real tokens but the cache "
                 f"holds {rows} for that example: the data differs from the cached data"
             )
-        for name, t in item.items():
-            out[name][b][mask[b]] = t.to(out[name].dtype)
-    return out
+    return place_rows(items, mask)
 
 
 def ranges(values: Iterable[int]) -> str:
