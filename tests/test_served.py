@@ -6,6 +6,7 @@ is one clear error naming the URL and what came back."""
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -174,3 +175,110 @@ def test_settings_are_checked():
         base_url("h:8000")
     with pytest.raises(ValueError, match="teacher.server.top_k must be at least 1"):
         ServedTeacher("http://h:1", NAME, top_k=0)
+
+
+# --- a causal-LM recipe trained from the server ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_dir(model, tok, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served-llama")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+ON_POLICY = {"terms": [{"kind": "fkl"}], "on_policy": 1.0, "sampling": {"max_new_tokens": 3}}
+
+
+def _recipe(llama_dir, fortunes, variants, **teacher):
+    from test_llm_pipeline import recipe_dict
+
+    from potstill.recipe.causal_lm import LMRecipe
+
+    data = recipe_dict(
+        llama_dir, data={"folder": str(fortunes), "train": 6, "val": 2}, variants=variants,
+        train={"max_steps": 2, "batch_size": 3, "optimizer": {"name": "sgd", "lr": 0.05}},
+        generate={"prompts": ["A fortune about love."], "max_new_tokens": 2},
+    )  # fmt: skip
+    data["teacher"].update(teacher)
+    return LMRecipe.model_validate(data)
+
+
+def test_a_recipe_trains_from_the_server_as_from_an_exact_cache(
+    llama_dir, tmp_path, tmp_path_factory
+):
+    """The same recipe with its teacher served (top 8) and cached exactly (top 8, float32,
+    uncompressed): the same losses and weights within float32 rounding; an on-policy variant
+    trains from the server's scores of the student's own samples; the server's figures land
+    in the results."""
+    from safetensors.torch import load_file
+    from test_llm_pipeline import small_fortunes
+    from transformers import AutoModelForCausalLM
+
+    from potstill.runs import run as run_recipe
+
+    fortunes = small_fortunes.__wrapped__(tmp_path_factory)
+    with FakeServer(AutoModelForCausalLM.from_pretrained(llama_dir), str(llama_dir)) as server:
+        variants = {"fkl": [{"kind": "fkl"}], "on-policy": ON_POLICY}
+        recipe = _recipe(llama_dir, fortunes, variants, server={"url": server.url, "top_k": K})
+        got = run_recipe(recipe, tmp_path / "served")
+        sent = [len(ids) for body in server.bodies for ids in body["prompt"]]
+    exact = {"k": K, "logprobs": "float32", "compression": "none"}
+    run_recipe(_recipe(llama_dir, fortunes, {"fkl": [{"kind": "fkl"}]}, cache=exact),
+               tmp_path / "cached")  # fmt: skip
+    assert got["teacher_server"]["url"] == f"{server.url}/v1"
+    assert got["teacher_server"]["top_k"] == K and got["teacher_server"]["requests"] > 0
+    # the on-policy variant's batches are the student's samples, which the server scored too
+    on_policy = [json.loads(x) for x in (tmp_path / "served" / "on-policy" / "metrics.jsonl")
+                 .read_text().splitlines()]  # fmt: skip
+    assert all(r["loss"] > 0 for r in on_policy if "loss" in r)
+    assert len(sent) > 2 * 3  # more sequences than the fkl variant's two steps of three
+    for name in ("fkl",):
+        rows = [[json.loads(x) for x in (tmp_path / run / name / "metrics.jsonl").read_text()
+                 .splitlines()] for run in ("served", "cached")]  # fmt: skip
+        losses = [[r["loss"] for r in rs if "loss" in r] for rs in rows]
+        assert losses[0] and losses[0] == pytest.approx(losses[1], rel=1e-4), name
+        a, b = (load_file(tmp_path / run / name / "export" / "model.safetensors")
+                for run in ("served", "cached"))  # fmt: skip
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_the_command_line_takes_the_server_and_names_a_missing_one(llama_dir, tmp_path,
+                                                                   tmp_path_factory):  # fmt: skip
+    import yaml
+    from test_llm_pipeline import small_fortunes
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from potstill.cli import app
+
+    fortunes = small_fortunes.__wrapped__(tmp_path_factory)
+    recipe = _recipe(llama_dir, fortunes, {"fkl": [{"kind": "fkl"}]})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json", exclude_unset=True)))
+    runner = CliRunner()
+    with FakeServer(AutoModelForCausalLM.from_pretrained(llama_dir), str(llama_dir)) as server:
+        r = runner.invoke(app, ["distill", str(path), "--out", str(tmp_path / "run"),
+                                "--teacher-server", server.url])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        assert server.requests > 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["teacher_server"]["url"] == f"{server.url}/v1"
+    # the server gone: one line naming it, exit 2
+    r = runner.invoke(app, ["distill", str(path), "--out", str(tmp_path / "again"),
+                            "--teacher-server", server.url])  # fmt: skip
+    assert r.exit_code == 2 and f"{server.url}/v1: cannot connect" in r.output
+
+
+def test_recipe_settings_of_the_server_are_checked(llama_dir, tmp_path):
+    from pydantic import ValidationError
+
+    base = {"fkl": [{"kind": "fkl"}]}
+    with pytest.raises(ValidationError, match="teacher.server and teacher.cache are two sources"):
+        _recipe(llama_dir, tmp_path, base, server={"url": "http://h:8000"}, cache=True)
+    with pytest.raises(ValidationError, match="must start with http"):
+        _recipe(llama_dir, tmp_path, base, server={"url": "h:8000"})
+    with pytest.raises(ValidationError, match="top_k"):
+        _recipe(llama_dir, tmp_path, base, server={"url": "http://h:8000", "top_k": 0})

@@ -277,6 +277,11 @@ class ServedTeacher:
         placed = place_rows(items, mask)
         return Signal(topk=TopK(placed["ids"], placed["logprobs"], placed["tail"]))
 
+    def figures(self) -> dict[str, Any]:
+        """What a run's results record of the server (never the key)."""
+        return {"url": self.url, "model": self.model, "top_k": self.k,
+                "requests": self.requests, "wait_s": self.wait_s}  # fmt: skip
+
     def close(self) -> None:
         """Stop the request threads and close the HTTP connections."""
         self._pool.shutdown(wait=True)

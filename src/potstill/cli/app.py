@@ -88,8 +88,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by input (recipe, files, data, checkpoints): shown as one message, not a
     traceback."""
     from ..checkpoints import CheckpointError
+    from ..served import ServerError
 
-    return (ValueError, OSError, CheckpointError, ModuleNotFoundError)
+    return (ValueError, OSError, CheckpointError, ModuleNotFoundError, ServerError)
 
 
 def data_dir_override(recipe: str, data_dir: str) -> str:

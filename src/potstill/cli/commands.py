@@ -41,6 +41,13 @@ def distill(
             "none (train.report_to)"
         ),  # fmt: skip
     ] = None,
+    teacher_server: Annotated[
+        str | None,
+        typer.Option(
+            help="causal-lm: train from the teacher served by this vLLM / OpenAI-compatible "
+            "server, e.g. http://gpu-host:8000 (teacher.server.url)"
+        ),
+    ] = None,
 ) -> None:
     """Run a recipe: teacher, baseline and distilled students, evaluation, report."""
     from ..recipe import load_recipe
@@ -58,6 +65,8 @@ def distill(
             prefix = recipe_prefix(recipe)
             overrides += [f"{prefix}device={device}"] if device else []
             overrides += [f"{prefix}teacher.device={teacher_device}"] if teacher_device else []
+        if teacher_server:
+            overrides.append(f"{recipe_prefix(recipe)}teacher.server.url={teacher_server}")
         r = load_recipe(recipe, overrides)
         if report_to:
             from ..recipe import set_report_to

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, GetJsonSchemaHandler, model_validator
+from pydantic import Field, GetJsonSchemaHandler, field_validator, model_validator
 
 from ..config import TrainConfig
 from ..llm.user_data import STYLES
@@ -53,11 +53,45 @@ def _also_true_or_false(schema: dict[str, Any]) -> None:
     schema["anyOf"].append({"type": "boolean"})
 
 
+class LMServerSpec(StrictModel):
+    """A teacher behind an OpenAI-compatible server (vLLM) that training asks for its top-k
+    log-probabilities (:class:`potstill.served.ServedTeacher`); ``teacher.model`` still names
+    the tokenizer, and the local copy the evaluation compares with."""
+
+    url: str = Field(description="the server, e.g. http://gpu-host:8000")
+    model: str | None = Field(None, description="the name it serves (default: teacher.model)")
+    top_k: int = Field(20, ge=1, description="log-probabilities per position (≤ --max-logprobs)")
+    api_key_env: str | None = Field(
+        None, description="environment variable holding the API key (never written anywhere)"
+    )
+    timeout: float = Field(120.0, gt=0, description="seconds per request")
+    retries: int = Field(4, ge=0, description="retries of a request on timeouts and 5xx")
+    concurrency: int = Field(4, ge=1, description="requests in flight")
+    request_size: int = Field(8, ge=1, description="sequences per request")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from ..served import base_url
+
+        base_url(v)  # names the field when it is not an http(s) URL
+        return v
+
+
 class LMTeacherSpec(HFModelSpec, PlacedTeacher):
     """The teacher; ``cache: true`` (or cache options) trains from its cached top-k instead of
-    running it live every step."""
+    running it live every step; ``server:`` asks a vLLM server for it."""
 
     cache: LMCacheSpec | None = Field(None, json_schema_extra=_also_true_or_false)
+    server: LMServerSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LMTeacherSpec:
+        if self.server is not None and self.cache is not None:
+            raise ValueError(
+                "teacher.server and teacher.cache are two sources of the training signal: give one"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

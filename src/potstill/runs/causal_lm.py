@@ -28,7 +28,13 @@ from ..tasks import get_task
 from ..tasks.causal_lm import answer_metrics
 from ..teachers import LiveTeacher, TeacherSource
 from .folder import RunFolder, trained_on
-from .lm_data import cached_source, initial_student, lm_datasets, load_lm_teacher
+from .lm_data import (
+    cached_source,
+    initial_student,
+    lm_datasets,
+    load_lm_teacher,
+    served_teacher,
+)
 
 log = logging.getLogger("potstill")
 
@@ -74,9 +80,16 @@ def _run(recipe: LMRecipe, run: RunFolder) -> dict[str, Any]:
     cache_info: dict[str, Any] | None = None
     if recipe.teacher.cache is not None:
         source, train, cache_info = cached_source(recipe, run.path, teacher, tok, train)
+    served = served_teacher(recipe)
+    if served is not None:
+        source = served
 
     untrained = "derived, not distilled" if init is not base else "student, not distilled"
-    students, trained = _train_variants(recipe, run, init, train, source, tok)
+    try:
+        students, trained = _train_variants(recipe, run, init, train, source, tok)
+    finally:
+        if served is not None:
+            served.close()
     students = {untrained: init, **students}
     if not distributed.is_main():  # rank 0 evaluates and reports
         distributed.barrier()
@@ -120,6 +133,7 @@ def _run(recipe: LMRecipe, run: RunFolder) -> dict[str, Any]:
                 "lr": recipe.train.optimizer.lr, "chunk_size": recipe.chunk_size,
             },
             "teacher_cache": cache_info,
+            "teacher_server": None if served is None else served.figures(),
             "prompts": recipe.generate.prompts, "generations": generations,
             "answers": answers, "answers_eval_s": answers_s, "eval_s": eval_s, "rows": rows,
         }

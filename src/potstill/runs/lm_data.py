@@ -64,6 +64,25 @@ def initial_student(
     return init, base, s_name
 
 
+def served_teacher(recipe: LMRecipe) -> Any:
+    """The recipe's served teacher (``teacher.server``), checked to serve its model; None
+    when the teacher is not served."""
+    spec = recipe.teacher.server
+    if spec is None:
+        return None
+    from ..served import ServedTeacher
+
+    teacher = ServedTeacher(
+        spec.url, spec.model or recipe.teacher.model, top_k=spec.top_k,
+        api_key_env=spec.api_key_env, timeout=spec.timeout, retries=spec.retries,
+        concurrency=spec.concurrency, request_size=spec.request_size,
+    )  # fmt: skip
+    teacher.check()
+    log.info("teacher: served by %s as %s, top %d per position", teacher.url, teacher.model,
+             teacher.k)  # fmt: skip
+    return teacher
+
+
 def load_lm_teacher(recipe: LMRecipe) -> tuple[torch.nn.Module, Any]:
     """The recipe's teacher model and its tokenizer."""
     t_path = resolve(recipe.teacher.model)
