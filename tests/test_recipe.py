@@ -207,7 +207,9 @@ ADDED = {"kind", "dtype", "columns", "label_smoothing", "student", "teacher", "l
          # issue 20: fallback checkpoints
          "checkpoints_kept", "nonfinite",
          # issue 21: experiment trackers
-         "report_to"}  # fmt: skip
+         "report_to",
+         # issue 22: a served teacher
+         "server"}  # fmt: skip
 # fields dropped: an embedding teacher's keep / layers, accepted before and never used (a
 # teacher is not derived); they were unset (None) in every built-in recipe
 REMOVED = {("teacher", "keep"), ("teacher", "layers")}
