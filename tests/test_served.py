@@ -282,3 +282,55 @@ def test_recipe_settings_of_the_server_are_checked(llama_dir, tmp_path):
         _recipe(llama_dir, tmp_path, base, server={"url": "h:8000"})
     with pytest.raises(ValidationError, match="top_k"):
         _recipe(llama_dir, tmp_path, base, server={"url": "http://h:8000", "top_k": 0})
+
+
+def test_a_transformers_trainer_trains_from_the_server_as_the_distiller_does(server, tok,
+                                                                             tmp_path):  # fmt: skip
+    """The served teacher as the source of potstill's DistillationTrainer: the same losses at
+    the same steps and the same weights as the Distiller trained from the same server."""
+    pytest.importorskip("transformers")
+    from test_trainer_integration import InOrder
+    from transformers import TrainingArguments
+
+    from potstill.config import TrainConfig
+    from potstill.data.tensors import TensorDictDataset
+    from potstill.distiller import Distiller
+    from potstill.losses.objective import Objective
+    from potstill.recipe.causal_lm import LMVariantSpec
+
+    examples = [LMExample(f"Fortune {i}.", "Never trust a computer." * (1 + i % 3))
+                for i in range(12)]  # fmt: skip
+    data = tokenize_examples(examples, tok, 24, fmt="text")
+    data = TensorDictDataset({**data.tensors, "index": torch.arange(len(data))})
+    spec = LMVariantSpec.model_validate({"terms": [{"kind": "fkl"}]})
+
+    def objective() -> Objective:
+        return Objective([t.build(chunk_size=16) for t in spec.terms])
+
+    steps, lr = 3, 1e-3
+    ours = Distiller(
+        tiny_llama(len(tok), seed=2).train(), objective(), data, teacher=served(server),
+        student_forward=causal_lm_forward,
+        config=TrainConfig(max_steps=steps, batch_size=4, shuffle=False, log_every=1,
+                           progress=False, report_to="none", clip_grad_norm=None,
+                           optimizer={"lr": lr, "fused": False, "weight_decay": 0.0},
+                           schedule={"name": "constant"}),
+    ).fit()  # fmt: skip
+    trainer = InOrder(
+        model=tiny_llama(len(tok), seed=2).train(), train_dataset=data, teacher=served(server),
+        objective=objective(), student_forward=causal_lm_forward,
+        args=TrainingArguments(
+            output_dir=str(tmp_path / "t"), max_steps=steps, per_device_train_batch_size=4,
+            learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+            logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", seed=0,
+            optim="adamw_torch", disable_tqdm=True,
+        ),
+    )  # fmt: skip
+    trainer.train()
+    logged = [r for r in trainer.state.log_history if "fkl" in r]
+    assert [r["step"] for r in logged] == [r["step"] for r in ours.history] == [1, 2, 3]
+    for theirs, mine in zip(logged, ours.history, strict=True):
+        assert theirs["fkl"] == pytest.approx(mine["fkl"], rel=1e-4)
+    mine = ours.student.state_dict()
+    for name, w in trainer.model.state_dict().items():
+        torch.testing.assert_close(w, mine[name], rtol=1e-4, atol=1e-6, msg=name)
