@@ -106,6 +106,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def no_fake_accelerator(monkeypatch):
+    """The suite's fake GPU (tests/fakegpu.py) stays registered as PyTorch's accelerator once
+    another test has imported it, and accelerate (inside a transformers Trainer) then asks its
+    allocator to empty a cache it does not have. For CPU runs (``use_cpu=True``): the machine
+    has no accelerator, as it would without the fake one."""
+    if torch._C._get_privateuse1_backend_name() == "fakegpu":
+        monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: None)
+
+
 MINILM = assets.minilm_l6()
 needs_minilm = pytest.mark.skipif(
     MINILM is None,

@@ -23,6 +23,8 @@ class FakeServer:
     def __init__(self, model: torch.nn.Module, name: str, *, api_key: str | None = None):
         self.model, self.name, self.api_key = model.eval(), name, api_key
         self.mode = "ok"
+        self.delay = 0.0  # seconds before each completions answer
+        self.arrivals: list[float] = []  # when each completions request arrived (perf_counter)
         self.failures = 0  # the next N completions requests answer HTTP 503
         self.requests = 0
         self.bodies: list[dict[str, Any]] = []
@@ -63,6 +65,7 @@ class FakeServer:
                     return
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
+                    server.arrivals.append(time.perf_counter())
                     server.requests += 1
                     server.bodies.append(body)
                     failing = server.failures > 0
@@ -76,6 +79,7 @@ class FakeServer:
                     return
                 if server.mode == "slow":
                     time.sleep(3)
+                time.sleep(server.delay)
                 if server.mode == "malformed":
                     self._send(200, "{not json")
                     return

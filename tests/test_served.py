@@ -284,8 +284,9 @@ def test_recipe_settings_of_the_server_are_checked(llama_dir, tmp_path):
         _recipe(llama_dir, tmp_path, base, server={"url": "http://h:8000", "top_k": 0})
 
 
-def test_a_transformers_trainer_trains_from_the_server_as_the_distiller_does(server, tok,
-                                                                             tmp_path):  # fmt: skip
+def test_a_transformers_trainer_trains_from_the_server_as_the_distiller_does(
+    server, tok, tmp_path, no_fake_accelerator
+):
     """The served teacher as the source of potstill's DistillationTrainer: the same losses at
     the same steps and the same weights as the Distiller trained from the same server."""
     pytest.importorskip("transformers")
@@ -334,3 +335,46 @@ def test_a_transformers_trainer_trains_from_the_server_as_the_distiller_does(ser
     mine = ours.student.state_dict()
     for name, w in trainer.model.state_dict().items():
         torch.testing.assert_close(w, mine[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_next_steps_teacher_answers_are_asked_for_while_this_step_trains(server, tok):
+    """The Distiller hands a served teacher the next step's batch before it trains this one:
+    each step's request reaches the server before the step before it ends, one request per
+    step (none twice), and the run is the same as without prefetching, loss for loss."""
+    import time
+
+    from potstill.config import TrainConfig
+    from potstill.distiller import Distiller
+    from potstill.losses.objective import Objective
+    from potstill.recipe.causal_lm import LMVariantSpec
+
+    examples = [LMExample(f"Fortune {i}.", "Never trust a computer." * (1 + i % 3))
+                for i in range(8)]  # fmt: skip
+    data = tokenize_examples(examples, tok, 24, fmt="text")
+    spec = LMVariantSpec.model_validate({"terms": [{"kind": "fkl"}]})
+
+    class NoPrefetch:  # the same server, asked only when the step needs it
+        def __init__(self, teacher):
+            self.signal = teacher.signal
+
+    def fit(teacher) -> tuple[list[float], list[float]]:
+        ends: list[float] = []
+        result = Distiller(
+            tiny_llama(len(tok), seed=2).train(),
+            Objective([t.build(chunk_size=16) for t in spec.terms]), data, teacher=teacher,
+            student_forward=causal_lm_forward, callbacks=[lambda s, r: ends.append(
+                time.perf_counter())],
+            config=TrainConfig(max_steps=4, batch_size=2, shuffle=False, log_every=1,
+                               progress=False, report_to="none"),
+        ).fit()  # fmt: skip
+        return [r["loss"] for r in result.history], ends
+
+    server.delay = 0.3
+    plain, _ = fit(NoPrefetch(served(server)))
+    assert server.requests == 4
+    server.arrivals.clear()
+    ahead, ends = fit(served(server))
+    assert server.requests == 8  # 4 more: each batch asked for once
+    # step s + 1's request arrived before step s ended (the first two together, at the start)
+    assert all(server.arrivals[s + 1] < ends[s] for s in range(3)), (server.arrivals, ends)
+    assert ahead == plain

@@ -26,14 +26,7 @@ from potstill.teachers import LiveTeacher  # noqa: E402
 STEPS, BATCH, LR = 6, 8, 2e-3
 
 
-@pytest.fixture(autouse=True)
-def _no_fake_accelerator(monkeypatch):
-    """The suite's fake GPU (tests/fakegpu.py) stays registered as PyTorch's accelerator once
-    another test has imported it, and accelerate (inside the Trainer) then asks its allocator
-    to empty a cache it does not have. These runs are CPU runs (``use_cpu=True``): the machine
-    has no accelerator, as it would without the fake one."""
-    if torch._C._get_privateuse1_backend_name() == "fakegpu":
-        monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: None)
+pytestmark = pytest.mark.usefixtures("no_fake_accelerator")
 
 
 def classifier(seed: int, layers: int) -> BertForSequenceClassification:

@@ -204,6 +204,8 @@ class Distiller:
         self.name = name
         self.student_taps = student_taps
         self.batch_transform = batch_transform
+        # the next step's micro-batches, made early for a teacher that prefetches (by number)
+        self._ahead: dict[int, tuple[dict[str, Any], torch.Tensor, int]] = {}
 
         self.n = len(train_data)  # type: ignore[arg-type]
         if self.n == 0:
@@ -401,6 +403,17 @@ class Distiller:
         counts = self.objective.counts(batch)
         return batch, counts * 0 if empty else counts, len(index)
 
+    def _prefetch(self, micro: int) -> None:
+        """A teacher that can ask ahead (a served one: ``prefetch(batch)``) is given the next
+        step's micro-batches now, so its answers travel while this step trains. Not with a
+        batch transform (on-policy batches are sampled from the student as it is then)."""
+        fetch = getattr(self.teacher, "prefetch", None)
+        if fetch is None or self.batch_transform is not None or self.step + 1 >= self.total_steps:
+            return
+        for j in range(self.cfg.grad_accum):
+            self._ahead[micro + j] = made = self._micro_batch(micro + j)
+            fetch(made[0])
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         """``train.precision: bf16`` (or ``fp16``): the forward passes (teacher and student) and
         the loss under torch.autocast in bfloat16 (float16), matrix products in the low
@@ -455,7 +468,11 @@ class Distiller:
         step_sums: dict[str, torch.Tensor] = {}  # the step's figures, logged once it is kept
         while self.step < self.total_steps:
             # the whole step's micro-batches first: its item counts normalise every term
-            prepared = [self._micro_batch(micro + j) for j in range(cfg.grad_accum)]
+            prepared = [
+                self._ahead.pop(micro + j, None) or self._micro_batch(micro + j)
+                for j in range(cfg.grad_accum)
+            ]
+            self._prefetch(micro + cfg.grad_accum)
             if self._weigh:
                 counts = torch.stack([c for _, c, _ in prepared]).sum(0)
                 totals = distributed.all_reduce_sum(counts).clamp_min(1)

@@ -108,6 +108,9 @@ class ServedTeacher:
             base_url=self.url, api_key=key, timeout=timeout, max_retries=retries
         )
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="potstill-served")
+        # prefetches wait on the pool's requests from a thread of their own (never the pool's)
+        self._ahead_pool = ThreadPoolExecutor(1, thread_name_prefix="potstill-prefetch")
+        self._pending: dict[tuple[tuple[int, ...], ...], Any] = {}
         self.requests = 0
         self.wait_s = 0.0  # time signal() spent waiting for answers (HTTP and the server)
 
@@ -266,13 +269,27 @@ class ServedTeacher:
                 "return_tokens_as_token_ids"
             ) from None
 
+    @staticmethod
+    def _sequences(batch: Batch) -> tuple[torch.Tensor, list[list[int]]]:
+        mask = batch["attention_mask"].bool().cpu()
+        ids = batch["input_ids"].cpu()
+        return mask, [ids[b][mask[b]].tolist() for b in range(ids.shape[0])]
+
+    def prefetch(self, batch: Batch) -> None:
+        """Ask for ``batch``'s rows now; :meth:`signal` of the same batch then takes the
+        answer (the Distiller prefetches the next step's batches while this one trains)."""
+        _, sequences = self._sequences(batch)
+        key = tuple(map(tuple, sequences))
+        if key not in self._pending:
+            self._pending[key] = self._ahead_pool.submit(self.rows, sequences)
+
     def signal(self, batch: Batch) -> Signal:
         """The served teacher's top-k signal of a token batch (``input_ids``,
         ``attention_mask``), placed at its real positions."""
-        mask = batch["attention_mask"].bool().cpu()
-        ids = batch["input_ids"].cpu()
+        mask, sequences = self._sequences(batch)
         start = time.perf_counter()
-        items = self.rows([ids[b][mask[b]].tolist() for b in range(ids.shape[0])])
+        ahead = self._pending.pop(tuple(map(tuple, sequences)), None)
+        items = ahead.result() if ahead is not None else self.rows(sequences)
         self.wait_s += time.perf_counter() - start
         placed = place_rows(items, mask)
         return Signal(topk=TopK(placed["ids"], placed["logprobs"], placed["tail"]))
@@ -284,6 +301,8 @@ class ServedTeacher:
 
     def close(self) -> None:
         """Stop the request threads and close the HTTP connections."""
+        self._ahead_pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
         self._pool.shutdown(wait=True)
         self._client.close()
 
