@@ -77,6 +77,13 @@ MUTATIONS = [
         ["tests/test_cache.py::test_recipe_with_the_default_top_k_cache_trains_close_to_live"],
     ),
     (
+        "M8 the answers' teacher log-likelihood skips each answer's first token",
+        "src/potstill/llm/evaluate.py",
+        "            scored = next_token_mask(mask, prompt_lengths=lengths)",
+        "            scored = next_token_mask(mask, prompt_lengths=lengths + 1)",
+        ["tests/test_responses.py::test_answer_scores_equal_a_plain_transformers_computation"],
+    ),
+    (
         "M9 the Distiller does not hand a served teacher the next step's batches",
         "src/potstill/distiller.py",
         "            self._prefetch(micro + cfg.grad_accum)",
@@ -85,13 +92,6 @@ MUTATIONS = [
             "tests/test_served.py::"
             "test_the_next_steps_teacher_answers_are_asked_for_while_this_step_trains"
         ],
-    ),
-    (
-        "M8 the answers' teacher log-likelihood skips each answer's first token",
-        "src/potstill/llm/evaluate.py",
-        "            scored = next_token_mask(mask, prompt_lengths=lengths)",
-        "            scored = next_token_mask(mask, prompt_lengths=lengths + 1)",
-        ["tests/test_responses.py::test_answer_scores_equal_a_plain_transformers_computation"],
     ),
 ]
 
