@@ -378,3 +378,18 @@ def test_the_next_steps_teacher_answers_are_asked_for_while_this_step_trains(ser
     # step s + 1's request arrived before step s ended (the first two together, at the start)
     assert all(server.arrivals[s + 1] < ends[s] for s in range(3)), (server.arrivals, ends)
     assert ahead == plain
+
+
+def test_a_chain_refuses_a_served_teacher_it_would_not_use(llama_dir, tmp_path):
+    """A chain's stages train from their assistants: a served teacher given to it is refused,
+    not silently ignored (--teacher-server on a chain sets base.teacher.server)."""
+    from pydantic import ValidationError
+
+    from potstill.recipe.chain import ChainRecipe
+
+    base = _recipe(llama_dir, tmp_path, {"fkl": [{"kind": "fkl"}]}).model_dump(
+        mode="json", exclude_unset=True)  # fmt: skip
+    base["teacher"]["server"] = {"url": "http://h:8000"}
+    with pytest.raises(ValidationError, match="base.teacher.server: a chain's stages"):
+        stages = [{"name": "s", "set": {"student": {"keep": 1}}}]
+        ChainRecipe.model_validate({"kind": "chain", "name": "c", "base": base, "stages": stages})

@@ -84,6 +84,12 @@ class ChainRecipe(StrictModel):
             raise ValueError("ensemble: true combines born-again generations; give generations")
         base = self.base_recipe()
         if self.causal_lm:
+            if base.teacher.server is not None:
+                raise ValueError(
+                    "base.teacher.server: a chain's stages train from their own teachers (the "
+                    "assistants), so a served teacher is not used there yet; drop it, or run "
+                    "the causal-lm recipe on its own"
+                )
             if self.ensemble:
                 raise ValueError(
                     "ensemble: the ensemble of generations is built for classic chains; a "
