@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -73,30 +70,6 @@ class Recorder:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
-def _start_vllm(python: Path, folder: str, log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
-           "--served-model-name", NAME, "--host", "127.0.0.1", "--port", str(port),
-           "--max-logprobs", "20", "--dtype", "float32", "--max-model-len", "512"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 900
-    while True:
-        if proc.poll() is not None:
-            sys.exit(f"vLLM exited:\n{log.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"{url}/v1/models", timeout=5).read()
-            return proc, url
-        except OSError:
-            if time.time() > deadline:
-                proc.kill()
-                sys.exit(f"vLLM did not start:\n{log.read_text()[-2000:]}")
-            time.sleep(2)
 
 
 def main() -> None:
@@ -154,17 +127,16 @@ def main() -> None:
     write_cache(teacher, data, work / "cache", unit="token", k=20, forward=causal_lm_forward,
                 tokenizer=tok, progress=False)  # fmt: skip
     cached = train(CachedTeacher(work / "cache"))
-    proc, url = _start_vllm(a.python, folder, work / "vllm.log")
-    try:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from vllm_server import serve_vllm
+
+    with serve_vllm(a.python, folder, work / "vllm.log", name=NAME, max_logprobs=20) as url:
         proxy = Recorder(url)
         served_teacher = ServedTeacher(proxy.url, NAME, top_k=20)
         served_teacher.check()
         served_teacher.rows([[1, 2, 3]])  # the server's first request warms it up
         served_teacher.wait_s = 0.0
         served = train(served_teacher)
-    finally:
-        proc.terminate()
-        proc.wait(60)
     proxy.mode = "replay"  # the same requests, answered at once: what is left is the client's
     replayed_teacher = ServedTeacher(proxy.url, NAME, top_k=20)
     replayed = train(replayed_teacher)

@@ -12,9 +12,6 @@ model as ``smollm2``). Without either the tests are skipped with that reason: vL
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -39,51 +36,21 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The URL of a vLLM server of SmolLM2 (started here and stopped afterwards)."""
     if URL is not None:
         yield URL
         return
-    folder = assets.resolve("HuggingFaceTB/SmolLM2-135M-Instruct")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [str(PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
-           "--served-model-name", NAME, "--host", "127.0.0.1", "--port", str(port),
-           "--max-logprobs", str(K), "--dtype", "float32", "--max-model-len", "512"]  # fmt: skip
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 900
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    pass
-                import urllib.request
+    from vllm_server import serve_vllm
 
-                urllib.request.urlopen(f"{url}/v1/models", timeout=5).read()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail(f"vLLM did not start in 900 s:\n{log.read_text()[-3000:]}")
-                time.sleep(2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    folder = assets.resolve("HuggingFaceTB/SmolLM2-135M-Instruct")
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    try:
+        with serve_vllm(PYTHON, folder, log, name=NAME, max_logprobs=K) as url:
+            yield url
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")
