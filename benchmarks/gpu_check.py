@@ -27,9 +27,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
+from gpu_bundle import STAND_IN  # beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
-STAND_IN = "STAND-IN.txt"  # written by benchmarks/gpu_bundle.py into a folder it gave weights
 
 
 def machine() -> dict:

@@ -51,7 +51,7 @@ def test_a_stand_in_has_the_architecture_and_is_found_in_the_cache(tmp_path, mon
     assert not list((tmp_path / "cache").rglob("*.safetensors"))
     bundle.unpack()
     folder = tmp_path / "cache" / "all-MiniLM-L6-v2"
-    assert (folder / "STAND-IN.txt").exists()
+    assert (folder / bundle.STAND_IN).exists()
     real, stand_in = AutoModel.from_pretrained(MINILM), AutoModel.from_pretrained(folder)
     shapes = {k: v.shape for k, v in real.state_dict().items()}
     assert {k: v.shape for k, v in stand_in.state_dict().items()} == shapes
