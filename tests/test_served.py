@@ -283,8 +283,13 @@ def test_recipe_settings_of_the_server_are_checked(llama_dir, tmp_path):
     from pydantic import ValidationError
 
     base = {"fkl": [{"kind": "fkl"}]}
-    with pytest.raises(ValidationError, match="teacher.server and teacher.cache are two sources"):
-        _recipe(llama_dir, tmp_path, base, server={"url": "http://h:8000"}, cache=True)
+    # server and cache: the cache is filled from the server, k its top_k unless given
+    both = _recipe(llama_dir, tmp_path, base, server={"url": "http://h:8000", "top_k": 12},
+                   cache=True)  # fmt: skip
+    assert both.teacher.cache.k == 12
+    with pytest.raises(ValidationError, match=r"teacher.cache.k = 16 is more than .*top_k = 12"):
+        _recipe(llama_dir, tmp_path, base, server={"url": "http://h:8000", "top_k": 12},
+                cache={"k": 16})  # fmt: skip
     with pytest.raises(ValidationError, match="must start with http"):
         _recipe(llama_dir, tmp_path, base, server={"url": "h:8000"})
     with pytest.raises(ValidationError, match="top_k"):

@@ -21,6 +21,8 @@ key is read from the environment variable ``api_key_env`` and never logged or wr
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -150,18 +152,34 @@ class ServedTeacher:
                 f"teacher server {self.url}: {what} answered HTTP {e.status_code}: {body}{hint}"
             ) from None
 
+    def _listing(self) -> dict[str, dict[str, Any]]:
+        listed = self._call("GET /models", self._client.models.list).data
+        return {m.id: m.model_dump() for m in listed}
+
     def served_models(self) -> list[str]:
         """The model names the server serves."""
-        return [m.id for m in self._call("GET /models", self._client.models.list).data]
+        return list(self._listing())
 
     def check(self) -> None:
         """Refuse a server that does not serve :attr:`model`, naming those it does."""
-        served = self.served_models()
-        if self.model not in served:
+        self._entry()
+
+    def _entry(self) -> dict[str, Any]:
+        listing = self._listing()
+        if self.model not in listing:
             raise ServerError(
                 f"teacher server {self.url} does not serve {self.model!r} (it serves "
-                f"{served}); set teacher.server.model to the name it serves"
+                f"{list(listing)}); set teacher.server.model to the name it serves"
             )
+        return listing[self.model]
+
+    def fingerprint(self) -> str:
+        """What a cache filled from this server records in place of the weights' fingerprint:
+        ``served:`` and the SHA-256 of the served name and its ``root`` (the weights vLLM was
+        started with), not the URL, so the same model served from elsewhere keeps its caches."""
+        entry = self._entry()
+        key = json.dumps({"id": self.model, "root": entry.get("root")}, sort_keys=True)
+        return "served:" + hashlib.sha256(key.encode()).hexdigest()
 
     # ---- distributions -----------------------------------------------------------------------
 

@@ -83,13 +83,37 @@ def topk_rows(
     else:
         # the mass outside the top-k summed directly, not 1 − Σ top (no cancellation)
         tail = logp.scatter(-1, ids, float("-inf")).logsumexp(-1).exp()
-    rows = {"ids": ids.to(id_dtype(vocab_size)), "tail": tail}
+    return encode_topk(ids, values, tail, vocab_size, encoding)
+
+
+def narrow_topk(
+    ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse rows ``(n, K)`` (log-probabilities descending, as a server answers them) cut to
+    their first ``k ≤ K`` entries; the mass of those dropped joins the tail."""
+    if k > ids.shape[-1]:
+        raise ValueError(f"cannot keep the top {k} of rows holding {ids.shape[-1]} entries")
+    if k == ids.shape[-1]:
+        return ids, logprobs.float(), tail.float()
+    dropped = logprobs[:, k:].double().logsumexp(-1).exp()
+    return ids[:, :k], logprobs[:, :k].float(), (tail.double() + dropped).float()
+
+
+def encode_topk(
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    tail: torch.Tensor,
+    vocab_size: int,
+    encoding: Encoding,
+) -> dict[str, torch.Tensor]:
+    """Top-k rows ``(n, k)`` (log-probabilities descending, ``tail`` ``(n,)``) as stored."""
+    rows = {"ids": ids.to(id_dtype(vocab_size)), "tail": tail.float()}
     if encoding.logprobs == "q8":
-        top = values[:, :1].half()
-        steps = ((top.float() - values) / Q8_STEP).round().clamp(0, 255)
+        top = logprobs[:, :1].half()
+        steps = ((top.float() - logprobs) / Q8_STEP).round().clamp(0, 255)
         rows.update(logprobs=steps.to(torch.uint8), top=top.reshape(-1))
     else:
-        rows["logprobs"] = values.to(getattr(torch, encoding.logprobs))
+        rows["logprobs"] = logprobs.to(getattr(torch, encoding.logprobs))
     if encoding.lossy:
         rows["tail"] = tail.half()
     return rows

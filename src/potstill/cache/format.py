@@ -127,7 +127,7 @@ def data_fingerprint(dataset: Dataset, unit: Unit) -> str:
 
 
 def cache_meaning(
-    teacher: nn.Module,
+    teacher: nn.Module | str,
     dataset: Dataset,
     *,
     unit: Unit,
@@ -137,7 +137,9 @@ def cache_meaning(
     tokenizer: Any = None,
     features: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The manifest fields that pin what a cache built from these inputs means."""
+    """The manifest fields that pin what a cache built from these inputs means; ``teacher``
+    a model, or a served teacher's fingerprint (:meth:`ServedTeacher.fingerprint`), which
+    stands for its weights (and no config is recorded)."""
     max_length = None
     if unit == "token":
         max_length = token_width(dataset)
@@ -146,8 +148,8 @@ def cache_meaning(
     return {
         "format": FORMAT,
         "unit": unit,
-        "teacher_weights": model_fingerprint(teacher),
-        "teacher_config": config_fingerprint(teacher),
+        "teacher_weights": teacher if isinstance(teacher, str) else model_fingerprint(teacher),
+        "teacher_config": None if isinstance(teacher, str) else config_fingerprint(teacher),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": max_length,
         "data": data_fingerprint(dataset, unit),

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from ..placement import CPU
 from ..progress import Progress
 from ..taps import TapsLike
 from ..teachers import ForwardFn, LiveTeacher, default_forward, freeze
-from .codec import Encoding, compress_rows, id_dtype, topk_rows
+from .codec import Encoding, compress_rows, encode_topk, id_dtype, narrow_topk, topk_rows
 from .format import (
     CacheError,
     CacheStatus,
@@ -48,6 +48,9 @@ from .format import (
     shard_records,
 )
 from .reader import CachedTeacher
+
+if TYPE_CHECKING:
+    from ..served import ServedTeacher
 
 log = logging.getLogger("potstill")
 
@@ -121,7 +124,7 @@ def _rows_of(tensor: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tens
 
 
 def write_cache(
-    teacher: nn.Module,
+    teacher: nn.Module | ServedTeacher,
     dataset: Dataset,
     path: str | os.PathLike,
     *,
@@ -136,6 +139,7 @@ def write_cache(
     part: tuple[int, int] = (0, 1),
     teacher_name: str | None = None,
     progress: bool | None = None,
+    vocab_size: int | None = None,
 ) -> CacheStatus:
     """Run a frozen teacher over ``dataset`` once and write its signal to the cache at ``path``.
 
@@ -146,29 +150,40 @@ def write_cache(
     row too. ``part=(i, N)`` writes only shards ``j`` with ``j % N == i``, so N processes or
     machines fill one cache together. Shards already recorded (by any part) are skipped, so an
     interrupted call is continued by calling it again. Returns the cache's status.
+
+    ``teacher`` may be a :class:`~potstill.served.ServedTeacher`: its top-k rows are stored
+    (token caches, ``k`` at most its ``top_k``, the mass of entries beyond ``k`` added to the
+    tail), ``vocab_size`` (the teacher config's) is required, and the manifest records the
+    server's :meth:`~potstill.served.ServedTeacher.fingerprint` in place of the weights'.
     """
     path = Path(path)
     encoding = encoding or Encoding()
     i_part, n_parts = part
     if not (n_parts >= 1 and 0 <= i_part < n_parts):
         raise ValueError(f"part must be (i, N) with 0 ≤ i < N, got {part}")
-    freeze(teacher)
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError("the dataset is empty: nothing to cache")
-    live = LiveTeacher(teacher, forward=forward, taps=taps)
     with ExitStack() as stack:
-        stack.callback(live.close)
-        probe = CPU.signal(live.signal(make_batch(dataset, torch.arange(min(2, n)))))
-        assert probe.logits is not None
-        vocab = probe.logits.shape[-1]
+        if isinstance(teacher, nn.Module):
+            freeze(teacher)
+            source: LiveTeacher | ServedTeacher = LiveTeacher(teacher, forward=forward, taps=taps)
+            stack.callback(source.close)
+            probe = CPU.signal(source.signal(make_batch(dataset, torch.arange(min(2, n)))))
+            assert probe.logits is not None
+            vocab, features = probe.logits.shape[-1], sorted(probe.features)
+            who: nn.Module | str = teacher
+        else:  # served: the caller owns (and closes) it
+            vocab, features = _served_checks(teacher, unit, k, taps, vocab_size)
+            source, who = teacher, teacher.fingerprint()
         if k is not None and not 1 <= k <= vocab:
             raise ValueError(f"k must lie in [1, V={vocab}], got {k}")
         meaning = cache_meaning(
-            teacher, dataset, unit=unit, k=k, vocab_size=vocab, encoding=encoding,
-            tokenizer=tokenizer, features=sorted(probe.features),
+            who, dataset, unit=unit, k=k, vocab_size=vocab, encoding=encoding,
+            tokenizer=tokenizer, features=features,
         )  # fmt: skip
-        if (path / "manifest.json").exists():  # continued: as its config fingerprint was made
+        continued = (path / "manifest.json").exists()
+        if continued and isinstance(teacher, nn.Module):  # as its config fingerprint was made
             meaning["teacher_config"] = expected_config(read_manifest(path)["meaning"], teacher)
         length = meaning["max_length"] or 1
         manifest = _open_manifest(
@@ -201,7 +216,7 @@ def write_cache(
         for j in todo:
             lo, hi = j * size, min(n, (j + 1) * size)
             tensors = _shard_tensors(
-                live, dataset, range(lo, hi), unit, k, vocab, encoding, batch_size, bar
+                source, dataset, range(lo, hi), unit, k, vocab, encoding, batch_size, bar
             )
             tokens += int(tensors["offsets"][-1])
             file = path / shard_name(j)
@@ -235,6 +250,27 @@ def write_cache(
     return status
 
 
+def _served_checks(
+    teacher: ServedTeacher, unit: Unit, k: int | None, taps: TapsLike | None,
+    vocab_size: int | None,
+) -> tuple[int, list[str]]:  # fmt: skip
+    """A served teacher's vocabulary and (no) features, or what it cannot give."""
+    if unit != "token" or k is None or taps:
+        needs = "rows per example" if unit != "token" else "dense logits" if k is None else "taps"
+        raise ValueError(
+            f"a served teacher gives top-k rows per token; a cache of {needs} needs a local one"
+        )
+    if k > teacher.k:
+        raise ValueError(
+            f"teacher.cache.k = {k} is more than the server is asked for "
+            f"(teacher.server.top_k = {teacher.k}); lower the cache's k, or raise top_k (and "
+            "the server's --max-logprobs)"
+        )
+    if vocab_size is None:
+        raise ValueError("a cache filled from a served teacher needs vocab_size (its config's)")
+    return int(vocab_size), []
+
+
 def _shard_ok(path: Path, record: Mapping[str, Any]) -> bool:
     file = path / record["file"]
     return (
@@ -246,7 +282,7 @@ def _shard_ok(path: Path, record: Mapping[str, Any]) -> bool:
 
 @torch.no_grad()
 def _shard_tensors(
-    live: LiveTeacher,
+    source: LiveTeacher | ServedTeacher,
     dataset: Dataset,
     examples: range,
     unit: Unit,
@@ -258,7 +294,8 @@ def _shard_tensors(
 ) -> dict[str, torch.Tensor]:
     """The tensors of one shard: rows of ``examples`` in order, ``offsets`` (rows per example,
     cumulated), and for compressed top-k rows one ``blob`` with ``blob_offsets`` (one deflated
-    block per ``encoding.block`` examples)."""
+    block per ``encoding.block`` examples). A served source is asked for the next batch while
+    this one is encoded."""
     columns: dict[str, list[torch.Tensor]] = {}
     blobs: list[bytes] = []
     pending: list[dict[str, torch.Tensor]] = []  # top-k rows of the block being filled
@@ -270,21 +307,39 @@ def _shard_tensors(
             pending.clear()
 
     index = torch.arange(examples.start, examples.stop)
-    for lo in range(0, len(index), batch_size):
-        batch = make_batch(dataset, index[lo : lo + batch_size])
-        signal = CPU.signal(live.signal(batch))  # stored from the CPU, wherever the teacher runs
-        assert signal.logits is not None
+    starts = range(0, len(index), batch_size)
+    batches = (make_batch(dataset, index[lo : lo + batch_size]) for lo in starts)
+    prefetch = getattr(source, "prefetch", None)
+    batch = next(batches)
+    while batch is not None:
+        following = next(batches, None)
+        if prefetch is not None and following is not None:
+            prefetch(following)
+        signal = CPU.signal(source.signal(batch))  # stored from the CPU, wherever it runs
         mask = batch["attention_mask"] if unit == "token" else None
-        logit_rows = _rows_of(signal.logits, mask)
         feature_rows = {name: _rows_of(t, mask) for name, t in signal.features.items()}
-        for rows in (logit_rows, *feature_rows.values()):  # NaN is never cached
-            check_teacher_rows(rows, batch["index"], "filling the teacher cache")
-        for e, rows in enumerate(logit_rows):
-            counts.append(rows.shape[0])
+        if signal.topk is not None:  # served: its top-k, narrowed to this cache's k
+            t = signal.topk
+            topk = list(zip(*(_rows_of(x, mask) for x in (t.ids, t.logprobs, t.tail_mass)),
+                            strict=True))  # fmt: skip
+            logprob_rows = [lp for _, lp, _ in topk]
+            check_teacher_rows(logprob_rows, batch["index"], "filling the teacher cache")
+            row_counts = [len(ids) for ids, _, _ in topk]
+        else:
+            assert signal.logits is not None
+            logit_rows = _rows_of(signal.logits, mask)
+            for rows in (logit_rows, *feature_rows.values()):  # NaN is never cached
+                check_teacher_rows(rows, batch["index"], "filling the teacher cache")
+            row_counts = [len(rows) for rows in logit_rows]
+        for e, count in enumerate(row_counts):
+            counts.append(count)
             if k is None:
-                stored = {"logits": rows.to(getattr(torch, encoding.logits))}
+                stored = {"logits": logit_rows[e].to(getattr(torch, encoding.logits))}
             else:
-                stored = topk_rows(rows, k, vocab, encoding)
+                if signal.topk is not None:
+                    stored = encode_topk(*narrow_topk(*topk[e], k), vocab, encoding)
+                else:
+                    stored = topk_rows(logit_rows[e], k, vocab, encoding)
                 if encoding.compression == "zlib":
                     pending.append(stored)
                     stored = {}
@@ -292,9 +347,10 @@ def _shard_tensors(
                         flush()
             for name, feats in feature_rows.items():
                 stored[f"feature.{name}"] = feats[e].to(getattr(torch, encoding.features))
-            for name, t in stored.items():
-                columns.setdefault(name, []).append(t.contiguous())
+            for name, tensor in stored.items():
+                columns.setdefault(name, []).append(tensor.contiguous())
         bar.update(len(batch["index"]))
+        batch = following
     flush()
     tensors = {name: torch.cat(parts) for name, parts in columns.items()}
     tensors["offsets"] = torch.tensor([0, *np.cumsum(counts)], dtype=torch.int64)

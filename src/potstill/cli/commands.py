@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -120,6 +120,19 @@ def cache(
         list[str] | None,
         typer.Option(help="also store a module's output per token: name=module.path (no recipe)"),
     ] = None,
+    teacher_server: Annotated[
+        str | None,
+        typer.Option(
+            help="fill the cache from this vLLM server (teacher.server.url); only the "
+            "tokenizer is loaded here"
+        ),
+    ] = None,  # fmt: skip
+    served_name: Annotated[
+        str | None, typer.Option(help="the name the server serves (default: the teacher's)")
+    ] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="environment variable holding the server's API key")
+    ] = None,
     status: Annotated[bool, typer.Option(help="only show how far the cache is filled")] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
@@ -131,6 +144,9 @@ def cache(
     Several machines fill one cache with --shard 0/N … N-1/N (under torchrun, its processes
     split the part further); an interrupted run continues when rerun. Train from the cache
     with teacher.cache in the recipe.
+
+    With --teacher-server a vLLM server computes the teacher (top --k per position without a
+    recipe, teacher.cache.k with one) and only its tokenizer is loaded here.
     """
     from .. import distributed
     from ..cache import Encoding, cache_status, parse_part
@@ -146,7 +162,10 @@ def cache(
             from ..recipe.causal_lm import LMRecipe
             from ..runs.lm_data import cache_lm_recipe, cache_spec
 
-            r = load_recipe(recipe, list(set_ or []))
+            served = [f"teacher.server.{key}={value}" for key, value in (
+                ("url", teacher_server), ("model", served_name), ("api_key_env", api_key_env))
+                if value is not None]  # fmt: skip
+            r = load_recipe(recipe, [*(set_ or []), *served])
             if not isinstance(r, LMRecipe):
                 raise ValueError(
                     f"recipe {recipe!r} is not kind: causal-lm; classic recipes cache their "
@@ -163,11 +182,17 @@ def cache(
             else:
                 if teacher is None or data is None:
                     raise ValueError("give a recipe, or --teacher and --data")
+                server = None
+                if teacher_server is not None:
+                    from ..served import ServedTeacher
+
+                    server = ServedTeacher(teacher_server, served_name or teacher, top_k=k,
+                                           api_key_env=api_key_env)  # fmt: skip
                 st = _cache_jsonl(
                     teacher, data, out, part=part, k=k, max_length=max_length, fmt=format_,
                     system=system, batch_size=batch_size, shard_size=shard_size,
                     encoding=Encoding(logprobs=logprobs, compression=compression),  # type: ignore[arg-type]
-                    taps=_parse_taps(tap or []),
+                    taps=_parse_taps(tap or []), server=server,
                 )  # fmt: skip
         if world > 1 and not status:
             distributed.barrier()  # every process's part is written: show the whole cache
@@ -197,25 +222,34 @@ def _parse_taps(items: list[str]) -> dict[str, str] | None:
 def _cache_jsonl(
     teacher: str, data: Path, out: Path, *, part: tuple[int, int], k: int, max_length: int,
     fmt: str, system: str | None, batch_size: int, shard_size: int | None, encoding: object,
-    taps: dict[str, str] | None,
+    taps: dict[str, str] | None, server: Any = None,
 ) -> object:  # fmt: skip
     from ..assets import resolve
     from ..cache import write_cache
     from ..hf import load_model, load_tokenizer
     from ..llm.data import read_jsonl_examples, tokenize_examples
     from ..llm.forward import causal_lm_forward
+    from ..runs.lm_data import config_vocab
 
     if fmt not in ("chat", "text"):
         raise ValueError(f"--format must be chat or text, got {fmt!r}")
     examples = read_jsonl_examples(data)
     path = resolve(teacher)
-    model, tok = load_model(path, "causal-lm"), load_tokenizer(path)
+    tok = load_tokenizer(path)
     dataset = tokenize_examples(examples, tok, max_length, fmt=fmt, system=system)  # type: ignore[arg-type]
-    return write_cache(
-        model, dataset, out, unit="token", k=k, encoding=encoding, forward=causal_lm_forward,  # type: ignore[arg-type]
-        tokenizer=tok, shard_size=shard_size, batch_size=batch_size, part=part,
-        teacher_name=teacher, taps=taps,
-    )  # fmt: skip
+    options = {
+        "tokenizer": tok, "shard_size": shard_size, "batch_size": batch_size, "part": part,
+        "teacher_name": teacher, "taps": taps, "encoding": encoding,
+    }  # fmt: skip
+    if server is None:
+        return write_cache(load_model(path, "causal-lm"), dataset, out, unit="token", k=k,
+                           forward=causal_lm_forward, **options)  # fmt: skip
+    try:
+        server.check()
+        return write_cache(server, dataset, out, unit="token", k=k,
+                           vocab_size=config_vocab(teacher, tok), **options)  # fmt: skip
+    finally:
+        server.close()
 
 
 @app.command()

@@ -80,16 +80,24 @@ class LMServerSpec(StrictModel):
 
 class LMTeacherSpec(HFModelSpec, PlacedTeacher):
     """The teacher; ``cache: true`` (or cache options) trains from its cached top-k instead of
-    running it live every step; ``server:`` asks a vLLM server for it."""
+    running it live every step; ``server:`` asks a vLLM server for it. Both: the cache is
+    filled from the server (``cache.k`` defaults to ``server.top_k`` and may not exceed it),
+    and training reads the cache."""
 
     cache: LMCacheSpec | None = Field(None, json_schema_extra=_also_true_or_false)
     server: LMServerSpec | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> LMTeacherSpec:
-        if self.server is not None and self.cache is not None:
+    def _served_cache(self) -> LMTeacherSpec:
+        if self.server is None or self.cache is None:
+            return self
+        if "k" not in self.cache.model_fields_set:
+            self.cache = self.cache.model_copy(update={"k": self.server.top_k})
+        elif self.cache.k > self.server.top_k:
             raise ValueError(
-                "teacher.server and teacher.cache are two sources of the training signal: give one"
+                f"teacher.cache.k = {self.cache.k} is more than the server is asked for "
+                f"(teacher.server.top_k = {self.server.top_k}): a cache filled from the server "
+                "keeps at most its top_k; lower cache.k or raise server.top_k"
             )
         return self
 

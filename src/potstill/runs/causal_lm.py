@@ -78,14 +78,14 @@ def _run(recipe: LMRecipe, run: RunFolder) -> dict[str, Any]:
         log.info("packed %d training examples into %d rows", n_examples, len(train))
     source: TeacherSource = LiveTeacher(teacher, forward=TASK.teacher_forward)
     cache_info: dict[str, Any] | None = None
-    if recipe.teacher.cache is not None:
-        source, train, cache_info = cached_source(recipe, run.path, teacher, tok, train)
     served = served_teacher(recipe)
-    if served is not None:
-        source = served
-
     untrained = "derived, not distilled" if init is not base else "student, not distilled"
     try:
+        if recipe.teacher.cache is not None:  # filled by the server when there is one
+            source, train, cache_info = cached_source(recipe, run.path, teacher, tok, train,
+                                                      served=served)  # fmt: skip
+        elif served is not None:
+            source = served
         students, trained = _train_variants(recipe, run, init, train, source, tok)
     finally:
         if served is not None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset
+from transformers import AutoConfig
 
 from .. import distributed
 from ..assets import resolve
@@ -33,6 +34,12 @@ from ..students import derive
 from .folder import teacher_load_options
 
 log = logging.getLogger("potstill")
+
+NO_ANSWERS = (
+    "its prompts need the local teacher to answer them first, and a cache filled from "
+    "teacher.server loads none (a server gives log-probabilities, not answers): let "
+    "`potstill distill` answer them, or give prompt/response rows"
+)
 
 
 def initial_student(
@@ -114,7 +121,7 @@ def lm_datasets(
         return _source_datasets(recipe, tok, teacher=teacher, run_dir=run_dir)
     if d.name != "fortunes":
         if teacher is None or run_dir is None:
-            raise ValueError(f"data.name: {d.name} needs the teacher to answer its prompts")
+            raise ValueError(f"data.name: {d.name}: {NO_ANSWERS}")
         return _prompt_datasets(recipe, tok, teacher, run_dir)
     examples = fortune_examples(d.folder, prompt=d.prompt, max_chars=d.max_chars)
     random.Random(recipe.seed).shuffle(examples)
@@ -215,7 +222,7 @@ def _source_datasets(
     log.info("data.source: %s data (columns %s)", style, found)
     if style == "prompts":
         if teacher is None or run_dir is None:
-            raise ValueError("data.source: prompts need the teacher to answer them")
+            raise ValueError(f"data.source: {NO_ANSWERS}")
         split_prompts = tuple(
             [_prompt(f"{split}-{i}", row, found) for i, row in enumerate(tables[split])]
             for split in ("train", "validation")
@@ -259,14 +266,44 @@ def cache_lm_recipe(
     """Fill (this ``part`` of) the teacher cache of a recipe's training data at ``path``: what
     ``potstill cache RECIPE`` does, on one machine or as one of N."""
     c = cache_spec(recipe)
-    teacher, tok = load_lm_teacher(recipe)
-    train, _, _ = lm_datasets(recipe, tok, teacher=teacher, run_dir=Path(path).parent)
-    return write_cache(
-        teacher, train, path, unit="token", k=c.k,
-        encoding=Encoding(logprobs=c.logprobs, compression=c.compression),
-        forward=causal_lm_forward, tokenizer=tok, shard_size=c.shard_size,
-        batch_size=c.batch_size, part=part, teacher_name=recipe.teacher.model, progress=progress,
-    )  # fmt: skip
+    served = served_teacher(recipe)
+    if served is None:
+        teacher, tok = load_lm_teacher(recipe)
+        source: Any = teacher
+    else:  # the server computes: only the tokenizer is loaded here
+        source, teacher = served, None
+        tok = load_tokenizer(
+            resolve(recipe.teacher.model), trust_remote_code=recipe.teacher.trust_remote_code
+        )
+    try:
+        train, _, _ = lm_datasets(recipe, tok, teacher=teacher, run_dir=Path(path).parent)
+        return write_cache(
+            source, train, path, unit="token", k=c.k,
+            encoding=Encoding(logprobs=c.logprobs, compression=c.compression),
+            forward=causal_lm_forward, tokenizer=tok, shard_size=c.shard_size,
+            batch_size=c.batch_size, part=part, teacher_name=recipe.teacher.model,
+            progress=progress, vocab_size=None if served is None else teacher_vocab(recipe, tok),
+        )  # fmt: skip
+    finally:
+        if served is not None:
+            served.close()
+
+
+def teacher_vocab(recipe: LMRecipe, tok: Any) -> int:
+    """The recipe teacher's vocabulary size (see :func:`config_vocab`)."""
+    return config_vocab(recipe.teacher.model, tok, recipe.teacher.trust_remote_code)
+
+
+def config_vocab(model: str, tok: Any, trust_remote_code: bool = False) -> int:
+    """A model's vocabulary size as its config gives it (its logits' width), read without its
+    weights; the tokenizer's size when the config cannot be read."""
+    try:
+        config = AutoConfig.from_pretrained(resolve(model), trust_remote_code=trust_remote_code)
+        return int(config.vocab_size)
+    except (OSError, ValueError, AttributeError) as e:
+        log.warning("%s: no config to read its vocabulary size from (%s); using the "
+                    "tokenizer's, %d", model, e, len(tok))  # fmt: skip
+        return len(tok)
 
 
 def cached_source(
@@ -275,9 +312,11 @@ def cached_source(
     teacher: torch.nn.Module,
     tok: Any,
     train: Dataset,
+    served: Any = None,
 ) -> tuple[CachedTeacher, Dataset, dict[str, Any]]:
-    """The recipe's teacher cache over ``train`` (filled first unless ``allow_incomplete``),
-    the training data it covers, and its figures for the results."""
+    """The recipe's teacher cache over ``train`` (filled first unless ``allow_incomplete``:
+    by ``served``, the recipe's :class:`~potstill.served.ServedTeacher`, when given, else by
+    ``teacher``), the training data it covers, and its figures for the results."""
     c = recipe.teacher.cache
     assert c is not None
     path = Path(c.path) if c.path else run_dir / "teacher-cache"
@@ -285,19 +324,25 @@ def cached_source(
     t0 = time.perf_counter()
     # write_cache checks the whole manifest against this teacher, tokenizer and data before it
     # fills anything; only a cache used as it is needs the reader to hash them
-    checks: dict[str, Any] = {"teacher": teacher, "tokenizer": tok, "dataset": train}
+    expect: dict[str, Any] = {"k": c.k, "encoding": asdict(encoding)}
+    checks: dict[str, Any] = {"tokenizer": tok, "dataset": train}
+    if served is None:
+        checks["teacher"] = teacher
+    else:
+        expect["teacher_weights"] = served.fingerprint()
     if not c.allow_incomplete:
         write_cache(
-            teacher, train, path, unit="token", k=c.k, encoding=encoding,
-            forward=causal_lm_forward, tokenizer=tok, shard_size=c.shard_size,
-            batch_size=c.batch_size, teacher_name=recipe.teacher.model,
+            teacher if served is None else served, train, path, unit="token", k=c.k,
+            encoding=encoding, forward=causal_lm_forward, tokenizer=tok,
+            shard_size=c.shard_size, batch_size=c.batch_size, teacher_name=recipe.teacher.model,
             part=(distributed.rank(), distributed.world_size()),  # under torchrun: split
+            vocab_size=None if served is None else teacher_vocab(recipe, tok),
         )  # fmt: skip
         distributed.barrier()
         checks = {}
     cached = CachedTeacher(
         path,
-        expect={"k": c.k, "encoding": asdict(encoding)},
+        expect=expect,
         allow_incomplete=c.allow_incomplete,
         **checks,
     )
@@ -309,5 +354,6 @@ def cached_source(
         "path": str(path), "k": c.k, "encoding": asdict(encoding), "bytes": status.bytes,
         "positions": status.positions, "bytes_per_token": status.bytes / max(1, status.positions),
         "examples": len(train), "ready_s": time.perf_counter() - t0,
+        "filled_by": "teacher" if served is None else f"server {served.url}",
     }  # fmt: skip
     return cached, train, info
